@@ -1,0 +1,65 @@
+"""typeflow: typed Python functions become parallel pipelines.
+
+Decorate one-argument functions with :func:`stage`, join them with ``|`` and run
+the pipeline: every stage's workers run on threads, processes or asyncio tasks,
+joined by bounded buffers, and each input item comes out as exactly one
+``returns.result.Result``.
+
+Example:
+    >>> from typeflow import stage
+    >>> @stage(workers=2)
+    ... def parse(text: str) -> int:
+    ...     return int(text)
+    >>> @stage
+    ... def inverse(n: int) -> float:
+    ...     return 1 / n
+    >>> for result in (parse | inverse).run(["4", "0", "x"]):
+    ...     print(result)
+    <Success: 0.25>
+    <Failure: stage 'inverse' failed on item 0: ZeroDivisionError: division by zero>
+    <Failure: stage 'parse' failed on item 'x': ValueError: invalid literal for int() with base 10: 'x'>
+"""
+
+from typeflow._errors import (
+    CompositionError,
+    DefinitionError,
+    RemoteTraceback,
+    StageError,
+    TypeflowError,
+    WorkerCrashed,
+)
+from typeflow._options import Backend, StageOptions, is_backend
+from typeflow._runtime._run import AsyncRun, Run, default_window
+from typeflow._stage import (
+    AsyncFnStage,
+    AsyncStageDecorator,
+    FnStage,
+    Pipeline,
+    Stage,
+    StageDecorator,
+    stage,
+)
+
+__all__ = [
+    "AsyncFnStage",
+    "AsyncRun",
+    "AsyncStageDecorator",
+    "Backend",
+    "CompositionError",
+    "DefinitionError",
+    "FnStage",
+    "Pipeline",
+    "RemoteTraceback",
+    "Run",
+    "Stage",
+    "StageDecorator",
+    "StageError",
+    "StageOptions",
+    "TypeflowError",
+    "WorkerCrashed",
+    "default_window",
+    "is_backend",
+    "stage",
+]
+
+__version__ = "0.1.0"

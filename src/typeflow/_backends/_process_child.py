@@ -1,0 +1,69 @@
+"""The main loop of a process worker.  Imported by the forkserver ahead of time."""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import traceback
+from multiprocessing.connection import Connection
+
+from typeflow._backends._wire import recv, send
+from typeflow._runtime._kernel import Envelope, Failed, Kernel, WorkerContext
+
+__all__ = ["RawFailure", "child_main"]
+
+#: A failure as it crosses back to the parent: position, exception, formatted traceback.
+RawFailure = tuple[int, BaseException, str]
+
+
+def child_main(conn: Connection, kernel_bytes: bytes, index: int) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    kernel: Kernel = pickle.loads(kernel_bytes)
+    ctx = WorkerContext(index)
+    try:
+        while True:
+            try:
+                batch = recv(conn)
+            except EOFError:  # the parent is gone
+                break
+            if batch is None:
+                break
+            assert isinstance(batch, list)
+            ok, failed = kernel.process(batch, ctx)  # pyright: ignore[reportUnknownArgumentType]
+            _reply(conn, kernel.name, ok, failed)
+    finally:
+        ctx.close()
+        conn.close()
+
+
+def _reply(conn: Connection, stage: str, ok: list[Envelope], failed: list[Failed]) -> None:
+    raw = [_raw_failure(seq, err.exception) for seq, err in failed]
+    try:
+        send(conn, (ok, raw))
+        return
+    except Exception:  # noqa: BLE001 - some result does not pickle: find which
+        pass
+    kept: list[Envelope] = []
+    for seq, value in ok:
+        try:
+            pickle.dumps(value, protocol=5)
+        except Exception as exc:  # noqa: BLE001 - reported as this item's failure
+            problem = TypeError(
+                f"stage {stage!r} returned a value that cannot be sent back from its worker "
+                f"process ({type(exc).__name__}: {exc}); return plain data, or use "
+                "backend='thread'"
+            )
+            raw.append((seq, problem, ""))
+        else:
+            kept.append((seq, value))
+    send(conn, (kept, raw))
+
+
+def _raw_failure(seq: int, exc: BaseException) -> RawFailure:
+    text = "".join(traceback.format_exception(exc))
+    try:
+        pickle.loads(pickle.dumps(exc, protocol=5))
+    except Exception:  # noqa: BLE001 - the exception itself does not survive pickling
+        exc = RuntimeError(f"{type(exc).__qualname__}: {exc} (the exception could not be pickled)")
+    return (seq, exc, text)

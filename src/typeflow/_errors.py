@@ -1,0 +1,167 @@
+"""typeflow's exceptions.
+
+Every exception typeflow raises on purpose derives from one root::
+
+    TypeflowError
+    ├── StageError              one item failed in one stage (the payload of a ``Failure``)
+    ├── DefinitionError         a stage or pipeline is built wrongly (bad option, unshippable
+    │   │                       function); raised at decoration or composition time
+    │   └── CompositionError    two stages do not fit together (``a | b``)
+    ├── WorkerCrashed           a worker died while it held an item (the ``exception`` of a
+    │                           ``StageError``)
+    └── RemoteTraceback         the formatted traceback of an exception raised in another
+                                process, attached as that exception's ``__cause__``
+
+``DefinitionError`` is also a ``ValueError`` and ``CompositionError`` a ``TypeError``, so
+code written against the standard exceptions keeps working.  Every error pickles, so it
+crosses process boundaries unchanged.
+"""
+
+from __future__ import annotations
+
+import reprlib
+
+__all__ = [
+    "CompositionError",
+    "DefinitionError",
+    "RemoteTraceback",
+    "StageError",
+    "TypeflowError",
+    "WorkerCrashed",
+]
+
+_short = reprlib.Repr()
+_short.maxstring = 80
+_short.maxother = 80
+_short.maxlist = 6
+_short.maxtuple = 6
+_short.maxdict = 4
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)``, shortened so that an error message stays readable."""
+    try:
+        return _short.repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        return f"<{type(value).__qualname__} object (repr failed)>"
+
+
+class TypeflowError(Exception):
+    """Root of every exception that typeflow raises on purpose."""
+
+
+class DefinitionError(TypeflowError, ValueError):
+    """A stage or a pipeline was defined wrongly.
+
+    Raised as early as possible: when a function is decorated, when stages are
+    composed, or when a run is built, before any item is taken from the input.
+    The message names the stage, the offending value and how to fix it.
+    """
+
+
+class CompositionError(DefinitionError, TypeError):
+    """Two stages cannot be joined with ``|``.
+
+    Static type checkers report most mismatches; this is the run-time check for
+    code that is not type-checked (or uses ``Any``).
+    """
+
+
+class RemoteTraceback(TypeflowError):
+    """The traceback of an exception raised in a worker process, as text.
+
+    A process worker cannot send a live traceback object back, so typeflow sets
+    the formatted traceback as the ``__cause__`` of the re-created exception:
+    ``traceback.print_exception`` then shows where in the worker it happened.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.text}\"\"\""
+
+
+class WorkerCrashed(TypeflowError):
+    """A worker died while it held an item (killed, ``os._exit``, segfault, out of memory).
+
+    Attributes:
+        stage: name of the stage whose worker died.
+        exitcode: the process exit code; negative values are ``-signal`` (``-9`` is SIGKILL).
+    """
+
+    def __init__(self, stage: str, exitcode: int | None) -> None:
+        how = _describe_exit(exitcode)
+        super().__init__(f"a worker of stage {stage!r} died ({how}) while it held this item")
+        self.stage = stage
+        self.exitcode = exitcode
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.stage, self.exitcode))
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}"
+    return f"exit code {exitcode}"
+
+
+class StageError(TypeflowError):
+    """One item failed in one stage.
+
+    It is the error inside the ``Failure`` that a run yields for that item, and
+    what a fail-fast run raises.
+
+    Attributes:
+        stage: the name of the stage that failed.
+        item: the input that stage received (not the pipeline's original input).
+        exception: the original exception.  Its traceback is the worker's; for a
+            process worker it is re-created, with the worker's formatted traceback
+            as its ``__cause__`` (a :class:`RemoteTraceback`).
+        attempts: how many times the stage was called with this item.
+
+    Example:
+        >>> err = StageError("parse", "x1", ValueError("not a number"))
+        >>> str(err)
+        "stage 'parse' failed on item 'x1': ValueError: not a number"
+        >>> err.exception
+        ValueError('not a number')
+    """
+
+    def __init__(
+        self, stage: str, item: object, exception: BaseException, *, attempts: int = 1
+    ) -> None:
+        super().__init__(stage, item, exception)
+        self.stage = stage
+        self.item = item
+        self.exception = exception
+        self.attempts = attempts
+        self.__cause__ = exception
+
+    def __str__(self) -> str:
+        tries = f" after {self.attempts} attempts" if self.attempts > 1 else ""
+        return (
+            f"stage {self.stage!r} failed on item {short_repr(self.item)}{tries}: "
+            f"{type(self.exception).__name__}: {self.exception}"
+        )
+
+    def __repr__(self) -> str:
+        return f"StageError({self.stage!r}, {short_repr(self.item)}, {self.exception!r})"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_stage_error, (self.stage, self.item, self.exception, self.attempts))
+
+
+def _rebuild_stage_error(
+    stage: str, item: object, exception: BaseException, attempts: int
+) -> StageError:
+    return StageError(stage, item, exception, attempts=attempts)

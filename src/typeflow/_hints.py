@@ -1,0 +1,96 @@
+"""The run-time twin of the static composition check.
+
+``a | b`` is checked by mypy and pyright.  For code that nobody type-checks,
+``|`` also compares the annotations it can read at run time: plain classes and
+unions of plain classes.  Anything it cannot decide (type variables, ``Any``,
+protocols, literals, parametrised generics' arguments, missing annotations) is
+accepted, just as a type checker accepts an unannotated function.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from typeflow._errors import CompositionError
+
+__all__ = ["Hint", "check_composable", "input_hint", "output_hint"]
+
+#: A run-time annotation object, or None when unknown.
+Hint = object
+
+# PEP 484 numeric promotions that static checkers apply implicitly.
+_PROMOTIONS: dict[type, tuple[type, ...]] = {float: (int,), complex: (int, float)}
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - unresolvable forward references: unknown
+        return {}
+
+
+def input_hint(fn: Callable[..., Any]) -> Hint:
+    """The annotation of ``fn``'s first parameter, or None."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if not params:
+        return None
+    return _hints(fn).get(params[0].name)
+
+
+def output_hint(fn: Callable[..., Any]) -> Hint:
+    """The annotation of what ``fn`` returns (awaited for ``async def``), or None."""
+    return _hints(fn).get("return")
+
+
+def _classes(hint: Hint) -> tuple[type, ...] | None:
+    if hint is None:
+        return None
+    if hint is type(None):
+        return (type(None),)
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        out: list[type] = []
+        for member in get_args(hint):
+            cls = _classes(member)
+            if cls is None:
+                return None
+            out.extend(cls)
+        return tuple(out)
+    if origin is not None:
+        return (origin,) if isinstance(origin, type) else None
+    if isinstance(hint, type):
+        return (hint,)
+    return None
+
+
+def _fmt(hint: Hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else repr(hint).replace("typing.", "")
+
+
+def _accepts(target: type, produced: type) -> bool:
+    if produced in _PROMOTIONS.get(target, ()):
+        return True
+    try:
+        return issubclass(produced, target)
+    except TypeError:  # e.g. a protocol that is not runtime-checkable
+        return True
+
+
+def check_composable(left: str, out: Hint, right: str, inp: Hint) -> None:
+    """Raise :class:`CompositionError` when ``out`` can never be an ``inp``."""
+    outs, ins = _classes(out), _classes(inp)
+    if outs is None or ins is None or object in ins:
+        return
+    bad = [o for o in outs if not any(_accepts(i, o) for i in ins)]
+    if bad:
+        raise CompositionError(
+            f"cannot pipe stage {left!r} into stage {right!r}: {left!r} produces "
+            f"{_fmt(out)} but {right!r} accepts {_fmt(inp)}; put a stage that converts "
+            f"{_fmt(out)} to {_fmt(inp)} between them"
+        )

@@ -1,0 +1,1 @@
+"""The one runtime: channels, kernels, the scheduler that owns a run."""

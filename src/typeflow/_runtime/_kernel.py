@@ -1,0 +1,120 @@
+"""What a worker does with a batch of items, written once for every backend.
+
+A pipeline is compiled into a tuple of :class:`Node`: a name, the stage's
+options and a :class:`Kernel`.  A kernel turns a batch of envelopes
+``(seq, item)`` into an :data:`Outcome`: the envelopes that go on and the
+failures, each already a :class:`~typeflow.StageError`.  Backends only move
+batches to a kernel and outcomes away from it; they never look at items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from typeflow._errors import StageError
+from typeflow._options import StageOptions
+
+__all__ = ["Envelope", "Failed", "Kernel", "MapKernel", "Node", "Outcome", "WorkerContext"]
+
+#: An item in flight: its position in the input, and its current value.
+Envelope: TypeAlias = tuple[int, object]
+#: A failed item: its position in the input, and the error.
+Failed: TypeAlias = tuple[int, StageError]
+#: What a kernel makes of a batch: the envelopes that go on, and the failures.
+Outcome: TypeAlias = tuple[list[Envelope], list[Failed]]
+
+
+class WorkerContext:
+    """State that belongs to one worker (one thread, one process, one task).
+
+    It owns the event loop that runs ``async def`` functions on thread and
+    process workers, created on first use and closed when the worker ends.
+    """
+
+    __slots__ = ("_runner", "index")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self._runner: asyncio.Runner | None = None
+
+    def run_coroutine(self, coro: Coroutine[Any, Any, object]) -> object:
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        return self._runner.run(coro)
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+
+class Kernel:
+    """Processes batches for one stage.  Must pickle (process workers get a copy)."""
+
+    __slots__ = ("is_async", "name")
+
+    def __init__(self, name: str, is_async: bool) -> None:
+        self.name = name
+        self.is_async = is_async
+
+    def process(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
+        """Run the batch in a thread or process worker."""
+        raise NotImplementedError
+
+    async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
+        """Run the batch in an asyncio task worker."""
+        raise NotImplementedError
+
+
+class MapKernel(Kernel):
+    """One output per input: ``fn(item)``, awaited when ``fn`` is ``async def``."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, name: str, fn: Callable[[Any], Any], is_async: bool) -> None:
+        super().__init__(name, is_async)
+        self.fn = fn
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (MapKernel, (self.name, self.fn, self.is_async))
+
+    def process(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
+        fn = self.fn
+        ok: list[Envelope] = []
+        failed: list[Failed] = []
+        if self.is_async:
+            for seq, item in batch:
+                try:
+                    ok.append((seq, ctx.run_coroutine(fn(item))))
+                except Exception as exc:  # noqa: BLE001 - becomes this item's Failure
+                    failed.append((seq, StageError(self.name, item, exc)))
+        else:
+            for seq, item in batch:
+                try:
+                    ok.append((seq, fn(item)))
+                except Exception as exc:  # noqa: BLE001 - becomes this item's Failure
+                    failed.append((seq, StageError(self.name, item, exc)))
+        return ok, failed
+
+    async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
+        fn = self.fn
+        ok: list[Envelope] = []
+        failed: list[Failed] = []
+        for seq, item in batch:
+            try:
+                ok.append((seq, await fn(item)))
+            except Exception as exc:  # noqa: BLE001 - becomes this item's Failure
+                failed.append((seq, StageError(self.name, item, exc)))
+        return ok, failed
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One stage of a compiled pipeline."""
+
+    name: str
+    options: StageOptions
+    kernel: Kernel

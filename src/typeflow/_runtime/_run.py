@@ -1,0 +1,480 @@
+"""The scheduler: one :class:`RunCore` owns everything a run starts.
+
+Layout of a run over stages ``s1 .. sn``::
+
+    items ──feeder──▶ inbox[0] ──s1 workers──▶ inbox[1] ── ... ──sn workers──▶ outbox ──▶ caller
+                         ▲                        │                                ▲
+                      window                      └──── failures (skip the rest) ──┘
+
+* The feeder (a thread for a sync iterable, a task for an async one) numbers
+  each item, takes a place in the *window* and puts the item into the first
+  stage's inbox.  Every channel is bounded, so reading the input waits for room.
+* Each stage's workers (threads, processes or tasks: see ``_backends``) emit
+  successes to the next inbox and failures straight to the outbox: a failed item
+  skips the later stages.
+* The caller's iterator (:class:`Run`, or :class:`AsyncRun`, which share
+  :class:`_Collector`) takes outcomes from the outbox, restores input order if
+  asked, wraps each in a ``Result`` once, and frees its place in the window.
+* End of stream is the channels' own: the feeder's ``producer_done`` closes the
+  first inbox, each stage's last worker closes the next, and the caller sees
+  the outbox end.  Cancelling is one call, :meth:`RunCore.shutdown`: it aborts
+  every channel, cancels every worker group and joins them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, Final, Generic, TypeAlias, TypeVar, cast
+
+from returns.result import Failure, Result, Success
+from typing_extensions import Self
+
+from typeflow._backends import _process, _task, _thread
+from typeflow._backends._base import WorkerBackend, WorkerGroup
+from typeflow._errors import DefinitionError, StageError
+from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
+from typeflow._runtime._kernel import Envelope, Node, Outcome
+
+__all__ = ["AsyncRun", "Run", "RunCore", "default_window"]
+
+Out = TypeVar("Out", covariant=True)
+
+#: An outcome on its way to the caller: position, success?, value or StageError.
+Entry: TypeAlias = tuple[int, bool, object]
+
+_BACKENDS: Final[dict[str, WorkerBackend]] = {
+    "thread": _thread,
+    "process": _process,
+    "task": _task,
+}
+
+#: The most outcomes the caller takes from the outbox at once.
+_COLLECT_LIMIT: Final = 1024
+#: How long shutdown waits for workers to end before giving up on them.
+JOIN_TIMEOUT: Final = 5.0
+
+_live_runs: weakref.WeakSet[RunCore] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_runs() -> None:  # pragma: no cover - runs at interpreter exit
+    for core in list(_live_runs):
+        core.shutdown()
+
+
+def default_window(nodes: tuple[Node, ...]) -> int:
+    """The default number of items in flight: room for every buffer and worker, twice.
+
+    Large enough never to slow a pipeline that keeps up, small enough that an
+    ordered run blocked behind one slow item holds a bounded number of results.
+    """
+    return max(1024, 2 * sum(n.options.buffer + n.options.workers for n in nodes))
+
+
+class _Emitter:
+    """Routes a worker's outcomes: successes onward, failures to the outbox."""
+
+    __slots__ = ("_next", "_outbox")
+
+    def __init__(self, next_inbox: Channel[Envelope] | None, outbox: Channel[Entry]) -> None:
+        self._next = next_inbox
+        self._outbox = outbox
+
+    def _entries(self, outcome: Outcome) -> tuple[list[Envelope], list[Entry]]:
+        ok, failed = outcome
+        entries: list[Entry] = [(seq, False, err) for seq, err in failed]
+        if self._next is None:
+            entries.extend([(seq, True, value) for seq, value in ok])
+            ok = []
+        return ok, entries
+
+    def emit(self, outcome: Outcome) -> None:
+        ok, entries = self._entries(outcome)
+        if ok and self._next is not None:
+            self._next.put_many(ok)
+        if entries:
+            self._outbox.put_many(entries)
+
+    async def aemit(self, outcome: Outcome) -> None:
+        ok, entries = self._entries(outcome)
+        if ok and self._next is not None:
+            await self._next.aput_many(ok)
+        if entries:
+            await self._outbox.aput_many(entries)
+
+    def done(self) -> None:
+        (self._outbox if self._next is None else self._next).producer_done()
+
+
+class _LoopThread:
+    """An event loop running in its own thread, for task workers and async input."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name="typeflow:loop", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+    def stop(self, timeout: float) -> None:
+        with contextlib.suppress(RuntimeError):  # already closed
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+
+
+class RunCore:
+    """Everything one run starts, and the one place that stops it."""
+
+    def __init__(
+        self,
+        nodes: tuple[Node, ...],
+        *,
+        ordered: bool,
+        fail_fast: bool,
+        window: int | None,
+    ) -> None:
+        if window is not None and (isinstance(window, bool) or window < 1):
+            raise DefinitionError(f"window={window!r} is not allowed; it must be at least 1")
+        self.nodes = nodes
+        self.ordered = ordered
+        self.fail_fast = fail_fast
+        self.window_size = window or default_window(nodes)
+        # Each channel's producers: the feeder, then each stage's workers.
+        producers = [1, *(n.options.workers for n in nodes)]
+        self.inboxes: list[Channel[Envelope]] = [
+            Channel(n.options.buffer, producers=p) for n, p in zip(nodes, producers, strict=False)
+        ]
+        self.outbox: Channel[Entry] = Channel(
+            max(_COLLECT_LIMIT, nodes[-1].options.buffer), producers=producers[-1]
+        )
+        self.window: Channel[None] = Channel(self.window_size)
+        self.input_error: BaseException | None = None
+        self._groups: list[WorkerGroup] = []
+        self._loop: _LoopThread | None = None
+        self._loop_lock = threading.Lock()
+        self._feeder: threading.Thread | None = None
+        self._cancel_async_feed: Callable[[], object] | None = None
+        self._started = False
+        self._stopped = False
+
+    # -- RunEnv --------------------------------------------------------------
+
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = _LoopThread()
+            return self._loop.loop
+
+    # -- starting ------------------------------------------------------------
+
+    def start(self, items: Iterable[Any] | AsyncIterable[Any], *, caller_loop: bool) -> None:
+        """Start every stage, then the feeder.
+
+        ``caller_loop``: an async iterable is read on the running loop of the
+        caller (``arun``); otherwise on the run's own loop thread.
+        """
+        if self._started:
+            raise RuntimeError("a run can be started once")
+        self._started = True
+        _live_runs.add(self)
+        try:
+            for i, node in enumerate(self.nodes):
+                nxt = self.inboxes[i + 1] if i + 1 < len(self.nodes) else None
+                emitter = _Emitter(nxt, self.outbox)
+                backend = _BACKENDS[node.options.backend]
+                self._groups.append(backend.start(node, self.inboxes[i], emitter, self))
+            if isinstance(items, AsyncIterable):
+                coro = self._feed_async(cast(AsyncIterable[Any], items))
+                if caller_loop:
+                    loop = asyncio.get_running_loop()
+                    task = loop.create_task(coro, name="typeflow:feeder")
+                    self._cancel_async_feed = lambda: loop.call_soon_threadsafe(task.cancel)
+                else:
+                    future = asyncio.run_coroutine_threadsafe(coro, self.event_loop())
+                    self._cancel_async_feed = future.cancel
+            else:
+                self._feeder = threading.Thread(
+                    target=self._feed, args=(items,), name="typeflow:feeder", daemon=True
+                )
+                self._feeder.start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _feed(self, items: Iterable[Any]) -> None:
+        inbox, window = self.inboxes[0], self.window
+        ticket = [None]
+        try:
+            for seq, item in enumerate(items):
+                window.put_many(ticket)
+                inbox.put_many([(seq, item)])
+        except ChannelAborted:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
+            self.input_error = exc
+        finally:
+            inbox.producer_done()
+
+    async def _feed_async(self, items: AsyncIterable[Any]) -> None:
+        inbox, window = self.inboxes[0], self.window
+        ticket = [None]
+        seq = 0
+        try:
+            async for item in items:
+                await window.aput_many(ticket)
+                await inbox.aput_many([(seq, item)])
+                seq += 1
+        except (ChannelAborted, asyncio.CancelledError):
+            pass
+        except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
+            self.input_error = exc
+        finally:
+            inbox.producer_done()
+
+    # -- stopping ------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop everything the run started and wait for it; safe to call again."""
+        if self._stopped:
+            return
+        self._stopped = True
+        _live_runs.discard(self)
+        for channel in (*self.inboxes, self.outbox, self.window):
+            channel.abort()
+        for group in self._groups:
+            group.cancel()
+        if self._cancel_async_feed is not None:
+            # A feeder may wait inside the caller's async iterator: cancel it.
+            with contextlib.suppress(RuntimeError):  # its loop is already closed
+                self._cancel_async_feed()
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        for group in self._groups:
+            group.join(max(0.0, deadline - time.monotonic()))
+        if self._feeder is not None and self._feeder is not threading.current_thread():
+            # A feeder blocked inside the caller's iterator cannot be interrupted;
+            # it is a daemon thread and stops at its next item.
+            self._feeder.join(max(0.0, min(1.0, deadline - time.monotonic())))
+        if self._loop is not None:
+            self._loop.stop(max(0.0, deadline - time.monotonic()))
+
+
+class _Collector(Generic[Out]):
+    """Turns outbox entries into ``Result``s, in input order when asked."""
+
+    __slots__ = ("_core", "_done", "_next_seq", "_pending", "_ready")
+
+    def __init__(self, core: RunCore) -> None:
+        self._core = core
+        self._ready: deque[Entry] = deque()
+        self._pending: dict[int, Entry] = {}
+        self._next_seq = 0
+        self._done = False
+
+    def accept(self, entries: list[Entry]) -> None:
+        core = self._core
+        if core.fail_fast:
+            for _, ok, payload in entries:
+                if not ok:
+                    core.shutdown()
+                    raise cast(StageError, payload)
+        before = len(self._ready)
+        if not core.ordered:
+            self._ready.extend(entries)
+        else:
+            pending, ready = self._pending, self._ready
+            nxt = self._next_seq
+            for entry in entries:
+                if entry[0] == nxt and not pending:
+                    ready.append(entry)
+                    nxt += 1
+                else:
+                    pending[entry[0]] = entry
+            while nxt in pending:
+                ready.append(pending.pop(nxt))
+                nxt += 1
+            self._next_seq = nxt
+        freed = len(self._ready) - before
+        if freed:  # give the places in the window back to the feeder
+            core.window.take_nowait(freed)
+
+    def pop(self) -> Result[Out, StageError] | None:
+        if not self._ready:
+            return None
+        _, ok, payload = self._ready.popleft()
+        if ok:
+            return Success(cast(Out, payload))
+        return Failure(cast(StageError, payload))
+
+    def finish(self) -> None:
+        """The outbox ended: stop the run, and raise the input's error if it failed."""
+        self._done = True
+        core = self._core
+        core.shutdown()
+        if core.input_error is not None:
+            error, core.input_error = core.input_error, None
+            raise error
+
+
+class Run(Iterator[Result[Out, StageError]], Generic[Out]):
+    """A running pipeline: an iterator of one ``Result`` per input item.
+
+    The run starts on the first ``next()``.  Closing it -- ``close()``, leaving a
+    ``with`` block, ``break`` followed by garbage collection, an exception or
+    KeyboardInterrupt while iterating -- stops and joins every worker thread,
+    task and process.
+
+    If the input iterable raises, the items read before it are still processed
+    and yielded, then the iterable's exception is raised.
+    """
+
+    __slots__ = ("__weakref__", "_collector", "_core", "_items")
+
+    def __init__(self, core: RunCore, items: Iterable[Any] | AsyncIterable[Any]) -> None:
+        self._core = core
+        self._items: Iterable[Any] | AsyncIterable[Any] | None = items
+        self._collector: _Collector[Out] = _Collector(core)
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> Result[Out, StageError]:
+        collector = self._collector
+        result = collector.pop()
+        if result is not None:
+            return result
+        if collector._done:  # pyright: ignore[reportPrivateUsage]
+            raise StopIteration
+        core = self._core
+        try:
+            if self._items is not None:
+                items, self._items = self._items, None
+                core.start(items, caller_loop=False)
+            while True:
+                try:
+                    entries = core.outbox.get_many(_COLLECT_LIMIT)
+                except EndOfChannel:
+                    collector.finish()
+                    raise StopIteration from None
+                except ChannelAborted:  # closed from elsewhere
+                    collector._done = True  # pyright: ignore[reportPrivateUsage]
+                    raise StopIteration from None
+                collector.accept(entries)
+                result = collector.pop()
+                if result is not None:
+                    return result
+        except BaseException:
+            core.shutdown()
+            raise
+
+    def close(self) -> None:
+        """Stop the run now: every worker is stopped and joined."""
+        self._collector._done = True  # pyright: ignore[reportPrivateUsage]
+        self._core.shutdown()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._core.shutdown()
+
+
+class AsyncRun(AsyncIterator[Result[Out, StageError]], Generic[Out]):
+    """The async twin of :class:`Run`: ``async for result in pipeline.arun(items)``.
+
+    Waiting for results never blocks the caller's event loop.  Close it with
+    ``await aclose()`` or ``async with``.
+    """
+
+    __slots__ = ("__weakref__", "_collector", "_core", "_items")
+
+    def __init__(self, core: RunCore, items: Iterable[Any] | AsyncIterable[Any]) -> None:
+        self._core = core
+        self._items: Iterable[Any] | AsyncIterable[Any] | None = items
+        self._collector: _Collector[Out] = _Collector(core)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Result[Out, StageError]:
+        collector = self._collector
+        result = collector.pop()
+        if result is not None:
+            return result
+        if collector._done:  # pyright: ignore[reportPrivateUsage]
+            raise StopAsyncIteration
+        core = self._core
+        try:
+            if self._items is not None:
+                items, self._items = self._items, None
+                core.start(items, caller_loop=True)
+            while True:
+                try:
+                    entries = await core.outbox.aget_many(_COLLECT_LIMIT)
+                except EndOfChannel:
+                    await self._finish()
+                    raise StopAsyncIteration from None
+                except ChannelAborted:
+                    collector._done = True  # pyright: ignore[reportPrivateUsage]
+                    raise StopAsyncIteration from None
+                collector.accept(entries)
+                result = collector.pop()
+                if result is not None:
+                    return result
+        except BaseException:
+            await self._shutdown()
+            raise
+
+    async def _finish(self) -> None:
+        await asyncio.to_thread(self._core.shutdown)
+        self._collector.finish()
+
+    async def _shutdown(self) -> None:
+        # Joining workers blocks: do it off the caller's event loop.
+        await asyncio.to_thread(self._core.shutdown)
+
+    async def aclose(self) -> None:
+        """Stop the run now: every worker is stopped and joined."""
+        self._collector._done = True  # pyright: ignore[reportPrivateUsage]
+        await self._shutdown()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._core.shutdown()

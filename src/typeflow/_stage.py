@@ -1,0 +1,445 @@
+"""Stages, pipelines and the ``@stage`` decorator: the typed surface.
+
+``Stage[In, Out]`` consumes ``In`` and produces ``Out``.  ``In`` is
+contravariant and ``Out`` covariant, so a stage that takes ``object`` accepts
+anything and a stage that produces ``bool`` feeds one that takes ``int``.
+``a | b`` is an ordinary generic ``__or__``: mypy and pyright check every
+composition with no plugin.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, final, overload
+
+from typing_extensions import Never
+
+from typeflow._errors import CompositionError, DefinitionError, short_repr
+from typeflow._hints import Hint, check_composable, input_hint, output_hint
+from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
+from typeflow._runtime._kernel import MapKernel, Node
+
+if TYPE_CHECKING:
+    from typeflow._runtime._run import AsyncRun, Run
+
+__all__ = ["AsyncFnStage", "FnStage", "Pipeline", "Stage", "StageDecorator", "stage"]
+
+In = TypeVar("In", contravariant=True)
+Out = TypeVar("Out", covariant=True)
+A = TypeVar("A")
+B = TypeVar("B")
+C = TypeVar("C")
+
+
+class Stage(Generic[In, Out]):
+    """A step of a pipeline: it consumes ``In`` items and produces ``Out`` items.
+
+    Stages are made with :func:`stage` and joined with ``|``; a :class:`Pipeline`
+    is itself a stage, so pipelines nest.  Any stage can be run on its own.
+    """
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        """The stage's name, used in errors and statistics."""
+        raise NotImplementedError
+
+    def _nodes(self) -> tuple[Node, ...]:
+        raise NotImplementedError
+
+    def _in_hint(self) -> Hint:
+        return None
+
+    def _out_hint(self) -> Hint:
+        return None
+
+    # -- composition -------------------------------------------------------
+
+    def __or__(self, other: Stage[Out, C], /) -> Pipeline[In, C]:
+        """``self | other``: feed what this stage produces into ``other``."""
+        if not isinstance(other, Stage):  # pyright: ignore[reportUnnecessaryIsInstance] - untyped callers
+            raise CompositionError(
+                f"cannot pipe stage {self.name!r} into {short_repr(other)}: the right side "
+                "of | must be a stage; decorate the function with @stage (or wrap it: "
+                "stage(fn))"
+            )
+        check_composable(self.name, self._out_hint(), other.name, other._in_hint())
+        return Pipeline(self._parts() + other._parts())
+
+    def __ror__(self, other: Never, /) -> Never:
+        # Only reached when the left side is not a stage: explain instead of
+        # Python's generic "unsupported operand type(s)".  Typed ``Never`` so that
+        # type checkers still reject ``function | stage``.
+        raise CompositionError(
+            f"cannot pipe {short_repr(other)} into stage {self.name!r}: the left side of | "
+            "must be a stage too; decorate the function with @stage, or pass data with "
+            f"{self.name}.run(items)"
+        )
+
+    def then(self, other: Stage[Out, C], /) -> Pipeline[In, C]:
+        """The same as ``self | other``.
+
+        As a method call, a type checker's error names the expected input type,
+        which can be clearer than the message for an operator.
+        """
+        return self | other
+
+    def _parts(self) -> tuple[Stage[Any, Any], ...]:
+        return (self,)
+
+    # -- running -----------------------------------------------------------
+
+    def run(
+        self,
+        items: Iterable[In] | AsyncIterable[In],
+        *,
+        ordered: bool = True,
+        fail_fast: bool = False,
+        window: int | None = None,
+    ) -> Run[Out]:
+        """Run the pipeline over ``items``; iterate the result for one ``Result`` per item.
+
+        Args:
+            items: any iterable or async iterable, endless ones included; it is
+                read lazily, only as fast as the stages have room.
+            ordered: yield results in input order (the default) or as they
+                complete (``False``).
+            fail_fast: raise the first failure's :class:`~typeflow.StageError`
+                and stop the run, instead of yielding it as a ``Failure``.
+            window: at most this many items are in flight at once (taken from
+                ``items`` but not yet yielded).  It bounds memory and the
+                reorder buffer of an ordered run; when it is full, reading
+                ``items`` waits for the oldest item.  Default:
+                :func:`~typeflow.default_window` of the pipeline.
+
+        Returns:
+            A :class:`~typeflow.Run`: an iterator of
+            ``Result[Out, StageError]`` that can be closed early (``close()``,
+            ``with``, ``break``), which stops every worker.
+
+        Example:
+            >>> @stage
+            ... def double(x: int) -> int:
+            ...     return 2 * x
+            >>> [r.unwrap() for r in double.run([1, 2, 3])]
+            [2, 4, 6]
+        """
+        from typeflow._runtime._run import Run, RunCore
+
+        return Run(RunCore(self._nodes(), ordered=ordered, fail_fast=fail_fast, window=window), items)
+
+    def arun(
+        self,
+        items: Iterable[In] | AsyncIterable[In],
+        *,
+        ordered: bool = True,
+        fail_fast: bool = False,
+        window: int | None = None,
+    ) -> AsyncRun[Out]:
+        """The async twin of :meth:`run`, for use inside a running event loop.
+
+        ``async for result in pipeline.arun(items)``.  An async iterable is read
+        on the caller's event loop.  Same options as :meth:`run`.
+        """
+        from typeflow._runtime._run import AsyncRun, RunCore
+
+        return AsyncRun(
+            RunCore(self._nodes(), ordered=ordered, fail_fast=fail_fast, window=window), items
+        )
+
+
+@final
+class Pipeline(Stage[In, Out]):
+    """Stages joined with ``|``.  A pipeline is a stage, so it composes and runs the same way.
+
+    Example:
+        >>> @stage
+        ... def parse(text: str) -> int:
+        ...     return int(text)
+        >>> @stage
+        ... def square(n: int) -> int:
+        ...     return n * n
+        >>> pipeline = parse | square
+        >>> pipeline
+        Pipeline(parse | square)
+        >>> [r.unwrap() for r in pipeline.run(["1", "2", "3"])]
+        [1, 4, 9]
+    """
+
+    __slots__ = ("_name", "_stages")
+
+    def __init__(self, stages: tuple[Stage[Any, Any], ...]) -> None:
+        if not stages:
+            raise DefinitionError("a pipeline needs at least one stage")
+        self._stages = stages
+        self._name = " | ".join(s.name for s in stages)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def stages(self) -> tuple[Stage[Any, Any], ...]:
+        """The stages, first to last (nested pipelines are flattened)."""
+        return self._stages
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self._name})"
+
+    def __len__(self) -> int:
+        return len(self._stages)
+
+    def _parts(self) -> tuple[Stage[Any, Any], ...]:
+        return self._stages
+
+    def _nodes(self) -> tuple[Node, ...]:
+        return tuple(node for s in self._stages for node in s._nodes())
+
+    def _in_hint(self) -> Hint:
+        return self._stages[0]._in_hint()
+
+    def _out_hint(self) -> Hint:
+        return self._stages[-1]._out_hint()
+
+
+class _FnStage(Stage[In, Out]):
+    """Shared part of the stages made from one function."""
+
+    __slots__ = ("__dict__", "_fn", "_node", "options")
+
+    def __init__(self, fn: Callable[..., Any], options: StageOptions, is_async: bool) -> None:
+        name = options.name or getattr(fn, "__qualname__", None) or short_repr(fn)
+        if options.backend == "task" and not is_async:
+            raise DefinitionError(
+                f"stage {name!r}: backend='task' runs coroutines on an event loop, but "
+                f"{name!r} is a plain function (it would block the loop); make it "
+                "'async def', or use backend='thread' for blocking code"
+            )
+        self._fn = fn
+        self.options = options
+        self._node = Node(name, options, MapKernel(name, fn, is_async))
+        functools.update_wrapper(self, fn)
+        if options.backend == "process":
+            _check_shippable(name, fn)
+
+    @property
+    def name(self) -> str:
+        return self._node.name
+
+    def __repr__(self) -> str:
+        o = self.options
+        return f"<stage {self.name!r}: {o.workers} {o.backend} worker(s), buffer {o.buffer}>"
+
+    def _nodes(self) -> tuple[Node, ...]:
+        return (self._node,)
+
+    def _in_hint(self) -> Hint:
+        return input_hint(self._fn)
+
+    def _out_hint(self) -> Hint:
+        return output_hint(self._fn)
+
+
+@final
+class FnStage(_FnStage[In, Out]):
+    """A stage made from ``def fn(item: In) -> Out``.  Still callable like ``fn``.
+
+    Example:
+        >>> @stage
+        ... def shout(word: str) -> str:
+        ...     return word.upper() + "!"
+        >>> shout("hi")          # a plain call: no runtime, for unit tests
+        'HI!'
+        >>> [r.unwrap() for r in shout.run(["a", "b"])]
+        ['A!', 'B!']
+    """
+
+    __slots__ = ()
+
+    def __init__(self, fn: Callable[[In], Out], options: StageOptions | None = None) -> None:
+        super().__init__(fn, options or StageOptions(), is_async=False)
+
+    def __call__(self, item: In, /) -> Out:
+        return cast(Out, self._fn(item))
+
+
+@final
+class AsyncFnStage(_FnStage[In, Out]):
+    """A stage made from ``async def fn(item: In) -> Out``; the awaitable is unwrapped.
+
+    Calling it returns the coroutine, like calling ``fn`` does.
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        fn: Callable[[In], Coroutine[Any, Any, Out]],
+        options: StageOptions | None = None,
+    ) -> None:
+        super().__init__(fn, options or StageOptions(), is_async=True)
+
+    def __call__(self, item: In, /) -> Coroutine[Any, Any, Out]:
+        return cast(Coroutine[Any, Any, Out], self._fn(item))
+
+
+def _check_shippable(name: str, fn: Callable[..., Any]) -> None:
+    import cloudpickle
+
+    try:
+        cloudpickle.dumps(fn)
+    except Exception as exc:  # noqa: BLE001 - anything pickling raises means "cannot ship"
+        raise DefinitionError(
+            f"stage {name!r} uses backend='process', so its function is sent to worker "
+            f"processes with cloudpickle, but it cannot be pickled ({type(exc).__name__}: "
+            f"{exc}); create what it captures (locks, open files, connections, clients) "
+            "inside the function instead, or use backend='thread'"
+        ) from exc
+
+
+def _make(fn: object, options: StageOptions) -> Stage[Any, Any]:
+    if isinstance(fn, Stage):
+        raise DefinitionError(f"{fn!r} is already a stage; decorate the plain function once")
+    if isinstance(fn, type):
+        raise DefinitionError(
+            f"@stage got the class {fn.__qualname__!r}; wrap a function or a bound method "
+            "(stateful stages are defined with a class in a later release)"
+        )
+    if not callable(fn):
+        raise DefinitionError(f"@stage needs a function, not {short_repr(fn)}")
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        raise DefinitionError(
+            f"@stage got the generator function {getattr(fn, '__qualname__', fn)!r}; a stage "
+            "returns one output per input (return a list, or collect the generator)"
+        )
+    _check_arity(fn)
+    if inspect.iscoroutinefunction(fn):
+        return AsyncFnStage(cast(Callable[[Any], Coroutine[Any, Any, Any]], fn), options)
+    return FnStage(cast(Callable[[Any], Any], fn), options)
+
+
+def _check_arity(fn: Callable[..., Any]) -> None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: trust the caller
+        return
+    try:
+        sig.bind(object())
+    except TypeError as exc:
+        raise DefinitionError(
+            f"a stage's function is called with one item, but "
+            f"{getattr(fn, '__qualname__', fn)!r}{sig} cannot be ({exc}); give it exactly one "
+            "required positional parameter (use functools.partial for the others)"
+        ) from None
+
+
+@final
+class StageDecorator:
+    """What ``stage(workers=..., backend=...)`` returns: apply it to a function."""
+
+    __slots__ = ("options",)
+
+    def __init__(self, options: StageOptions) -> None:
+        self.options = options
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap] # async first: a coroutine function is also a Callable[[A], B]
+        self, fn: Callable[[A], Coroutine[Any, Any, B]], /
+    ) -> AsyncFnStage[A, B]: ...
+    @overload
+    def __call__(self, fn: Callable[[A], B], /) -> FnStage[A, B]: ...
+    def __call__(self, fn: Callable[[Any], Any], /) -> Stage[Any, Any]:
+        return _make(fn, self.options)
+
+    def __repr__(self) -> str:
+        return f"stage({self.options})"
+
+
+@final
+class AsyncStageDecorator:
+    """What ``stage(backend="task", ...)`` returns: it accepts ``async def`` functions only."""
+
+    __slots__ = ("options",)
+
+    def __init__(self, options: StageOptions) -> None:
+        self.options = options
+
+    def __call__(self, fn: Callable[[A], Coroutine[Any, Any, B]], /) -> AsyncFnStage[A, B]:
+        return cast(AsyncFnStage[A, B], _make(fn, self.options))
+
+    def __repr__(self) -> str:
+        return f"stage({self.options})"
+
+
+@overload
+def stage(  # type: ignore[overload-overlap] # async first: a coroutine function is also a Callable[[A], B]
+    fn: Callable[[A], Coroutine[Any, Any, B]], /
+) -> AsyncFnStage[A, B]: ...
+@overload
+def stage(fn: Callable[[A], B], /) -> FnStage[A, B]: ...
+@overload
+def stage(
+    *,
+    workers: int = 1,
+    backend: Literal["task"],
+    buffer: int = DEFAULT_BUFFER,
+    name: str | None = None,
+) -> AsyncStageDecorator: ...
+@overload
+def stage(
+    *,
+    workers: int = 1,
+    backend: Backend = "thread",
+    buffer: int = DEFAULT_BUFFER,
+    name: str | None = None,
+) -> StageDecorator: ...
+def stage(
+    fn: Callable[[Any], Any] | None = None,
+    /,
+    *,
+    workers: int = 1,
+    backend: Backend = "thread",
+    buffer: int = DEFAULT_BUFFER,
+    name: str | None = None,
+) -> Stage[Any, Any] | StageDecorator | AsyncStageDecorator:
+    """Turn a one-argument function into a pipeline stage.
+
+    Use it bare (``@stage``: one thread worker) or with options.  The decorated
+    object is still callable like the function, so its logic can be unit-tested
+    without the runtime.
+
+    Args:
+        fn: the function (bare form).  ``async def`` functions are awaited.
+        workers: how many workers run the function at once.
+        backend: ``"thread"`` (default), ``"process"`` (CPU-bound work; the
+            function is shipped with cloudpickle) or ``"task"`` (``async def``
+            only: asyncio tasks on the run's event loop).  An ``async def``
+            function on a thread or process worker runs on an event loop owned
+            by that worker.
+        buffer: how many items may wait in front of the stage.
+        name: the name in errors and statistics (default: the function's
+            qualified name).
+
+    Raises:
+        DefinitionError: an option is out of range, the function does not take
+            exactly one positional argument, a plain function is given to
+            ``backend="task"``, or a process stage's function cannot be pickled.
+
+    Example:
+        >>> @stage(workers=4)
+        ... def parse(text: str) -> int:
+        ...     return int(text)
+        >>> parse("42")
+        42
+        >>> [r.unwrap() for r in parse.run(["1", "2"])]
+        [1, 2]
+    """
+    options = StageOptions(workers=workers, backend=backend, buffer=buffer, name=name)
+    if fn is None:
+        if backend == "task":
+            return AsyncStageDecorator(options)
+        return StageDecorator(options)
+    return _make(fn, options)
