@@ -60,8 +60,12 @@ class StageOptions:
             )
         _positive(label, "workers", self.workers)
         _positive(label, "buffer", self.buffer)
-        if self.name is not None and (not isinstance(self.name, str) or not self.name):
-            raise DefinitionError(f"stage name must be a non-empty string, not {self.name!r}")
+        _check_name(self.name)
+
+
+def _check_name(name: object) -> None:
+    if name is not None and (not isinstance(name, str) or not name):
+        raise DefinitionError(f"stage name must be a non-empty string, not {name!r}")
 
 
 def _positive(label: str, option: str, value: object) -> None:

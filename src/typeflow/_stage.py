@@ -9,7 +9,7 @@ composition with no plugin.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import inspect
 from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, final, overload
@@ -66,8 +66,9 @@ class Stage(Generic[In, Out]):
                 "of | must be a stage; decorate the function with @stage (or wrap it: "
                 "stage(fn))"
             )
-        check_composable(self.name, self._out_hint(), other.name, other._in_hint())
-        return Pipeline(self._parts() + other._parts())
+        left, right = self._parts(), other._parts()
+        check_composable(left[-1].name, self._out_hint(), right[0].name, other._in_hint())
+        return Pipeline(left + right)
 
     def __ror__(self, other: Never, /) -> Never:
         # Only reached when the left side is not a stage: explain instead of
@@ -221,7 +222,11 @@ class _FnStage(Stage[In, Out]):
         self._fn = fn
         self.options = options
         self._node = Node(name, options, MapKernel(name, fn, is_async))
-        functools.update_wrapper(self, fn)
+        # Look like the function (what functools.update_wrapper does for functions).
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            with contextlib.suppress(AttributeError):
+                setattr(self, attr, getattr(fn, attr))
+        self.__wrapped__ = fn
         if options.backend == "process":
             _check_shippable(name, fn)
 
@@ -381,7 +386,7 @@ def stage(  # type: ignore[overload-overlap] # async first: a coroutine function
 @overload
 def stage(fn: Callable[[A], B], /) -> FnStage[A, B]: ...
 @overload
-def stage(
+def stage(  # type: ignore[overload-overlap] # pyright: ignore[reportOverlappingOverload] - "task" is the special case of Backend
     *,
     workers: int = 1,
     backend: Literal["task"],

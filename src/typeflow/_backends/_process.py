@@ -26,9 +26,9 @@ import pickle
 import threading
 import time
 from multiprocessing.connection import Connection, wait
-from multiprocessing.context import BaseContext
+from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
-from typing import Final
+from typing import Final, TypeAlias, cast
 
 from typeflow._backends._base import Emitter, RunEnv, fail_batch
 from typeflow._backends._process_child import RawFailure, child_main
@@ -42,11 +42,12 @@ __all__ = ["BATCH_LIMIT", "ProcessGroup", "mp_context", "start"]
 #: The most items sent to a worker process in one message.
 BATCH_LIMIT: Final = 1024
 
-_context: BaseContext | None = None
+_Context: TypeAlias = ForkServerContext | SpawnContext | ForkContext
+_context: _Context | None = None
 _context_lock = threading.Lock()
 
 
-def mp_context() -> BaseContext:
+def mp_context() -> _Context:
     """The multiprocessing context for worker processes (chosen once per process)."""
     global _context
     with _context_lock:
@@ -54,11 +55,24 @@ def mp_context() -> BaseContext:
             method = os.environ.get("TYPEFLOW_START_METHOD") or (
                 "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
             )
-            ctx = multiprocessing.get_context(method)
             if method == "forkserver":
-                ctx.set_forkserver_preload(["typeflow._backends._process_child"])
-            _context = ctx
+                server = multiprocessing.get_context("forkserver")
+                server.set_forkserver_preload(["typeflow._backends._process_child"])
+                _context = server
+            elif method == "spawn":
+                _context = multiprocessing.get_context("spawn")
+            elif method == "fork":
+                _context = multiprocessing.get_context("fork")
+            else:
+                raise DefinitionError(
+                    f"TYPEFLOW_START_METHOD={method!r} is not a start method; use "
+                    "'forkserver', 'spawn' or 'fork'"
+                )
         return _context
+
+
+#: What a worker process sends back for a batch.
+_Reply: TypeAlias = tuple[list[Envelope], list[RawFailure]]
 
 
 class _Cancelled(Exception):
@@ -160,6 +174,7 @@ class _Pump:
 
     def _roundtrip(self, batch: list[Envelope]) -> Outcome:
         unsendable: list[Failed] = []
+        reply: _Reply | None
         try:
             reply = self._exchange(batch)
         except _Unpicklable:
@@ -170,7 +185,7 @@ class _Pump:
         ok, raw = reply
         return ok, self._failures(batch, raw) + unsendable
 
-    def _exchange(self, batch: list[Envelope]) -> tuple[list[Envelope], list[RawFailure]] | None:
+    def _exchange(self, batch: list[Envelope]) -> _Reply | None:
         """Send a batch and wait for the reply; None if the worker died meanwhile."""
         if self._proc is None:
             self._spawn()
@@ -186,9 +201,7 @@ class _Pump:
                 raise _Unpicklable from exc
             ready = wait([conn, proc.sentinel])
             if conn in ready:
-                reply = recv(conn)
-                assert isinstance(reply, tuple)
-                return reply  # pyright: ignore[reportUnknownVariableType]
+                return cast(_Reply, recv(conn))
         except (OSError, EOFError):
             pass
         if self._cancelled:

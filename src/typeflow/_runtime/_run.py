@@ -202,7 +202,7 @@ class RunCore:
                 backend = _BACKENDS[node.options.backend]
                 self._groups.append(backend.start(node, self.inboxes[i], emitter, self))
             if isinstance(items, AsyncIterable):
-                coro = self._feed_async(cast(AsyncIterable[Any], items))
+                coro = self._feed_async(items)
                 if caller_loop:
                     loop = asyncio.get_running_loop()
                     task = loop.create_task(coro, name="typeflow:feeder")
@@ -257,7 +257,8 @@ class RunCore:
             return
         self._stopped = True
         _live_runs.discard(self)
-        for channel in (*self.inboxes, self.outbox, self.window):
+        channels: list[Channel[Any]] = [*self.inboxes, self.outbox, self.window]
+        for channel in channels:
             channel.abort()
         for group in self._groups:
             group.cancel()
@@ -323,6 +324,13 @@ class _Collector(Generic[Out]):
             return Success(cast(Out, payload))
         return Failure(cast(StageError, payload))
 
+    def close(self) -> None:
+        """The caller closed the run: drop what it has not taken."""
+        self._done = True
+        self._ready.clear()
+        self._pending.clear()
+        self._core.shutdown()
+
     def finish(self) -> None:
         """The outbox ended: stop the run, and raise the input's error if it failed."""
         self._done = True
@@ -386,8 +394,7 @@ class Run(Iterator[Result[Out, StageError]], Generic[Out]):
 
     def close(self) -> None:
         """Stop the run now: every worker is stopped and joined."""
-        self._collector._done = True  # pyright: ignore[reportPrivateUsage]
-        self._core.shutdown()
+        self._collector.close()
 
     def __enter__(self) -> Self:
         return self
@@ -461,8 +468,7 @@ class AsyncRun(AsyncIterator[Result[Out, StageError]], Generic[Out]):
 
     async def aclose(self) -> None:
         """Stop the run now: every worker is stopped and joined."""
-        self._collector._done = True  # pyright: ignore[reportPrivateUsage]
-        await self._shutdown()
+        await asyncio.to_thread(self._collector.close)
 
     async def __aenter__(self) -> Self:
         return self

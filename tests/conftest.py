@@ -1,0 +1,71 @@
+"""Shared fixtures: every behaviour test runs on every backend, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import psutil
+import pytest
+
+from typeflow import Backend, Stage, stage
+from typeflow._options import BACKENDS
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """Each test that takes ``backend`` runs once per backend."""
+    value: Backend = request.param
+    return value
+
+
+def on(backend: Backend, fn: Callable[[A], B], workers: int = 2, buffer: int = 16) -> Stage[A, B]:
+    """``fn`` as a stage on ``backend`` (wrapped in ``async def`` for the task backend)."""
+    if backend == "task":
+
+        async def call(item: A) -> B:
+            return fn(item)
+
+        call.__qualname__ = fn.__qualname__
+        return stage(workers=workers, backend="task", buffer=buffer)(call)
+    return stage(workers=workers, backend=backend, buffer=buffer)(fn)
+
+
+def _multiprocessing_servers() -> set[int | None]:
+    """The long-lived helpers multiprocessing starts once per process (not workers)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    return {
+        getattr(forkserver._forkserver, "_forkserver_pid", None),
+        getattr(resource_tracker._resource_tracker, "_pid", None),
+    }
+
+
+def leftovers(timeout: float = 3.0) -> tuple[list[str], list[int]]:
+    """typeflow threads and worker processes (not multiprocessing's helper servers) still alive.
+
+    Shutdown is synchronous, so normally nothing is found at once; the timeout
+    only lets the kernel finish reaping a process that was just killed.
+    """
+    deadline = time.monotonic() + timeout
+    threads = [t for t in threading.enumerate() if t.name.startswith("typeflow:")]
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    servers = _multiprocessing_servers()
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in servers]
+    _, alive = psutil.wait_procs(procs, timeout=max(0.0, deadline - time.monotonic()))
+    return [t.name for t in threads if t.is_alive()], [p.pid for p in alive]
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """After every test: no typeflow thread and no worker process is left."""
+    yield
+    threads, procs = leftovers()
+    assert not threads, f"typeflow threads left running: {threads}"
+    assert not procs, f"worker processes left running: {procs}"

@@ -1,0 +1,376 @@
+"""Behaviour of runs, on every backend (the ``backend`` fixture parametrizes each test)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+import traceback
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from returns.result import Failure, Result, Success
+
+from tests.conftest import leftovers, on
+from typeflow import (
+    Backend,
+    CompositionError,
+    DefinitionError,
+    RemoteTraceback,
+    StageError,
+    WorkerCrashed,
+    stage,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def reciprocal(x: int) -> float:
+    return 1 / x
+
+
+def halve(x: float) -> float:
+    return x / 2
+
+
+def crash_on_three(x: int) -> int:
+    if x == 3:
+        os._exit(7)
+    return x
+
+
+def values(results: Iterator[Result[int, StageError]] | list[Result[int, StageError]]) -> list[int]:
+    return [r.unwrap() for r in results]
+
+
+# -- basic runs -------------------------------------------------------------------
+
+
+def test_single_stage_keeps_input_order(backend: Backend) -> None:
+    assert values(on(backend, inc).run(range(500))) == list(range(1, 501))
+
+
+def test_unordered_yields_every_result_once(backend: Backend) -> None:
+    got = values(on(backend, double).run(range(500), ordered=False))
+    assert Counter(got) == Counter(2 * x for x in range(500))
+
+
+@pytest.mark.parametrize("second", ["thread", "process", "task"])
+def test_backends_mix_in_one_pipeline(backend: Backend, second: Backend) -> None:
+    pipeline = on(backend, inc) | on(second, double) | on("thread", inc)
+    assert values(pipeline.run(range(300))) == [2 * (x + 1) + 1 for x in range(300)]
+
+
+def test_empty_input(backend: Backend) -> None:
+    assert list(on(backend, inc).run([])) == []
+
+
+def test_one_worker_and_tiny_buffers(backend: Backend) -> None:
+    pipeline = on(backend, inc, workers=1, buffer=1) | on(backend, double, workers=1, buffer=1)
+    assert values(pipeline.run(range(100), window=1)) == [2 * (x + 1) for x in range(100)]
+
+
+@pytest.mark.parametrize("sync_backend", ["thread", "process"])
+def test_async_functions_run_on_thread_and_process_workers(sync_backend: Backend) -> None:
+    @stage(workers=2, backend=sync_backend)
+    async def slow_square(x: int) -> int:
+        await asyncio.sleep(0)
+        return x * x
+
+    assert values(slow_square.run(range(50))) == [x * x for x in range(50)]
+
+
+def test_stage_is_still_a_plain_function() -> None:
+    @stage(workers=3, backend="process")
+    def parse(text: str) -> int:
+        return int(text)
+
+    @stage(backend="task")
+    async def fetch(x: int) -> int:
+        return x + 1
+
+    assert parse("12") == 12
+    assert asyncio.run(fetch(1)) == 2
+    assert parse.__name__ == "parse"
+    assert parse.name.endswith("parse")
+
+
+# -- failures ---------------------------------------------------------------------
+
+
+def test_a_failure_is_a_result_and_the_run_goes_on(backend: Backend) -> None:
+    pipeline = on(backend, inc) | on(backend, reciprocal) | on(backend, halve)
+    results = list(pipeline.run(range(-3, 3)))
+    assert len(results) == 6
+    failure = results[2]  # -1 + 1 == 0
+    assert isinstance(failure, Failure)
+    error = failure.failure()
+    assert error.stage.endswith("reciprocal")
+    assert error.item == 0
+    assert isinstance(error.exception, ZeroDivisionError)
+    assert all(isinstance(r, Success) for i, r in enumerate(results) if i != 2)
+
+
+def test_a_failed_item_skips_later_stages() -> None:
+    seen: list[int] = []
+
+    @stage
+    def fail_on_odd(x: int) -> int:
+        if x % 2:
+            raise ValueError(f"odd: {x}")
+        return x
+
+    @stage
+    def record(x: int) -> int:
+        seen.append(x)
+        return x
+
+    results = list((fail_on_odd | record).run(range(10)))
+    assert sorted(seen) == [0, 2, 4, 6, 8]
+    assert [isinstance(r, Failure) for r in results] == [bool(x % 2) for x in range(10)]
+
+
+def test_process_errors_keep_the_workers_traceback() -> None:
+    results = list(on("process", reciprocal).run([0]))
+    error = results[0].failure()
+    assert isinstance(error.exception, ZeroDivisionError)
+    cause = error.exception.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "reciprocal" in cause.text
+    text = "".join(traceback.format_exception(error))
+    assert "return 1 / x" in text
+
+
+class Unpicklable(Exception):
+    def __init__(self, a: int, b: int) -> None:  # pickling re-creates with one argument
+        super().__init__(f"{a}/{b}")
+
+
+def raise_unpicklable(x: int) -> int:
+    raise Unpicklable(x, x)
+
+
+def test_an_exception_that_does_not_pickle_still_comes_back() -> None:
+    error = next(iter(on("process", raise_unpicklable).run([5]))).failure()
+    assert "Unpicklable" in str(error.exception)
+    assert isinstance(error.exception.__cause__, RemoteTraceback)
+
+
+def test_an_item_that_does_not_pickle_fails_alone() -> None:
+    lock = threading.Lock()
+    pipeline = on("process", id)
+    results = list(pipeline.run([1, lock, 2]))
+    assert isinstance(results[0], Success)
+    assert isinstance(results[2], Success)
+    error = results[1].failure()
+    assert error.item is lock
+    assert "cannot be sent to a worker process" in str(error.exception)
+
+
+def test_fail_fast_raises_the_first_failure(backend: Backend) -> None:
+    with pytest.raises(StageError) as caught:
+        for _ in on(backend, reciprocal).run([1, 2, 0, 3], fail_fast=True):
+            pass
+    assert isinstance(caught.value.exception, ZeroDivisionError)
+    assert caught.value.item == 0
+
+
+def test_a_crashed_process_worker_fails_only_its_item_and_is_replaced() -> None:
+    results = list(on("process", crash_on_three, workers=2).run(range(8)))
+    assert len(results) == 8
+    error = results[3].failure()
+    assert isinstance(error.exception, WorkerCrashed)
+    assert error.exception.exitcode == 7
+    assert [r.unwrap() for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5, 6, 7]
+
+
+# -- input, laziness, ending ------------------------------------------------------
+
+
+def test_input_is_read_lazily_and_memory_stays_bounded(backend: Backend) -> None:
+    pulled = 0
+
+    def endless() -> Iterator[int]:
+        nonlocal pulled
+        for i in itertools.count():
+            pulled = i + 1
+            yield i
+
+    window = 64
+    run = on(backend, inc).run(endless(), window=window)
+    got = [r.unwrap() for r in itertools.islice(run, 200)]
+    run.close()
+    assert got == list(range(1, 201))
+    assert pulled <= 200 + window + 1
+
+
+def test_break_from_an_endless_input_stops_every_worker(backend: Backend) -> None:
+    pipeline = on(backend, inc, workers=3) | on(backend, double, workers=2)
+    for result in pipeline.run(itertools.count()):
+        if result.unwrap() > 100:
+            break
+    threads, procs = leftovers()
+    assert not threads
+    assert not procs
+
+
+def test_close_and_context_manager_stop_the_run(backend: Backend) -> None:
+    with on(backend, inc).run(itertools.count()) as results:
+        assert next(results).unwrap() == 1
+    assert leftovers() == ([], [])
+    run = on(backend, inc).run(itertools.count())
+    next(run)
+    run.close()
+    assert list(run) == []
+
+
+def test_an_error_in_the_input_ends_the_run_after_the_items_before_it(backend: Backend) -> None:
+    def broken() -> Iterator[int]:
+        yield from range(5)
+        raise OSError("disk on fire")
+
+    got: list[int] = []
+    with pytest.raises(OSError, match="disk on fire"):
+        for r in on(backend, inc).run(broken()):
+            got.append(r.unwrap())
+    assert got == [1, 2, 3, 4, 5]
+
+
+def test_keyboard_interrupt_while_waiting_stops_everything(backend: Backend) -> None:
+    import _thread
+
+    def interrupt_at_50(x: int) -> int:
+        if x == 50:
+            _thread.interrupt_main()
+        return x
+
+    first = on("thread", interrupt_at_50, workers=1)
+    pipeline = first | on(backend, inc)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in pipeline.run(itertools.count()):
+            pass
+    assert leftovers() == ([], [])
+
+
+# -- async ------------------------------------------------------------------------
+
+
+def test_arun_inside_an_event_loop(backend: Backend) -> None:
+    async def numbers() -> AsyncIterator[int]:
+        for i in range(100):
+            await asyncio.sleep(0)
+            yield i
+
+    async def main() -> tuple[list[int], list[int]]:
+        stage_ = on(backend, double)
+        from_async = [r.unwrap() async for r in stage_.arun(numbers())]
+        from_sync = [r.unwrap() async for r in stage_.arun(range(10))]
+        return from_async, from_sync
+
+    from_async, from_sync = asyncio.run(main())
+    assert from_async == [2 * x for x in range(100)]
+    assert from_sync == [2 * x for x in range(10)]
+
+
+def test_arun_closed_early(backend: Backend) -> None:
+    async def main() -> int:
+        async with on(backend, inc).arun(itertools.count()) as results:
+            async for r in results:
+                if r.unwrap() >= 10:
+                    return r.unwrap()
+        raise AssertionError("unreachable")
+
+    assert asyncio.run(main()) == 10
+
+
+def test_run_accepts_an_async_iterable(backend: Backend) -> None:
+    async def numbers() -> AsyncIterator[int]:
+        for i in range(20):
+            yield i
+
+    assert values(on(backend, inc).run(numbers())) == list(range(1, 21))
+
+
+# -- definitions are checked early -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"workers": 0}, "workers=0"),
+        ({"buffer": 0}, "buffer=0"),
+        ({"backend": "gpu"}, "backend='gpu'"),
+        ({"name": ""}, "non-empty"),
+    ],
+)
+def test_bad_options_are_refused_at_decoration(options: dict[str, object], message: str) -> None:
+    with pytest.raises(DefinitionError, match=message):
+        stage(**options)  # type: ignore[call-overload] # untyped callers are what this checks
+
+
+def test_a_plain_function_on_the_task_backend_is_refused() -> None:
+    with pytest.raises(DefinitionError, match="async def"):
+        stage(backend="task")(inc)  # type: ignore[arg-type] # the static error is tested in tests/typing
+
+
+def test_generators_and_wrong_arity_are_refused() -> None:
+    def gen(x: int) -> Iterator[int]:
+        yield x
+
+    def two(x: int, y: int) -> int:
+        return x + y
+
+    with pytest.raises(DefinitionError, match="generator function"):
+        stage(gen)
+    with pytest.raises(DefinitionError, match="one required positional parameter"):
+        stage(two)  # type: ignore[call-overload] # the static error is tested in tests/typing
+
+
+def test_process_stages_ship_lambdas_and_closures() -> None:
+    offset = 10
+    shifted = stage(workers=2, backend="process")(lambda x: x + offset)
+    assert values(shifted.run(range(5))) == [10, 11, 12, 13, 14]
+
+
+def test_an_unshippable_process_function_is_refused_at_decoration() -> None:
+    lock = threading.Lock()
+
+    def locked(x: int) -> int:
+        with lock:
+            return x
+
+    with pytest.raises(DefinitionError, match=r"locked.*cannot be pickled"):
+        stage(backend="process")(locked)
+
+
+def test_composition_forms_and_runtime_check() -> None:
+    a, b, c = stage(inc), stage(double), stage(inc)
+    for pipeline in ((a | b) | c, a | (b | c), (a | b) | (c | stage(double))):
+        assert values(pipeline.run([1]))[0] in (5, 10)
+    assert len((a | b) | (c | b)) == 4
+
+    @stage
+    def text(x: int) -> str:
+        return str(x)
+
+    with pytest.raises(CompositionError, match="produces str but .* accepts int"):
+        text | b  # type: ignore[operator] # the run-time check for untyped code
+    with pytest.raises(CompositionError, match="must be a stage"):
+        a | inc  # type: ignore[operator] # a plain function on the right
+    with pytest.raises(CompositionError, match="left side of | must be a stage"):
+        inc | a  # type: ignore[operator] # a plain function on the left
+
+
+def test_window_must_be_positive() -> None:
+    with pytest.raises(DefinitionError, match="window=0"):
+        stage(inc).run([1], window=0)
