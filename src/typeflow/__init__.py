@@ -25,11 +25,13 @@ from typeflow._errors import (
     DefinitionError,
     RemoteTraceback,
     StageError,
+    StageTimeout,
     TypeflowError,
     WorkerCrashed,
 )
 from typeflow._options import Backend, StageOptions, is_backend
 from typeflow._runtime._run import AsyncRun, Run, default_window
+from typeflow._runtime._stats import RunStatistics, StageStatistics
 from typeflow._stage import (
     AsyncFnStage,
     AsyncStageDecorator,
@@ -51,10 +53,13 @@ __all__ = [
     "Pipeline",
     "RemoteTraceback",
     "Run",
+    "RunStatistics",
     "Stage",
     "StageDecorator",
     "StageError",
     "StageOptions",
+    "StageStatistics",
+    "StageTimeout",
     "TypeflowError",
     "WorkerCrashed",
     "default_window",

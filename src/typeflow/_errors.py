@@ -9,6 +9,8 @@ Every exception typeflow raises on purpose derives from one root::
     │   └── CompositionError    two stages do not fit together (``a | b``)
     ├── WorkerCrashed           a worker died while it held an item (the ``exception`` of a
     │                           ``StageError``)
+    ├── StageTimeout            one call took longer than the stage's ``timeout`` (also a
+    │                           ``TimeoutError``)
     └── RemoteTraceback         the formatted traceback of an exception raised in another
                                 process, attached as that exception's ``__cause__``
 
@@ -26,6 +28,7 @@ __all__ = [
     "DefinitionError",
     "RemoteTraceback",
     "StageError",
+    "StageTimeout",
     "TypeflowError",
     "WorkerCrashed",
 ]
@@ -80,7 +83,7 @@ class RemoteTraceback(TypeflowError):
         self.text = text
 
     def __str__(self) -> str:
-        return f"\n\"\"\"\n{self.text}\"\"\""
+        return f'\n"""\n{self.text}"""'
 
 
 class WorkerCrashed(TypeflowError):
@@ -99,6 +102,23 @@ class WorkerCrashed(TypeflowError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.stage, self.exitcode))
+
+
+class StageTimeout(TypeflowError, TimeoutError):
+    """One call of a stage's function took longer than the stage's ``timeout``.
+
+    Attributes:
+        stage: name of the stage.
+        timeout: the limit, in seconds.
+    """
+
+    def __init__(self, stage: str, timeout: float) -> None:
+        super().__init__(f"stage {stage!r} took longer than its timeout of {timeout:g} s")
+        self.stage = stage
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.stage, self.timeout))
 
 
 def _describe_exit(exitcode: int | None) -> str:

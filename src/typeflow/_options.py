@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, Literal, get_args
+from typing import Final, Literal, cast, get_args
 
 from typing_extensions import TypeIs
 
@@ -44,12 +44,29 @@ class StageOptions:
             keeps memory flat on endless input.
         name: the stage's name in errors and statistics (default: the
             function's qualified name).
+        timeout: the most seconds one call may take, or None for no limit.  A
+            call that takes longer becomes a ``Failure`` carrying
+            :class:`~typeflow.StageTimeout` (see :doc:`supervision` for what
+            each backend does with the stuck call).
+        retries: how many times a failed call is tried again (0: never).
+        retry_on: the exception types that are retried; others fail at once.
+            A crashed process worker counts as :class:`~typeflow.WorkerCrashed`
+            and a timed-out call as :class:`~typeflow.StageTimeout`.
+        backoff: seconds before the first retry; each further retry waits
+            about twice as long (exponential backoff with jitter, at most
+            ``max_backoff``).
+        max_backoff: the longest wait between two tries, in seconds.
     """
 
     workers: int = 1
     backend: Backend = "thread"
     buffer: int = DEFAULT_BUFFER
     name: str | None = None
+    timeout: float | None = None
+    retries: int = 0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    backoff: float = 0.1
+    max_backoff: float = 30.0
 
     def __post_init__(self) -> None:
         label = f"stage {self.name!r}" if self.name else "stage"
@@ -61,6 +78,44 @@ class StageOptions:
         _positive(label, "workers", self.workers)
         _positive(label, "buffer", self.buffer)
         _check_name(self.name)
+        if self.timeout is not None:
+            _positive_seconds(label, "timeout", self.timeout)
+        _whole(label, "retries", self.retries, 0, "give the number of extra tries (0 for none)")
+        _check_retry_on(label, self.retry_on)
+        for option in ("backoff", "max_backoff"):
+            value: object = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise DefinitionError(
+                    f"{label}: {option}={value!r} is not allowed; give seconds (0 or more)"
+                )
+
+    def should_retry(self, exc: BaseException, attempt: int) -> bool:
+        """Whether a call that raised ``exc`` on try number ``attempt`` is tried again."""
+        return attempt <= self.retries and isinstance(exc, self.retry_on)
+
+
+def _positive_seconds(label: str, option: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise DefinitionError(
+            f"{label}: {option}={value!r} is not allowed; give seconds as a number above 0, "
+            "or None for no limit"
+        )
+
+
+def _is_exception_class(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, BaseException)
+
+
+def _check_retry_on(label: str, retry_on: object) -> None:
+    types: tuple[object, ...] = (
+        cast(tuple[object, ...], retry_on) if isinstance(retry_on, tuple) else (retry_on,)
+    )
+    bad = [t for t in types if not _is_exception_class(t)]
+    if bad or not isinstance(retry_on, tuple):
+        raise DefinitionError(
+            f"{label}: retry_on={retry_on!r} is not allowed; give a tuple of exception "
+            "classes, e.g. retry_on=(ConnectionError, TimeoutError)"
+        )
 
 
 def _check_name(name: object) -> None:
@@ -69,8 +124,15 @@ def _check_name(name: object) -> None:
 
 
 def _positive(label: str, option: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DefinitionError(
-            f"{label}: {option}={value!r} is not allowed; {option} must be a whole number "
-            "of at least 1 (there is no unbounded setting)"
-        )
+    _whole(
+        label,
+        option,
+        value,
+        1,
+        f"{option} must be a whole number of at least 1 (there is no unbounded setting)",
+    )
+
+
+def _whole(label: str, option: str, value: object, minimum: int, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DefinitionError(f"{label}: {option}={value!r} is not allowed; {hint}")

@@ -130,7 +130,9 @@ class Stage(Generic[In, Out]):
         """
         from typeflow._runtime._run import Run, RunCore
 
-        return Run(RunCore(self._nodes(), ordered=ordered, fail_fast=fail_fast, window=window), items)
+        return Run(
+            RunCore(self._nodes(), ordered=ordered, fail_fast=fail_fast, window=window), items
+        )
 
     def arun(
         self,
@@ -221,7 +223,7 @@ class _FnStage(Stage[In, Out]):
             )
         self._fn = fn
         self.options = options
-        self._node = Node(name, options, MapKernel(name, fn, is_async))
+        self._node = Node(name, options, MapKernel(name, fn, is_async, options))
         # Look like the function (what functools.update_wrapper does for functions).
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
             with contextlib.suppress(AttributeError):
@@ -392,6 +394,11 @@ def stage(  # type: ignore[overload-overlap] # pyright: ignore[reportOverlapping
     backend: Literal["task"],
     buffer: int = DEFAULT_BUFFER,
     name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    backoff: float = 0.1,
+    max_backoff: float = 30.0,
 ) -> AsyncStageDecorator: ...
 @overload
 def stage(
@@ -400,6 +407,11 @@ def stage(
     backend: Backend = "thread",
     buffer: int = DEFAULT_BUFFER,
     name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    backoff: float = 0.1,
+    max_backoff: float = 30.0,
 ) -> StageDecorator: ...
 def stage(
     fn: Callable[[Any], Any] | None = None,
@@ -409,6 +421,11 @@ def stage(
     backend: Backend = "thread",
     buffer: int = DEFAULT_BUFFER,
     name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    backoff: float = 0.1,
+    max_backoff: float = 30.0,
 ) -> Stage[Any, Any] | StageDecorator | AsyncStageDecorator:
     """Turn a one-argument function into a pipeline stage.
 
@@ -427,6 +444,16 @@ def stage(
         buffer: how many items may wait in front of the stage.
         name: the name in errors and statistics (default: the function's
             qualified name).
+        timeout: the most seconds one call may take (None: no limit).  An
+            ``async def`` call is cancelled; a process worker is killed and
+            replaced; a thread is abandoned and replaced (threads cannot be
+            killed).  Either way the item fails with :class:`StageTimeout`.
+        retries: how many more times a failed call is tried (default 0).
+        retry_on: which exceptions are retried (default: any ``Exception``,
+            including :class:`StageTimeout` and :class:`WorkerCrashed`).
+        backoff: seconds before the first retry, doubling each time, with
+            jitter (tenacity's exponential backoff).
+        max_backoff: the longest wait between two tries, in seconds.
 
     Raises:
         DefinitionError: an option is out of range, the function does not take
@@ -442,7 +469,17 @@ def stage(
         >>> [r.unwrap() for r in parse.run(["1", "2"])]
         [1, 2]
     """
-    options = StageOptions(workers=workers, backend=backend, buffer=buffer, name=name)
+    options = StageOptions(
+        workers=workers,
+        backend=backend,
+        buffer=buffer,
+        name=name,
+        timeout=timeout,
+        retries=retries,
+        retry_on=retry_on,
+        backoff=backoff,
+        max_backoff=max_backoff,
+    )
     if fn is None:
         if backend == "task":
             return AsyncStageDecorator(options)

@@ -2,14 +2,16 @@
 
 A backend starts a stage's workers.  Each worker repeatedly takes a batch from
 the stage's inbox, hands it to the stage's kernel and passes the outcome to its
-:class:`Emitter`; when the inbox ends (or the run is aborted) it calls
-``emitter.done()`` exactly once and stops.  Everything else -- where items come
+own :class:`Emitter`; when the inbox ends (or the run is aborted) it calls
+``emitter.done()`` exactly once and stops.  A replacement worker (after a crash
+or a timeout) takes over its predecessor's emitter.  Everything else -- where items come
 from, where they go, ordering, failures, shutdown order -- is the scheduler's.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Protocol
 
 from typeflow._runtime._channel import Channel
@@ -27,7 +29,7 @@ def fail_batch(node: Node, batch: list[Envelope], exc: BaseException) -> Outcome
     is the guard for everything else (a worker process that cannot start, a bug
     in typeflow), so that no item is ever lost and no stage stops consuming.
     """
-    return [], [(seq, StageError(node.name, item, exc)) for seq, item in batch]
+    return Outcome(failed=[(seq, StageError(node.name, item, exc)) for seq, item in batch])
 
 
 class Emitter(Protocol):
@@ -39,6 +41,10 @@ class Emitter(Protocol):
 
     async def aemit(self, outcome: Outcome) -> None:
         """The awaitable twin of :meth:`emit`."""
+        ...
+
+    def restarted(self) -> None:
+        """Count one replacement of this worker (after a crash or a timeout)."""
         ...
 
     def done(self) -> None:
@@ -70,5 +76,7 @@ class WorkerBackend(Protocol):
     """A backend module: starts the workers of one stage."""
 
     def start(
-        self, node: Node, inbox: Channel[Envelope], emitter: Emitter, env: RunEnv
-    ) -> WorkerGroup: ...
+        self, node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter], env: RunEnv
+    ) -> WorkerGroup:
+        """Start one worker per emitter; each worker calls its emitter's ``done`` once."""
+        ...

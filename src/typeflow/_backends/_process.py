@@ -20,6 +20,7 @@ so after the first run a worker starts in a few milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -28,12 +29,20 @@ import time
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
+from collections.abc import Sequence
 from typing import Final, TypeAlias, cast
 
 from typeflow._backends._base import Emitter, RunEnv, fail_batch
-from typeflow._backends._process_child import RawFailure, child_main
+from typeflow._backends._process_child import RawFailure, Reply, child_main
 from typeflow._backends._wire import recv, send
-from typeflow._errors import DefinitionError, RemoteTraceback, StageError, WorkerCrashed
+from typeflow._errors import (
+    DefinitionError,
+    RemoteTraceback,
+    StageError,
+    StageTimeout,
+    WorkerCrashed,
+)
+from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
 from typeflow._runtime._kernel import Envelope, Failed, Node, Outcome
 
@@ -57,7 +66,7 @@ def mp_context() -> _Context:
             )
             if method == "forkserver":
                 server = multiprocessing.get_context("forkserver")
-                server.set_forkserver_preload(["typeflow._backends._process_child"])
+                server.set_forkserver_preload(["typeflow._backends._process_child", "cloudpickle"])
                 _context = server
             elif method == "spawn":
                 _context = multiprocessing.get_context("spawn")
@@ -71,11 +80,11 @@ def mp_context() -> _Context:
         return _context
 
 
-#: What a worker process sends back for a batch.
-_Reply: TypeAlias = tuple[list[Envelope], list[RawFailure]]
-
-
 class _Cancelled(Exception):
+    pass
+
+
+class _Unpicklable(Exception):
     pass
 
 
@@ -91,15 +100,18 @@ class _Pump:
         index: int,
     ) -> None:
         self._node = node
+        self._options = node.options
+        # A plain function's timeout is enforced here, by killing the worker;
+        # an async function's by the kernel, which cancels the call.
+        self._timeout = node.options.timeout if not node.kernel.is_async else None
         self._kernel_bytes = kernel_bytes
         self._inbox = inbox
         self._emitter = emitter
         self._index = index
-        self._cancelled = False
+        self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
-        self.restarts = 0
         self.thread = threading.Thread(
             target=self._main, name=f"typeflow:{node.name}:{index}", daemon=True
         )
@@ -116,7 +128,7 @@ class _Pump:
             daemon=True,
         )
         with self._lock:
-            if self._cancelled:
+            if self._cancelled.is_set():
                 parent.close()
                 child.close()
                 raise _Cancelled
@@ -124,39 +136,37 @@ class _Pump:
             self._proc, self._conn = proc, parent
         child.close()
 
-    def _stop_worker(self, *, kill: bool) -> None:
+    def _stop_worker(self, *, kill: bool) -> int | None:
+        """Stop the worker process (politely unless ``kill``); returns its exit code."""
         with self._lock:
             proc, conn = self._proc, self._conn
             self._proc = self._conn = None
         if proc is None or conn is None:
-            return
+            return None
         if not kill:
-            try:
+            with contextlib.suppress(OSError):
                 send(conn, None)
-            except OSError:
-                pass
             proc.join(1.0)
         if proc.is_alive():
             proc.kill()
         proc.join(1.0)
         conn.close()
+        return proc.exitcode
 
     def cancel(self) -> None:
         with self._lock:
-            self._cancelled = True
+            self._cancelled.set()
             proc = self._proc
         if proc is not None and proc.pid is not None and proc.exitcode is None:
-            try:
+            with contextlib.suppress(OSError):
                 proc.kill()
-            except OSError:
-                pass
 
     # -- the pump ------------------------------------------------------------
 
     def _main(self) -> None:
         try:
-            limit = BATCH_LIMIT
-            share = self._node.options.workers
+            limit = 1 if self._timeout is not None else BATCH_LIMIT
+            share = self._options.workers
             while True:
                 batch = self._inbox.get_many(limit, share)
                 try:
@@ -169,29 +179,37 @@ class _Pump:
         except (EndOfChannel, ChannelAborted, _Cancelled):
             pass
         finally:
-            self._stop_worker(kill=self._cancelled)
+            self._stop_worker(kill=self._cancelled.is_set())
             self._emitter.done()
 
     def _roundtrip(self, batch: list[Envelope]) -> Outcome:
         unsendable: list[Failed] = []
-        reply: _Reply | None
         try:
             reply = self._exchange(batch)
         except _Unpicklable:
             batch, unsendable = self._split_unpicklable(batch)
-            reply = self._exchange(batch) if batch else ([], [])
-        if reply is None:
-            return self._after_crash(batch, unsendable)
-        ok, raw = reply
-        return ok, self._failures(batch, raw) + unsendable
+            if not batch:
+                return Outcome(failed=unsendable)
+            reply = self._exchange(batch)
+        if isinstance(reply, BaseException):
+            outcome = self._retry_alone(batch, reply)
+        else:
+            ok, raw, retries = reply
+            outcome = Outcome(ok, self._failures(batch, raw), retries)
+        outcome.failed += unsendable
+        return outcome
 
-    def _exchange(self, batch: list[Envelope]) -> _Reply | None:
-        """Send a batch and wait for the reply; None if the worker died meanwhile."""
+    def _exchange(self, batch: list[Envelope]) -> Reply | BaseException:
+        """Send a batch and wait for the reply, the worker's death or the deadline.
+
+        Returns the reply, or the error that ended the worker (which is then gone).
+        """
         if self._proc is None:
             self._spawn()
         proc, conn = self._proc, self._conn
         if proc is None or conn is None:
             raise _Cancelled
+        timed_out = False
         try:
             try:
                 send(conn, batch)
@@ -199,46 +217,59 @@ class _Pump:
                 raise
             except Exception as exc:  # noqa: BLE001 - pickling failed before anything was sent
                 raise _Unpicklable from exc
-            ready = wait([conn, proc.sentinel])
+            ready = wait([conn, proc.sentinel], self._timeout)
             if conn in ready:
-                return cast(_Reply, recv(conn))
+                return cast(Reply, recv(conn))
+            timed_out = not ready
         except (OSError, EOFError):
             pass
-        if self._cancelled:
+        if self._cancelled.is_set():
             raise _Cancelled
-        return None
-
-    def _after_crash(self, batch: list[Envelope], unsendable: list[Failed]) -> Outcome:
-        proc = self._proc
-        exitcode: int | None = None
-        if proc is not None:
-            proc.join(1.0)  # it is dead or dying: collect its exit status
-            exitcode = proc.exitcode
-        self._stop_worker(kill=True)
-        self.restarts += 1
+        exitcode = self._stop_worker(kill=True)
+        self._emitter.restarted()
         name = self._node.name
-        if len(batch) == 1:
-            seq, item = batch[0]
-            crash = StageError(name, item, WorkerCrashed(name, exitcode))
-            return [], [(seq, crash), *unsendable]
-        # Several items were in the dead worker: find the one that kills it.
-        ok: list[Envelope] = []
-        failed: list[Failed] = list(unsendable)
-        for envelope in batch:
-            more_ok, more_failed = self._roundtrip([envelope])
-            ok += more_ok
-            failed += more_failed
-        return ok, failed
+        if timed_out:
+            assert self._timeout is not None
+            return StageTimeout(name, self._timeout)
+        return WorkerCrashed(name, exitcode)
+
+    def _retry_alone(self, batch: list[Envelope], error: BaseException) -> Outcome:
+        """The worker died (or timed out) holding ``batch``: run each item on its own."""
+        if len(batch) > 1:  # find the item that kills workers; the others may run twice
+            outcome = Outcome()
+            for envelope in batch:
+                more = self._roundtrip([envelope])
+                outcome.ok += more.ok
+                outcome.failed += more.failed
+                outcome.retries += more.retries
+            return outcome
+        (seq, item), attempt = batch[0], 1
+        while self._options.should_retry(error, attempt):
+            if self._cancelled.wait(retry.delay(self._options, attempt)):
+                raise _Cancelled
+            attempt += 1
+            reply = self._exchange(batch)
+            if not isinstance(reply, BaseException):
+                ok, raw, retries = reply
+                failed = self._failures(batch, raw)
+                for _, err in failed:
+                    err.attempts += attempt - 1
+                return Outcome(ok, failed, retries + attempt - 1)
+            error = reply
+        failure = StageError(self._node.name, item, error, attempts=attempt)
+        return Outcome(failed=[(seq, failure)], retries=attempt - 1)
 
     def _failures(self, batch: list[Envelope], raw: list[RawFailure]) -> list[Failed]:
         if not raw:
             return []
         items = dict(batch)
         failed: list[Failed] = []
-        for seq, exc, text in raw:
+        for seq, exc, text, attempts in raw:
             if text:
                 exc.__cause__ = RemoteTraceback(text)
-            failed.append((seq, StageError(self._node.name, items.get(seq), exc)))
+            failed.append(
+                (seq, StageError(self._node.name, items.get(seq), exc, attempts=attempts))
+            )
         return failed
 
     def _split_unpicklable(self, batch: list[Envelope]) -> tuple[list[Envelope], list[Failed]]:
@@ -258,19 +289,11 @@ class _Pump:
         return good, bad
 
 
-class _Unpicklable(Exception):
-    pass
-
-
 class ProcessGroup:
     """The pumps and worker processes of one stage."""
 
     def __init__(self, pumps: list[_Pump]) -> None:
         self.pumps = pumps
-
-    @property
-    def restarts(self) -> int:
-        return sum(p.restarts for p in self.pumps)
 
     def cancel(self) -> None:
         for pump in self.pumps:
@@ -283,7 +306,9 @@ class ProcessGroup:
         return not any(p.thread.is_alive() for p in self.pumps)
 
 
-def start(node: Node, inbox: Channel[Envelope], emitter: Emitter, env: RunEnv) -> ProcessGroup:
+def start(
+    node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter], env: RunEnv
+) -> ProcessGroup:
     import cloudpickle
 
     try:
@@ -294,7 +319,7 @@ def start(node: Node, inbox: Channel[Envelope], emitter: Emitter, env: RunEnv) -
             f"({type(exc).__name__}: {exc}); use backend='thread', or make the function "
             "and what it captures picklable"
         ) from exc
-    pumps = [_Pump(node, kernel_bytes, inbox, emitter, i) for i in range(node.options.workers)]
+    pumps = [_Pump(node, kernel_bytes, inbox, e, i) for i, e in enumerate(emitters)]
     for pump in pumps:
         pump.thread.start()
     return ProcessGroup(pumps)

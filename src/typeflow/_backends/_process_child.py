@@ -8,12 +8,15 @@ import traceback
 from multiprocessing.connection import Connection
 
 from typeflow._backends._wire import recv, send
-from typeflow._runtime._kernel import Envelope, Failed, Kernel, WorkerContext
+from typeflow._runtime._kernel import Envelope, Kernel, Outcome, WorkerContext
 
-__all__ = ["RawFailure", "child_main"]
+__all__ = ["RawFailure", "Reply", "child_main"]
 
-#: A failure as it crosses back to the parent: position, exception, formatted traceback.
-RawFailure = tuple[int, BaseException, str]
+#: A failure as it crosses back to the parent: position, exception, formatted
+#: traceback, number of tries.
+RawFailure = tuple[int, BaseException, str, int]
+#: What a worker process sends back for a batch: successes, failures, extra tries.
+Reply = tuple[list[Envelope], list[RawFailure], int]
 
 
 def child_main(conn: Connection, kernel_bytes: bytes, index: int) -> None:
@@ -30,17 +33,18 @@ def child_main(conn: Connection, kernel_bytes: bytes, index: int) -> None:
             if batch is None:
                 break
             assert isinstance(batch, list)
-            ok, failed = kernel.process(batch, ctx)  # pyright: ignore[reportUnknownArgumentType]
-            _reply(conn, kernel.name, ok, failed)
+            outcome = kernel.process(batch, ctx)  # pyright: ignore[reportUnknownArgumentType]
+            _reply(conn, kernel.name, outcome)
     finally:
         ctx.close()
         conn.close()
 
 
-def _reply(conn: Connection, stage: str, ok: list[Envelope], failed: list[Failed]) -> None:
-    raw = [_raw_failure(seq, err.exception) for seq, err in failed]
+def _reply(conn: Connection, stage: str, outcome: Outcome) -> None:
+    ok, retries = outcome.ok, outcome.retries
+    raw = [_raw_failure(seq, err.exception, err.attempts) for seq, err in outcome.failed]
     try:
-        send(conn, (ok, raw))
+        send(conn, (ok, raw, retries))
         return
     except Exception:  # noqa: BLE001 - some result does not pickle: find which
         pass
@@ -54,16 +58,16 @@ def _reply(conn: Connection, stage: str, ok: list[Envelope], failed: list[Failed
                 f"process ({type(exc).__name__}: {exc}); return plain data, or use "
                 "backend='thread'"
             )
-            raw.append((seq, problem, ""))
+            raw.append((seq, problem, "", 1))
         else:
             kept.append((seq, value))
-    send(conn, (kept, raw))
+    send(conn, (kept, raw, retries))
 
 
-def _raw_failure(seq: int, exc: BaseException) -> RawFailure:
+def _raw_failure(seq: int, exc: BaseException, attempts: int) -> RawFailure:
     text = "".join(traceback.format_exception(exc))
     try:
         pickle.loads(pickle.dumps(exc, protocol=5))
     except Exception:  # noqa: BLE001 - the exception itself does not survive pickling
         exc = RuntimeError(f"{type(exc).__qualname__}: {exc} (the exception could not be pickled)")
-    return (seq, exc, text)
+    return (seq, exc, text, attempts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from collections.abc import Sequence
 
 from typeflow._backends._base import Emitter, RunEnv, fail_batch
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
@@ -53,13 +54,15 @@ async def _work(node: Node, inbox: Channel[Envelope], emitter: Emitter, index: i
         emitter.done()
 
 
-async def _supervise(node: Node, inbox: Channel[Envelope], emitter: Emitter) -> None:
+async def _supervise(node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter]) -> None:
     async with asyncio.TaskGroup() as group:
-        for i in range(node.options.workers):
+        for i, emitter in enumerate(emitters):
             group.create_task(_work(node, inbox, emitter, i), name=f"typeflow:{node.name}:{i}")
 
 
-def start(node: Node, inbox: Channel[Envelope], emitter: Emitter, env: RunEnv) -> TaskGroup:
+def start(
+    node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter], env: RunEnv
+) -> TaskGroup:
     loop = env.event_loop()
-    future = asyncio.run_coroutine_threadsafe(_supervise(node, inbox, emitter), loop)
+    future = asyncio.run_coroutine_threadsafe(_supervise(node, inbox, emitters), loop)
     return TaskGroup(future, loop)

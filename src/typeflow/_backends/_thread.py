@@ -1,13 +1,26 @@
-"""``backend="thread"``: one thread per worker."""
+"""``backend="thread"``: one thread per worker.
+
+A thread cannot be killed.  When a stage has a ``timeout`` and its function is
+a plain (sync) function, a watchdog thread sleeps until the earliest deadline of
+the calls in progress.  A call past its deadline is *abandoned*: its item comes
+out as a :class:`~typeflow.StageTimeout` failure (or is tried again, if the
+stage retries timeouts), a new thread takes the worker's place, and the stuck
+thread, whenever its call returns, drops the result and ends.  ``async def``
+functions are cancelled at their timeout instead (see the kernel).
+"""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from typeflow._backends._base import Emitter, RunEnv, fail_batch
+from typeflow._errors import StageError, StageTimeout
+from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Node, WorkerContext
+from typeflow._runtime._kernel import Envelope, Node, Outcome, WorkerContext
 
 __all__ = ["BATCH_LIMIT", "ThreadGroup", "start"]
 
@@ -15,53 +28,187 @@ __all__ = ["BATCH_LIMIT", "ThreadGroup", "start"]
 BATCH_LIMIT = 256
 
 
-class ThreadGroup:
-    """The worker threads of one stage."""
+@dataclass(eq=False)
+class _Call:
+    """One call under a deadline."""
 
-    def __init__(self, threads: list[threading.Thread]) -> None:
-        self.threads = threads
+    envelope: Envelope
+    attempt: int
+    deadline: float
+    abandoned: bool = False
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One worker position; a new thread takes it over when a call is abandoned."""
+
+    index: int
+    emitter: Emitter
+    thread: threading.Thread | None = None
+    call: _Call | None = None
+    retired: list[threading.Thread] = field(default_factory=list[threading.Thread])
+
+
+class ThreadGroup:
+    """The worker threads of one stage (and its watchdog, when calls have a deadline)."""
+
+    def __init__(self, node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter]) -> None:
+        self._node = node
+        self._inbox = inbox
+        self._timeout = node.options.timeout if not node.kernel.is_async else None
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._slots = [_Slot(i, e) for i, e in enumerate(emitters)]
+        self._watchdog: threading.Thread | None = None
+
+    def start(self) -> None:
+        for slot in self._slots:
+            self._launch(slot, None)
+        if self._timeout is not None:
+            self._watchdog = threading.Thread(
+                target=self._watch, name=f"typeflow:{self._node.name}:watchdog", daemon=True
+            )
+            self._watchdog.start()
+
+    def _launch(self, slot: _Slot, first: tuple[_Call, BaseException] | None) -> None:
+        thread = threading.Thread(
+            target=self._work,
+            args=(slot, first),
+            name=f"typeflow:{self._node.name}:{slot.index}",
+            daemon=True,
+        )
+        slot.thread = thread
+        thread.start()
+
+    # -- workers -------------------------------------------------------------
+
+    def _work(self, slot: _Slot, first: tuple[_Call, BaseException] | None) -> None:
+        node, inbox, emitter = self._node, self._inbox, slot.emitter
+        kernel = node.kernel
+        share = node.options.workers
+        limit = 1 if self._timeout is not None else BATCH_LIMIT
+        ctx = WorkerContext(slot.index)
+        replaced = False
+        try:
+            if first is not None:  # take over from a thread whose call timed out
+                call, error = first
+                taken_over = self._after_timeout(slot, call, error, ctx)
+                if taken_over is None:
+                    replaced = True
+                    return
+                emitter.emit(taken_over)
+            while True:
+                batch = inbox.get_many(limit, share)
+                if self._timeout is None:
+                    try:
+                        outcome = kernel.process(batch, ctx)
+                    except Exception as exc:  # noqa: BLE001 - not an item's error: fail the batch
+                        outcome = fail_batch(node, batch, exc)
+                else:
+                    result = self._timed(slot, batch[0], 1, ctx)
+                    if result is None:
+                        replaced = True
+                        return
+                    outcome = result
+                emitter.emit(outcome)
+        except (EndOfChannel, ChannelAborted):
+            pass
+        finally:
+            ctx.close()
+            if not replaced:
+                emitter.done()
+
+    def _timed(
+        self, slot: _Slot, envelope: Envelope, attempt: int, ctx: WorkerContext
+    ) -> Outcome | None:
+        """Run one call under the deadline; None if it was abandoned meanwhile."""
+        assert self._timeout is not None
+        call = _Call(envelope, attempt, time.monotonic() + self._timeout)
+        with self._cond:
+            slot.call = call
+            self._cond.notify()
+        try:
+            outcome = self._node.kernel.process([envelope], ctx)
+        except Exception as exc:  # noqa: BLE001 - not an item's error: fail the batch
+            outcome = fail_batch(self._node, [envelope], exc)
+        with self._cond:
+            if call.abandoned:
+                return None
+            slot.call = None
+        if attempt > 1:
+            outcome.retries += attempt - 1
+            for _, error in outcome.failed:
+                error.attempts += attempt - 1
+        return outcome
+
+    def _after_timeout(
+        self, slot: _Slot, call: _Call, error: BaseException, ctx: WorkerContext
+    ) -> Outcome | None:
+        """The first job of a replacement thread: retry the timed-out item, or fail it.
+
+        None means the retry timed out too (and the next replacement carries on).
+        """
+        options = self._node.options
+        envelope = call.envelope
+        if options.should_retry(error, call.attempt):
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopped, retry.delay(options, call.attempt))
+                if self._stopped:
+                    raise ChannelAborted
+            return self._timed(slot, envelope, call.attempt + 1, ctx)
+        seq, item = envelope
+        failure = StageError(self._node.name, item, error, attempts=call.attempt)
+        return Outcome(failed=[(seq, failure)], retries=call.attempt - 1)
+
+    # -- watchdog ------------------------------------------------------------
+
+    def _watch(self) -> None:
+        assert self._timeout is not None
+        timeout = self._timeout
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                calls = [s.call for s in self._slots if s.call is not None]
+                expired = [s for s in self._slots if s.call is not None and s.call.deadline <= now]
+                for slot in expired:
+                    call = slot.call
+                    assert call is not None
+                    call.abandoned = True
+                    slot.call = None
+                    if slot.thread is not None:
+                        slot.retired.append(slot.thread)
+                    slot.emitter.restarted()
+                    self._launch(slot, (call, StageTimeout(self._node.name, timeout)))
+                if expired:
+                    continue
+                next_deadline = min((c.deadline for c in calls), default=None)
+                self._cond.wait(None if next_deadline is None else next_deadline - now)
+
+    # -- WorkerGroup -----------------------------------------------------------
 
     def cancel(self) -> None:
-        # Threads cannot be interrupted: the aborted channels stop each one as
-        # soon as its current batch is done.
-        pass
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
 
     def join(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        for t in self.threads:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        threads = [s.thread for s in self._slots if s.thread is not None]
+        if self._watchdog is not None:
+            threads.append(self._watchdog)
+        for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self.threads)
+        # Abandoned threads are stuck in user code and cannot be stopped: they
+        # are daemon threads and end when their call returns.
+        return not any(t.is_alive() for t in threads)
 
 
-def _work(node: Node, inbox: Channel[Envelope], emitter: Emitter, index: int) -> None:
-    kernel = node.kernel
-    share = node.options.workers
-    ctx = WorkerContext(index)
-    try:
-        while True:
-            batch = inbox.get_many(BATCH_LIMIT, share)
-            try:
-                outcome = kernel.process(batch, ctx)
-            except Exception as exc:  # noqa: BLE001 - not an item's error: fail the batch
-                outcome = fail_batch(node, batch, exc)
-            emitter.emit(outcome)
-    except (EndOfChannel, ChannelAborted):
-        pass
-    finally:
-        ctx.close()
-        emitter.done()
-
-
-def start(node: Node, inbox: Channel[Envelope], emitter: Emitter, env: RunEnv) -> ThreadGroup:
-    threads = [
-        threading.Thread(
-            target=_work,
-            args=(node, inbox, emitter, i),
-            name=f"typeflow:{node.name}:{i}",
-            daemon=True,
-        )
-        for i in range(node.options.workers)
-    ]
-    for t in threads:
-        t.start()
-    return ThreadGroup(threads)
+def start(
+    node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter], env: RunEnv
+) -> ThreadGroup:
+    group = ThreadGroup(node, inbox, emitters)
+    group.start()
+    return group

@@ -108,6 +108,7 @@ class Channel(Generic[T]):
         "_lock",
         "_producers",
         "_putters",
+        "taken",
     )
 
     def __init__(self, capacity: int, producers: int = 1) -> None:
@@ -120,6 +121,8 @@ class Channel(Generic[T]):
         self._aborted = False
         self._getters: deque[_Waiter] = deque()
         self._putters: deque[_Waiter] = deque()
+        #: How many items consumers have taken so far.
+        self.taken = 0
 
     # -- state ---------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class Channel(Generic[T]):
             items.clear()
         else:
             batch = [items.popleft() for _ in range(n)]
+        self.taken += n
         if self._putters and len(items) < self._capacity:
             self._putters.popleft().wake()
         if items and self._getters:

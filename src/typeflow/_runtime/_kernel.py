@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from typeflow._errors import StageError
 from typeflow._options import StageOptions
+from typeflow._runtime import _retry as retry
 
 __all__ = ["Envelope", "Failed", "Kernel", "MapKernel", "Node", "Outcome", "WorkerContext"]
 
@@ -23,8 +24,16 @@ __all__ = ["Envelope", "Failed", "Kernel", "MapKernel", "Node", "Outcome", "Work
 Envelope: TypeAlias = tuple[int, object]
 #: A failed item: its position in the input, and the error.
 Failed: TypeAlias = tuple[int, StageError]
-#: What a kernel makes of a batch: the envelopes that go on, and the failures.
-Outcome: TypeAlias = tuple[list[Envelope], list[Failed]]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a kernel makes of a batch: the envelopes that go on, the failures,
+    and how many extra tries (retries) it took."""
+
+    ok: list[Envelope] = field(default_factory=list[Envelope])
+    failed: list[Failed] = field(default_factory=list[Failed])
+    retries: int = 0
 
 
 class WorkerContext:
@@ -70,45 +79,81 @@ class Kernel:
 
 
 class MapKernel(Kernel):
-    """One output per input: ``fn(item)``, awaited when ``fn`` is ``async def``."""
+    """One output per input: ``fn(item)``, awaited when ``fn`` is ``async def``.
 
-    __slots__ = ("fn",)
+    A failing call is retried in place when the stage asks for retries.  The
+    timeout of an ``async def`` function is applied here, by cancelling the
+    call; a plain function's timeout is the backend's business (it cannot be
+    interrupted from inside its own thread).
+    """
 
-    def __init__(self, name: str, fn: Callable[[Any], Any], is_async: bool) -> None:
+    __slots__ = ("fn", "options")
+
+    def __init__(
+        self, name: str, fn: Callable[[Any], Any], is_async: bool, options: StageOptions
+    ) -> None:
         super().__init__(name, is_async)
         self.fn = fn
+        self.options = options
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (MapKernel, (self.name, self.fn, self.is_async))
+        return (MapKernel, (self.name, self.fn, self.is_async, self.options))
 
     def process(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
-        fn = self.fn
-        ok: list[Envelope] = []
-        failed: list[Failed] = []
         if self.is_async:
-            for seq, item in batch:
-                try:
-                    ok.append((seq, ctx.run_coroutine(fn(item))))
-                except Exception as exc:  # noqa: BLE001 - becomes this item's Failure
-                    failed.append((seq, StageError(self.name, item, exc)))
-        else:
-            for seq, item in batch:
-                try:
-                    ok.append((seq, fn(item)))
-                except Exception as exc:  # noqa: BLE001 - becomes this item's Failure
-                    failed.append((seq, StageError(self.name, item, exc)))
-        return ok, failed
-
-    async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
+            return self._each(batch, lambda item: ctx.run_coroutine(self._acall(item)))
+        if self.options.retries:
+            return self._each(batch, lambda item: retry.call(self.fn, item, self.options))
         fn = self.fn
-        ok: list[Envelope] = []
-        failed: list[Failed] = []
+        out = Outcome()
+        ok, failed = out.ok, out.failed
         for seq, item in batch:
             try:
-                ok.append((seq, await fn(item)))
-            except Exception as exc:  # noqa: BLE001 - becomes this item's Failure
+                ok.append((seq, fn(item)))
+            except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
                 failed.append((seq, StageError(self.name, item, exc)))
-        return ok, failed
+        return out
+
+    def _each(self, batch: list[Envelope], call: Callable[[object], Any]) -> Outcome:
+        out = Outcome()
+        for seq, item in batch:
+            try:
+                value, attempts = call(item)
+            except retry.Exhausted as exhausted:
+                out.retries += exhausted.attempts - 1
+                error = StageError(
+                    self.name, item, exhausted.exception, attempts=exhausted.attempts
+                )
+                out.failed.append((seq, error))
+            except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
+                out.failed.append((seq, StageError(self.name, item, exc)))
+            else:
+                out.retries += attempts - 1
+                out.ok.append((seq, value))
+        return out
+
+    async def _acall(self, item: object) -> tuple[object, int]:
+        return await retry.acall(self.fn, item, self.options, self.name)
+
+    async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
+        out = Outcome()
+        for seq, item in batch:
+            try:
+                value, attempts = await self._acall(item)
+            except retry.Exhausted as exhausted:
+                out.retries += exhausted.attempts - 1
+                error = StageError(
+                    self.name, item, exhausted.exception, attempts=exhausted.attempts
+                )
+                out.failed.append((seq, error))
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
+                out.failed.append((seq, StageError(self.name, item, exc)))
+            else:
+                out.retries += attempts - 1
+                out.ok.append((seq, value))
+        return out
 
 
 @dataclass(frozen=True, slots=True)

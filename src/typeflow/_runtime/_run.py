@@ -39,9 +39,10 @@ from typing_extensions import Self
 
 from typeflow._backends import _process, _task, _thread
 from typeflow._backends._base import WorkerBackend, WorkerGroup
-from typeflow._errors import DefinitionError, StageError
+from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
 from typeflow._runtime._kernel import Envelope, Node, Outcome
+from typeflow._runtime._stats import Counters, RunStatistics, StageStatistics
 
 __all__ = ["AsyncRun", "Run", "RunCore", "default_window"]
 
@@ -80,35 +81,50 @@ def default_window(nodes: tuple[Node, ...]) -> int:
 
 
 class _Emitter:
-    """Routes a worker's outcomes: successes onward, failures to the outbox."""
+    """One worker's way out: successes onward, failures to the outbox, and its counters."""
 
-    __slots__ = ("_next", "_outbox")
+    __slots__ = ("_next", "_outbox", "counters")
 
     def __init__(self, next_inbox: Channel[Envelope] | None, outbox: Channel[Entry]) -> None:
         self._next = next_inbox
         self._outbox = outbox
+        self.counters = Counters()
 
-    def _entries(self, outcome: Outcome) -> tuple[list[Envelope], list[Entry]]:
-        ok, failed = outcome
-        entries: list[Entry] = [(seq, False, err) for seq, err in failed]
+    def _route(self, outcome: Outcome) -> tuple[list[Envelope], list[Entry]]:
+        ok, failed = outcome.ok, outcome.failed
+        counters = self.counters
+        counters.succeeded += len(ok)
+        counters.retried += outcome.retries
+        entries: list[Entry] = []
+        if failed:
+            counters.failed += len(failed)
+            for seq, err in failed:
+                if isinstance(err.exception, StageTimeout):
+                    counters.timed_out += 1
+                elif isinstance(err.exception, WorkerCrashed):
+                    counters.crashed += 1
+                entries.append((seq, False, err))
         if self._next is None:
             entries.extend([(seq, True, value) for seq, value in ok])
             ok = []
         return ok, entries
 
     def emit(self, outcome: Outcome) -> None:
-        ok, entries = self._entries(outcome)
+        ok, entries = self._route(outcome)
         if ok and self._next is not None:
             self._next.put_many(ok)
         if entries:
             self._outbox.put_many(entries)
 
     async def aemit(self, outcome: Outcome) -> None:
-        ok, entries = self._entries(outcome)
+        ok, entries = self._route(outcome)
         if ok and self._next is not None:
             await self._next.aput_many(ok)
         if entries:
             await self._outbox.aput_many(entries)
+
+    def restarted(self) -> None:
+        self.counters.restarts += 1
 
     def done(self) -> None:
         (self._outbox if self._next is None else self._next).producer_done()
@@ -167,6 +183,9 @@ class RunCore:
         )
         self.window: Channel[None] = Channel(self.window_size)
         self.input_error: BaseException | None = None
+        self.items_read = 0
+        self.started_at = 0.0
+        self._emitters: list[list[_Emitter]] = []
         self._groups: list[WorkerGroup] = []
         self._loop: _LoopThread | None = None
         self._loop_lock = threading.Lock()
@@ -194,13 +213,15 @@ class RunCore:
         if self._started:
             raise RuntimeError("a run can be started once")
         self._started = True
+        self.started_at = time.monotonic()
         _live_runs.add(self)
         try:
             for i, node in enumerate(self.nodes):
                 nxt = self.inboxes[i + 1] if i + 1 < len(self.nodes) else None
-                emitter = _Emitter(nxt, self.outbox)
+                emitters = [_Emitter(nxt, self.outbox) for _ in range(node.options.workers)]
+                self._emitters.append(emitters)
                 backend = _BACKENDS[node.options.backend]
-                self._groups.append(backend.start(node, self.inboxes[i], emitter, self))
+                self._groups.append(backend.start(node, self.inboxes[i], emitters, self))
             if isinstance(items, AsyncIterable):
                 coro = self._feed_async(items)
                 if caller_loop:
@@ -226,6 +247,7 @@ class RunCore:
             for seq, item in enumerate(items):
                 window.put_many(ticket)
                 inbox.put_many([(seq, item)])
+                self.items_read = seq + 1
         except ChannelAborted:
             pass
         except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
@@ -242,12 +264,46 @@ class RunCore:
                 await window.aput_many(ticket)
                 await inbox.aput_many([(seq, item)])
                 seq += 1
+                self.items_read = seq
         except (ChannelAborted, asyncio.CancelledError):
             pass
         except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
             self.input_error = exc
         finally:
             inbox.producer_done()
+
+    def statistics(self, succeeded: int, failed: int) -> RunStatistics:
+        """A snapshot; ``succeeded`` and ``failed`` are the results yielded so far."""
+        stages: list[StageStatistics] = []
+        for node, inbox, emitters in zip(self.nodes, self.inboxes, self._emitters, strict=True):
+            total = Counters()
+            for emitter in emitters:
+                c = emitter.counters
+                for field in Counters.__slots__:
+                    setattr(total, field, getattr(total, field) + getattr(c, field))
+            stages.append(
+                StageStatistics(
+                    name=node.name,
+                    backend=node.options.backend,
+                    workers=node.options.workers,
+                    items_in=inbox.taken,
+                    succeeded=total.succeeded,
+                    failed=total.failed,
+                    retried=total.retried,
+                    timed_out=total.timed_out,
+                    crashed=total.crashed,
+                    restarts=total.restarts,
+                    queued=len(inbox),
+                )
+            )
+        return RunStatistics(
+            items_read=self.items_read,
+            succeeded=succeeded,
+            failed=failed,
+            in_flight=self.items_read - succeeded - failed,
+            elapsed=time.monotonic() - self.started_at if self.started_at else 0.0,
+            stages=tuple(stages),
+        )
 
     # -- stopping ------------------------------------------------------------
 
@@ -280,10 +336,12 @@ class RunCore:
 class _Collector(Generic[Out]):
     """Turns outbox entries into ``Result``s, in input order when asked."""
 
-    __slots__ = ("_core", "_done", "_next_seq", "_pending", "_ready")
+    __slots__ = ("_core", "_done", "_next_seq", "_pending", "_ready", "failed", "succeeded")
 
     def __init__(self, core: RunCore) -> None:
         self._core = core
+        self.succeeded = 0
+        self.failed = 0
         self._ready: deque[Entry] = deque()
         self._pending: dict[int, Entry] = {}
         self._next_seq = 0
@@ -295,6 +353,7 @@ class _Collector(Generic[Out]):
             for _, ok, payload in entries:
                 if not ok:
                     core.shutdown()
+                    self.failed += 1
                     raise cast(StageError, payload)
         before = len(self._ready)
         if not core.ordered:
@@ -321,7 +380,9 @@ class _Collector(Generic[Out]):
             return None
         _, ok, payload = self._ready.popleft()
         if ok:
+            self.succeeded += 1
             return Success(cast(Out, payload))
+        self.failed += 1
         return Failure(cast(StageError, payload))
 
     def close(self) -> None:
@@ -396,6 +457,12 @@ class Run(Iterator[Result[Out, StageError]], Generic[Out]):
         """Stop the run now: every worker is stopped and joined."""
         self._collector.close()
 
+    def statistics(self) -> RunStatistics:
+        """Per-stage counters so far: items in, succeeded, failed, retried, timed out,
+        crashed, workers restarted.  Safe to call at any time, also after the run."""
+        c = self._collector
+        return self._core.statistics(c.succeeded, c.failed)
+
     def __enter__(self) -> Self:
         return self
 
@@ -469,6 +536,12 @@ class AsyncRun(AsyncIterator[Result[Out, StageError]], Generic[Out]):
     async def aclose(self) -> None:
         """Stop the run now: every worker is stopped and joined."""
         await asyncio.to_thread(self._collector.close)
+
+    def statistics(self) -> RunStatistics:
+        """Per-stage counters so far: items in, succeeded, failed, retried, timed out,
+        crashed, workers restarted.  Safe to call at any time, also after the run."""
+        c = self._collector
+        return self._core.statistics(c.succeeded, c.failed)
 
     async def __aenter__(self) -> Self:
         return self

@@ -1,0 +1,106 @@
+"""Retries: which failures are tried again, and how long to wait in between.
+
+The waiting policy is tenacity's exponential backoff with jitter; it is
+imported only by stages that ask for retries.  Retries of a call that raised
+happen in place, in the worker that made the call.  Retries of a call whose
+worker crashed or timed out are made by the backend that noticed it, with the
+same policy (:func:`delay`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from typeflow._errors import StageTimeout
+from typeflow._options import StageOptions
+
+__all__ = ["Exhausted", "acall", "call", "delay"]
+
+
+class Exhausted(Exception):
+    """The last try failed: the original exception and how many tries were made."""
+
+    def __init__(self, exception: BaseException, attempts: int) -> None:
+        super().__init__(exception, attempts)
+        self.exception = exception
+        self.attempts = attempts
+
+
+def delay(options: StageOptions, attempt: int) -> float:
+    """Seconds to wait after failed try number ``attempt`` (1 for the first)."""
+    import tenacity
+
+    wait = tenacity.wait_exponential_jitter(
+        initial=options.backoff, max=options.max_backoff, jitter=options.backoff
+    )
+    state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+    state.attempt_number = attempt
+    return float(wait(state))
+
+
+def call(fn: Callable[[Any], Any], item: object, options: StageOptions) -> tuple[object, int]:
+    """``fn(item)`` with the stage's retries; returns the value and the number of tries.
+
+    Raises:
+        Exhausted: every try failed (or the failure is not one to retry).
+    """
+    import tenacity
+
+    attempts = 0
+    try:
+        for attempt in tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(options.retries + 1),
+            wait=tenacity.wait_exponential_jitter(
+                initial=options.backoff, max=options.max_backoff, jitter=options.backoff
+            ),
+            retry=tenacity.retry_if_exception_type(options.retry_on),
+            reraise=True,
+        ):
+            with attempt:
+                attempts += 1
+                return fn(item), attempts
+    except Exception as exc:  # noqa: BLE001 - the caller turns it into the item's Failure
+        raise Exhausted(exc, attempts) from exc
+    raise AssertionError("unreachable: tenacity either returns or raises")
+
+
+async def acall(
+    fn: Callable[[Any], Coroutine[Any, Any, Any]], item: object, options: StageOptions, name: str
+) -> tuple[object, int]:
+    """``await fn(item)`` with the stage's timeout (per try) and retries."""
+
+    async def once() -> object:
+        if options.timeout is None:
+            return await fn(item)
+        try:
+            async with asyncio.timeout(options.timeout):
+                return await fn(item)
+        except TimeoutError as exc:
+            raise StageTimeout(name, options.timeout) from exc
+
+    if options.retries == 0:
+        try:
+            return await once(), 1
+        except Exception as exc:  # noqa: BLE001 - the caller turns it into the item's Failure
+            raise Exhausted(exc, 1) from exc
+
+    import tenacity
+
+    attempts = 0
+    try:
+        async for attempt in tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(options.retries + 1),
+            wait=tenacity.wait_exponential_jitter(
+                initial=options.backoff, max=options.max_backoff, jitter=options.backoff
+            ),
+            retry=tenacity.retry_if_exception_type(options.retry_on),
+            reraise=True,
+        ):
+            with attempt:
+                attempts += 1
+                return await once(), attempts
+    except Exception as exc:  # noqa: BLE001 - the caller turns it into the item's Failure
+        raise Exhausted(exc, attempts) from exc
+    raise AssertionError("unreachable: tenacity either returns or raises")
