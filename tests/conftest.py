@@ -36,14 +36,27 @@ def on(backend: Backend, fn: Callable[[A], B], workers: int = 2, buffer: int = 1
     return stage(workers=workers, backend=backend, buffer=buffer)(fn)
 
 
+def _forkserver_pid() -> int | None:
+    from multiprocessing import forkserver
+
+    # multiprocessing offers no public way to find its helper processes.
+    server = forkserver._forkserver  # pyright: ignore[reportPrivateUsage]
+    pid: int | None = getattr(server, "_forkserver_pid", None)
+    return pid
+
+
 def _multiprocessing_servers() -> set[int | None]:
     """The long-lived helpers multiprocessing starts once per process (not workers)."""
-    from multiprocessing import forkserver, resource_tracker
+    from multiprocessing import resource_tracker
 
-    return {
-        getattr(forkserver._forkserver, "_forkserver_pid", None),
-        getattr(resource_tracker._resource_tracker, "_pid", None),
-    }
+    tracker = resource_tracker._resource_tracker  # pyright: ignore[reportPrivateUsage]
+    return {_forkserver_pid(), getattr(tracker, "_pid", None)}
+
+
+def worker_pids() -> list[int]:
+    """The worker processes running now (children of the forkserver)."""
+    server = _forkserver_pid()
+    return [] if server is None else [p.pid for p in psutil.Process(server).children()]
 
 
 def leftovers(timeout: float = 3.0) -> tuple[list[str], list[int]]:

@@ -17,7 +17,7 @@ Example:
     ...     print(result)
     <Success: 0.25>
     <Failure: stage 'inverse' failed on item 0: ZeroDivisionError: division by zero>
-    <Failure: stage 'parse' failed on item 'x': ValueError: invalid literal for int() with base 10: 'x'>
+    <Failure: stage 'parse' failed on item 'x': ValueError: invalid literal for int() ...>
 """
 
 from typeflow._errors import (

@@ -9,7 +9,7 @@ from typing_extensions import TypeIs
 
 from typeflow._errors import DefinitionError
 
-__all__ = ["DEFAULT_BUFFER", "BACKENDS", "Backend", "StageOptions", "is_backend"]
+__all__ = ["BACKENDS", "DEFAULT_BUFFER", "Backend", "StageOptions", "is_backend"]
 
 #: Where a stage's workers run: ``"thread"`` (a thread each), ``"process"`` (a
 #: process each, for CPU-bound work) or ``"task"`` (an asyncio task each, for

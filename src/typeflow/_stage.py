@@ -100,6 +100,8 @@ class Stage(Generic[In, Out]):
         ordered: bool = True,
         fail_fast: bool = False,
         window: int | None = None,
+        handle_signals: bool = True,
+        grace: float = 10.0,
     ) -> Run[Out]:
         """Run the pipeline over ``items``; iterate the result for one ``Result`` per item.
 
@@ -115,6 +117,13 @@ class Stage(Generic[In, Out]):
                 reorder buffer of an ordered run; when it is full, reading
                 ``items`` waits for the oldest item.  Default:
                 :func:`~typeflow.default_window` of the pipeline.
+            handle_signals: while the run is iterated in the main thread, the
+                first Ctrl-C (SIGINT) or SIGTERM stops reading input and lets
+                the items already read finish and be yielded; a second signal,
+                or ``grace`` seconds, cancels them.  Then the run raises
+                ``KeyboardInterrupt`` (or ``SystemExit(143)`` for SIGTERM).  Set
+                False to leave signal handling to the caller.
+            grace: how long, in seconds, a signalled run may take to drain.
 
         Returns:
             A :class:`~typeflow.Run`: an iterator of
@@ -213,6 +222,11 @@ class _FnStage(Stage[In, Out]):
 
     __slots__ = ("__dict__", "_fn", "_node", "options")
 
+    # Copied from the function, so that the stage looks like it.
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
     def __init__(self, fn: Callable[..., Any], options: StageOptions, is_async: bool) -> None:
         name = options.name or getattr(fn, "__qualname__", None) or short_repr(fn)
         if options.backend == "task" and not is_async:
@@ -298,7 +312,7 @@ def _check_shippable(name: str, fn: Callable[..., Any]) -> None:
 
     try:
         cloudpickle.dumps(fn)
-    except Exception as exc:  # noqa: BLE001 - anything pickling raises means "cannot ship"
+    except Exception as exc:
         raise DefinitionError(
             f"stage {name!r} uses backend='process', so its function is sent to worker "
             f"processes with cloudpickle, but it cannot be pickled ({type(exc).__name__}: "
@@ -310,11 +324,6 @@ def _check_shippable(name: str, fn: Callable[..., Any]) -> None:
 def _make(fn: object, options: StageOptions) -> Stage[Any, Any]:
     if isinstance(fn, Stage):
         raise DefinitionError(f"{fn!r} is already a stage; decorate the plain function once")
-    if isinstance(fn, type):
-        raise DefinitionError(
-            f"@stage got the class {fn.__qualname__!r}; wrap a function or a bound method "
-            "(stateful stages are defined with a class in a later release)"
-        )
     if not callable(fn):
         raise DefinitionError(f"@stage needs a function, not {short_repr(fn)}")
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):

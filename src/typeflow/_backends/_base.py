@@ -14,10 +14,9 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
+from typeflow._errors import StageError
 from typeflow._runtime._channel import Channel
 from typeflow._runtime._kernel import Envelope, Node, Outcome
-
-from typeflow._errors import StageError
 
 __all__ = ["Emitter", "RunEnv", "WorkerBackend", "WorkerGroup", "fail_batch"]
 

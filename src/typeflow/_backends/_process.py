@@ -26,14 +26,14 @@ import os
 import pickle
 import threading
 import time
+from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
-from collections.abc import Sequence
 from typing import Final, TypeAlias, cast
 
 from typeflow._backends._base import Emitter, RunEnv, fail_batch
-from typeflow._backends._process_child import RawFailure, Reply, child_main
+from typeflow._backends._process_child import READY, RawFailure, Reply, child_main
 from typeflow._backends._wire import recv, send
 from typeflow._errors import (
     DefinitionError,
@@ -84,6 +84,25 @@ class _Cancelled(Exception):
     pass
 
 
+#: How many times a worker process that dies while starting is started again.
+_START_ATTEMPTS: Final = 3
+
+
+class WorkerStartError(RuntimeError):
+    """A worker process ended before it was ready (it prints its own traceback)."""
+
+    def __init__(self, stage: str, exitcode: int | None) -> None:
+        if exitcode is not None and exitcode < 0:
+            how = f"was killed by signal {-exitcode} while starting"
+        else:
+            how = (
+                f"exited while starting (exit code {exitcode}); see its traceback above.  A "
+                "common cause is a script without an 'if __name__ == \"__main__\":' guard, "
+                "or one read from standard input"
+            )
+        super().__init__(f"{_START_ATTEMPTS} worker processes of stage {stage!r} in a row {how}")
+
+
 class _Unpicklable(Exception):
     pass
 
@@ -119,6 +138,17 @@ class _Pump:
     # -- worker process ------------------------------------------------------
 
     def _spawn(self) -> None:
+        """Start a worker process and wait until it is ready.
+
+        A worker that dies while starting is started again (it may have been
+        killed from outside); after three failed starts the error is raised.
+        """
+        for _ in range(_START_ATTEMPTS - 1):
+            with contextlib.suppress(WorkerStartError):
+                return self._spawn_once()
+        return self._spawn_once()
+
+    def _spawn_once(self) -> None:
         ctx = mp_context()
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(
@@ -135,6 +165,16 @@ class _Pump:
             proc.start()
             self._proc, self._conn = proc, parent
         child.close()
+        # Wait until the worker is up, so that start-up never counts against a timeout.
+        try:
+            if parent in wait([parent, proc.sentinel]) and parent.recv_bytes() == READY:
+                return
+        except (OSError, EOFError):
+            pass
+        if self._cancelled.is_set():
+            raise _Cancelled
+        exitcode = self._stop_worker(kill=True)
+        raise WorkerStartError(self._node.name, exitcode)
 
     def _stop_worker(self, *, kill: bool) -> int | None:
         """Stop the worker process (politely unless ``kill``); returns its exit code."""
@@ -215,7 +255,7 @@ class _Pump:
                 send(conn, batch)
             except OSError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - pickling failed before anything was sent
+            except Exception as exc:
                 raise _Unpicklable from exc
             ready = wait([conn, proc.sentinel], self._timeout)
             if conn in ready:
@@ -313,7 +353,7 @@ def start(
 
     try:
         kernel_bytes = cloudpickle.dumps(node.kernel, protocol=5)
-    except Exception as exc:  # noqa: BLE001 - anything pickling raises means "cannot ship"
+    except Exception as exc:
         raise DefinitionError(
             f"stage {node.name!r} cannot be sent to its worker processes "
             f"({type(exc).__name__}: {exc}); use backend='thread', or make the function "

@@ -10,7 +10,10 @@ from multiprocessing.connection import Connection
 from typeflow._backends._wire import recv, send
 from typeflow._runtime._kernel import Envelope, Kernel, Outcome, WorkerContext
 
-__all__ = ["RawFailure", "Reply", "child_main"]
+__all__ = ["READY", "RawFailure", "Reply", "child_main"]
+
+#: The first message of a worker process: it is up and holds the kernel.
+READY = b"ready"
 
 #: A failure as it crosses back to the parent: position, exception, formatted
 #: traceback, number of tries.
@@ -24,6 +27,7 @@ def child_main(conn: Connection, kernel_bytes: bytes, index: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     kernel: Kernel = pickle.loads(kernel_bytes)
     ctx = WorkerContext(index)
+    conn.send_bytes(READY)  # the parent starts its clock for timeouts from here
     try:
         while True:
             try:

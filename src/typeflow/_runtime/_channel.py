@@ -24,6 +24,7 @@ last.  Threads block; tasks await; either may sit on either end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -31,7 +32,7 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Channel", "ChannelAborted", "EndOfChannel"]
+__all__ = ["Channel", "ChannelAborted", "ChannelClosed", "EndOfChannel"]
 
 
 class EndOfChannel(Exception):
@@ -40,6 +41,10 @@ class EndOfChannel(Exception):
 
 class ChannelAborted(Exception):
     """The run was cancelled; the channel no longer carries anything."""
+
+
+class ChannelClosed(Exception):
+    """A put into a channel whose producers are all done."""
 
 
 class _Waiter:
@@ -78,10 +83,9 @@ class _TaskWaiter(_Waiter):
         if running is self._loop:
             self._set()
         else:
-            try:
+            # A closed loop raises RuntimeError: nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._set)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
-                pass
 
     def _set(self) -> None:
         if not self._future.done():
@@ -199,7 +203,7 @@ class Channel(Generic[T]):
         if self._aborted:
             raise ChannelAborted
         if self._producers <= 0:
-            raise RuntimeError("put into a channel whose producers are all done")
+            raise ChannelClosed
         return len(self._items) < self._capacity
 
     def _forget(self, waiters: deque[_Waiter], waiter: _Waiter, is_getter: bool) -> None:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from typeflow._errors import StageTimeout
 from typeflow._options import StageOptions
+
+if TYPE_CHECKING:
+    import tenacity
 
 __all__ = ["Exhausted", "acall", "call", "delay"]
 
@@ -28,16 +31,32 @@ class Exhausted(Exception):
         self.attempts = attempts
 
 
+def _wait(options: StageOptions) -> tenacity.wait.wait_base:
+    import tenacity
+
+    return tenacity.wait_exponential_jitter(
+        multiplier=options.backoff, max=options.max_backoff, jitter=options.backoff
+    )
+
+
+def _policy(options: StageOptions) -> dict[str, Any]:
+    import tenacity
+
+    return {
+        "stop": tenacity.stop_after_attempt(options.retries + 1),
+        "wait": _wait(options),
+        "retry": tenacity.retry_if_exception_type(options.retry_on),
+        "reraise": True,
+    }
+
+
 def delay(options: StageOptions, attempt: int) -> float:
     """Seconds to wait after failed try number ``attempt`` (1 for the first)."""
     import tenacity
 
-    wait = tenacity.wait_exponential_jitter(
-        initial=options.backoff, max=options.max_backoff, jitter=options.backoff
-    )
     state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
     state.attempt_number = attempt
-    return float(wait(state))
+    return float(_wait(options)(state))
 
 
 def call(fn: Callable[[Any], Any], item: object, options: StageOptions) -> tuple[object, int]:
@@ -50,18 +69,11 @@ def call(fn: Callable[[Any], Any], item: object, options: StageOptions) -> tuple
 
     attempts = 0
     try:
-        for attempt in tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(options.retries + 1),
-            wait=tenacity.wait_exponential_jitter(
-                initial=options.backoff, max=options.max_backoff, jitter=options.backoff
-            ),
-            retry=tenacity.retry_if_exception_type(options.retry_on),
-            reraise=True,
-        ):
+        for attempt in tenacity.Retrying(**_policy(options)):
             with attempt:
                 attempts += 1
                 return fn(item), attempts
-    except Exception as exc:  # noqa: BLE001 - the caller turns it into the item's Failure
+    except Exception as exc:
         raise Exhausted(exc, attempts) from exc
     raise AssertionError("unreachable: tenacity either returns or raises")
 
@@ -83,24 +95,17 @@ async def acall(
     if options.retries == 0:
         try:
             return await once(), 1
-        except Exception as exc:  # noqa: BLE001 - the caller turns it into the item's Failure
+        except Exception as exc:
             raise Exhausted(exc, 1) from exc
 
     import tenacity
 
     attempts = 0
     try:
-        async for attempt in tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(options.retries + 1),
-            wait=tenacity.wait_exponential_jitter(
-                initial=options.backoff, max=options.max_backoff, jitter=options.backoff
-            ),
-            retry=tenacity.retry_if_exception_type(options.retry_on),
-            reraise=True,
-        ):
+        async for attempt in tenacity.AsyncRetrying(**_policy(options)):
             with attempt:
                 attempts += 1
                 return await once(), attempts
-    except Exception as exc:  # noqa: BLE001 - the caller turns it into the item's Failure
+    except Exception as exc:
         raise Exhausted(exc, attempts) from exc
     raise AssertionError("unreachable: tenacity either returns or raises")

@@ -40,8 +40,9 @@ from typing_extensions import Self
 from typeflow._backends import _process, _task, _thread
 from typeflow._backends._base import WorkerBackend, WorkerGroup
 from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed
-from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
+from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
 from typeflow._runtime._kernel import Envelope, Node, Outcome
+from typeflow._runtime._signals import SignalGuard
 from typeflow._runtime._stats import Counters, RunStatistics, StageStatistics
 
 __all__ = ["AsyncRun", "Run", "RunCore", "default_window"]
@@ -166,6 +167,8 @@ class RunCore:
         ordered: bool,
         fail_fast: bool,
         window: int | None,
+        handle_signals: bool = False,
+        grace: float = 10.0,
     ) -> None:
         if window is not None and (isinstance(window, bool) or window < 1):
             raise DefinitionError(f"window={window!r} is not allowed; it must be at least 1")
@@ -193,6 +196,9 @@ class RunCore:
         self._cancel_async_feed: Callable[[], object] | None = None
         self._started = False
         self._stopped = False
+        self._input_lock = threading.Lock()
+        self._input_closed = False
+        self._signals = SignalGuard(self.drain, self.shutdown, grace) if handle_signals else None
 
     # -- RunEnv --------------------------------------------------------------
 
@@ -215,6 +221,8 @@ class RunCore:
         self._started = True
         self.started_at = time.monotonic()
         _live_runs.add(self)
+        if self._signals is not None and not self._signals.install():
+            self._signals = None  # not the main thread: leave signals alone
         try:
             for i, node in enumerate(self.nodes):
                 nxt = self.inboxes[i + 1] if i + 1 < len(self.nodes) else None
@@ -248,12 +256,12 @@ class RunCore:
                 window.put_many(ticket)
                 inbox.put_many([(seq, item)])
                 self.items_read = seq + 1
-        except ChannelAborted:
+        except (ChannelAborted, ChannelClosed):
             pass
         except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
             self.input_error = exc
         finally:
-            inbox.producer_done()
+            self._close_input()
 
     async def _feed_async(self, items: AsyncIterable[Any]) -> None:
         inbox, window = self.inboxes[0], self.window
@@ -265,12 +273,33 @@ class RunCore:
                 await inbox.aput_many([(seq, item)])
                 seq += 1
                 self.items_read = seq
-        except (ChannelAborted, asyncio.CancelledError):
+        except (ChannelAborted, ChannelClosed, asyncio.CancelledError):
             pass
         except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
             self.input_error = exc
         finally:
-            inbox.producer_done()
+            self._close_input()
+
+    def _close_input(self) -> None:
+        """End of the input stream (once, whoever gets there first)."""
+        with self._input_lock:
+            if self._input_closed:
+                return
+            self._input_closed = True
+        self.inboxes[0].producer_done()
+
+    def drain(self) -> None:
+        """Stop reading input; the items already read go on to the end."""
+        self.window.abort()  # wakes a feeder waiting for room
+        self._close_input()
+
+    def release_signals(self) -> None:
+        """Give SIGINT/SIGTERM back (from the thread that installed them), and raise
+        what a signal received during the run stands for."""
+        guard, self._signals = self._signals, None
+        if guard is not None:
+            guard.restore()
+            guard.raise_received()
 
     def statistics(self, succeeded: int, failed: int) -> RunStatistics:
         """A snapshot; ``succeeded`` and ``failed`` are the results yielded so far."""
@@ -391,15 +420,23 @@ class _Collector(Generic[Out]):
         self._ready.clear()
         self._pending.clear()
         self._core.shutdown()
+        self._core.release_signals()
 
     def finish(self) -> None:
-        """The outbox ended: stop the run, and raise the input's error if it failed."""
+        """The outbox ended: stop the run; raise for a signal, or the input's error."""
         self._done = True
         core = self._core
         core.shutdown()
+        core.release_signals()
         if core.input_error is not None:
             error, core.input_error = core.input_error, None
             raise error
+
+    def aborted(self) -> None:
+        """The run was cancelled from elsewhere (a second signal, the grace period)."""
+        self._done = True
+        self._core.shutdown()
+        self._core.release_signals()
 
 
 class Run(Iterator[Result[Out, StageError]], Generic[Out]):
@@ -442,8 +479,8 @@ class Run(Iterator[Result[Out, StageError]], Generic[Out]):
                 except EndOfChannel:
                     collector.finish()
                     raise StopIteration from None
-                except ChannelAborted:  # closed from elsewhere
-                    collector._done = True  # pyright: ignore[reportPrivateUsage]
+                except ChannelAborted:  # cancelled from elsewhere
+                    collector.aborted()
                     raise StopIteration from None
                 collector.accept(entries)
                 result = collector.pop()
@@ -451,6 +488,7 @@ class Run(Iterator[Result[Out, StageError]], Generic[Out]):
                     return result
         except BaseException:
             core.shutdown()
+            core.release_signals()
             raise
 
     def close(self) -> None:

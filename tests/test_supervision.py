@@ -1,0 +1,251 @@
+"""Timeouts, retries, crashed workers, fail-fast and statistics, on every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from returns.result import Failure, Result, Success
+
+from tests.conftest import leftovers, on, worker_pids
+from typeflow import Backend, Stage, StageError, StageTimeout, WorkerCrashed, stage
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def sleepy(x: int) -> int:
+    """Slow on multiples of 10: 2 s, far beyond the tests' timeouts."""
+    if x % 10 == 0:
+        time.sleep(2.0)
+    return x
+
+
+def make_flaky(fail_times: int) -> Callable[[int], int]:
+    """A function that fails the first ``fail_times`` calls with each odd item."""
+    calls: dict[int, int] = {}
+
+    def flaky(x: int) -> int:
+        calls[x] = calls.get(x, 0) + 1
+        if x % 2 and calls[x] <= fail_times:
+            raise ConnectionError(f"flaky {x}, call {calls[x]}")
+        return x
+
+    return flaky
+
+
+def crash_once(marker_dir: str) -> Callable[[int], int]:
+    """A function whose worker dies the first time it sees item 3 (the next worker survives)."""
+
+    def crashing(x: int) -> int:
+        marker = Path(marker_dir) / f"{x}.seen"
+        if x == 3 and not marker.exists():
+            marker.touch()
+            os._exit(9)
+        return x
+
+    return crashing
+
+
+async def asleepy(x: int) -> int:
+    if x % 10 == 0:
+        await asyncio.sleep(2.0)
+    return x
+
+
+def timed(backend: Backend, timeout: float) -> Stage[int, int]:
+    if backend == "task":
+        return stage(backend="task", workers=2, timeout=timeout)(asleepy)
+    return stage(backend=backend, workers=2, timeout=timeout)(sleepy)
+
+
+def test_a_call_past_its_timeout_fails_and_the_run_goes_on(backend: Backend) -> None:
+    started = time.monotonic()
+    run = timed(backend, 0.2).run(range(1, 15))
+    results = list(run)
+    assert time.monotonic() - started < 1.8  # the 2 s call was not waited for
+    assert [r.unwrap() for i, r in enumerate(results) if i != 9] == [
+        x for x in range(1, 15) if x != 10
+    ]
+    error = results[9].failure()
+    assert isinstance(error.exception, StageTimeout)
+    assert isinstance(error.exception, TimeoutError)
+    assert error.item == 10
+    stats = run.statistics().stages[0]
+    assert stats.timed_out == 1
+    assert stats.failed == 1
+    assert stats.restarts == (0 if backend == "task" else 1)
+
+
+@pytest.mark.parametrize("retries", [0, 1, 2])
+def test_retries_per_backend_and_attempt_counts(backend: Backend, retries: int) -> None:
+    flaky = make_flaky(2)
+    if backend == "task":
+
+        async def call(x: int) -> int:
+            return flaky(x)
+
+        call.__qualname__ = "flaky"
+        pipeline: Stage[int, int] = stage(
+            backend="task", workers=2, retries=retries, backoff=0.001, retry_on=(ConnectionError,)
+        )(call)
+    else:
+        pipeline = stage(
+            backend=backend, workers=2, retries=retries, backoff=0.001, retry_on=(ConnectionError,)
+        )(flaky)
+    run = pipeline.run(range(6))
+    results = list(run)
+    for x, r in zip(range(6), results, strict=True):
+        if x % 2 == 0 or retries == 2:
+            assert r.unwrap() == x
+        else:
+            error = r.failure()
+            assert isinstance(error.exception, ConnectionError)
+            assert error.attempts == retries + 1
+            assert f"after {retries + 1} attempts" in str(error) or retries == 0
+    assert run.statistics().stages[0].retried == 3 * retries
+
+
+def test_only_the_named_exceptions_are_retried(backend: Backend) -> None:
+    def broken(x: int) -> int:
+        raise ValueError(x)
+
+    run = on(backend, broken).run([1])
+    error = next(run).failure()
+    assert error.attempts == 1
+    retried = stage(retries=3, retry_on=(ConnectionError,), backoff=0.001)(broken)
+    assert next(iter(retried.run([1]))).failure().attempts == 1
+
+
+def test_a_crashed_worker_is_retried_when_the_stage_retries(tmp_path: Path) -> None:
+    pipeline = stage(backend="process", workers=2, retries=1, backoff=0.001)(
+        crash_once(str(tmp_path))
+    )
+    run = pipeline.run([3])  # alone: a batch whose worker dies is re-run item by item
+    assert [r.unwrap() for r in run] == [3]
+    stats = run.statistics().stages[0]
+    assert stats.restarts == 1
+    assert stats.retried == 1
+    assert stats.crashed == 0
+
+
+def test_without_retries_a_crash_fails_the_item_with_the_signal(tmp_path: Path) -> None:
+    run = stage(backend="process")(crash_once(str(tmp_path))).run([3])
+    error = next(run).failure()
+    assert isinstance(error.exception, WorkerCrashed)
+    assert error.exception.exitcode == 9
+    assert "exit code 9" in str(error)
+
+
+def test_fail_fast_stops_an_endless_run_promptly(backend: Backend) -> None:
+    def fail_at_5(x: int) -> int:
+        if x == 5:
+            raise RuntimeError("five")
+        return x
+
+    started = time.monotonic()
+    with pytest.raises(StageError, match="five") as caught:
+        for _ in on(backend, fail_at_5).run(itertools.count(), fail_fast=True):
+            pass
+    assert isinstance(caught.value.exception, RuntimeError)  # the error itself, no group
+    assert time.monotonic() - started < 10
+    assert leftovers() == ([], [])
+
+
+def test_statistics_account_for_every_item(backend: Backend) -> None:
+    def odd_fails(x: int) -> int:
+        if x % 2:
+            raise ValueError(x)
+        return x
+
+    pipeline = on(backend, odd_fails) | on(backend, plus_one)
+    run = pipeline.run(range(100))
+    results = list(run)
+    stats = run.statistics()
+    assert stats.items_read == 100
+    assert stats.succeeded == sum(isinstance(r, Success) for r in results) == 50
+    assert stats.failed == sum(isinstance(r, Failure) for r in results) == 50
+    assert stats.in_flight == 0
+    first, second = stats.stages
+    assert (first.items_in, first.succeeded, first.failed) == (100, 50, 50)
+    assert (second.items_in, second.succeeded, second.failed) == (50, 50, 0)
+    assert "odd_fails" in str(stats)
+
+
+# -- fault injection ----------------------------------------------------------------
+
+
+def chaos(x: int) -> int:
+    if x % 13 == 0:
+        raise ValueError(f"unlucky {x}")
+    if x % 97 == 0:
+        time.sleep(5)  # beyond the timeout: the worker is killed
+    return x * 2
+
+
+def identity(x: int) -> int:
+    return x
+
+
+def plus_one(x: int) -> int:
+    return x + 1
+
+
+@pytest.mark.timeout(180)
+def test_random_kills_exceptions_and_timeouts_lose_nothing() -> None:
+    rng = random.Random(1234)
+    n = 3000
+    kill_at = set(rng.sample(range(100, n - 100), 8))
+    pipeline = (
+        stage(workers=2)(identity)
+        | stage(backend="process", workers=2, timeout=1.0)(chaos)
+        | on("task", plus_one)
+    )
+    started = time.monotonic()
+    run = pipeline.run(range(n), ordered=False)
+    outcomes: dict[int, Result[int, StageError]] = {}
+    killed = 0
+    for i, result in enumerate(run):
+        if i in kill_at and (pids := worker_pids()):
+            os.kill(rng.choice(pids), signal.SIGKILL)
+            killed += 1
+        if isinstance(result, Success):
+            key = (result.unwrap() - 1) // 2
+        else:
+            item = result.failure().item
+            assert isinstance(item, int)
+            key = item
+        assert key not in outcomes, f"item {key} came out twice"
+        outcomes[key] = result
+    elapsed = time.monotonic() - started
+    # Every input yields exactly one outcome...
+    assert sorted(outcomes) == list(range(n))
+    for x, result in outcomes.items():
+        if x % 13 == 0:
+            assert isinstance(result.failure().exception, ValueError)
+        elif isinstance(result, Failure):  # timed out, or killed by the test while held
+            expected = (StageTimeout, WorkerCrashed) if x % 97 == 0 else WorkerCrashed
+            assert isinstance(result.failure().exception, expected)
+        else:
+            assert result.unwrap() == 2 * x + 1
+    # ...the statistics agree with what came out...
+    stats = run.statistics()
+    errors = [r.failure().exception for r in outcomes.values() if isinstance(r, Failure)]
+    crashed = sum(isinstance(e, WorkerCrashed) for e in errors)
+    timed_out = sum(isinstance(e, StageTimeout) for e in errors)
+    chaos_stats = stats.stages[1]
+    assert chaos_stats.crashed == crashed
+    assert chaos_stats.timed_out == timed_out
+    assert timed_out + crashed >= len([x for x in range(n) if x % 97 == 0 and x % 13])
+    assert chaos_stats.restarts >= chaos_stats.timed_out + crashed
+    assert stats.succeeded + stats.failed == n
+    # ...and the run ended in bounded time with nothing left running.
+    assert elapsed < 120
+    assert killed > 0
+    assert leftovers() == ([], [])
