@@ -76,8 +76,9 @@ def run_typeflow(stages: Stages, items: Iterable[Any], sink: Sink) -> None:
 # --- multiprocessing.Pool / ThreadPool ----------------------------------------------
 
 
-def _pool_chain(stages: Stages, items: Iterable[Any], chunked: bool,
-                stack: contextlib.ExitStack) -> Iterator[Any]:
+def _pool_chain(
+    stages: Stages, items: Iterable[Any], chunked: bool, stack: contextlib.ExitStack
+) -> Iterator[Any]:
     it: Iterable[Any] = items
     for st in stages:
         if st.backend == "sync":
@@ -144,9 +145,15 @@ def run_joblib(stages: Stages, items: Iterable[Any], sink: Sink) -> None:
             continue
         backend = "threading" if st.backend == "thread" else "loky"
         par = Parallel(n_jobs=st.workers, backend=backend, return_as="generator")
-        it = par(delayed(st.fn)(x) for x in it)
+        it = par(_delayed_calls(delayed(st.fn), it))
     for x in it:
         sink(x)
+
+
+def _delayed_calls(call: Callable[..., Any], items: Iterable[Any]) -> Iterator[Any]:
+    """``call(x)`` per item, with ``call`` bound now (a generator expression would look
+    the loop variable up lazily and run every stage's tasks with the last stage's fn)."""
+    return (call(x) for x in items)
 
 
 # --- mpire -------------------------------------------------------------------------
@@ -154,7 +161,7 @@ def run_joblib(stages: Stages, items: Iterable[Any], sink: Sink) -> None:
 
 def run_mpire(stages: Stages, items: Iterable[Any], sink: Sink) -> None:
     """``WorkerPool.imap`` per stage, threading or fork, with the stage's chunk size."""
-    from mpire import WorkerPool
+    from mpire.pool import WorkerPool
 
     with contextlib.ExitStack() as stack:
         it: Iterable[Any] = items
@@ -183,11 +190,10 @@ def import_pypeln() -> types.ModuleType:
     except ImportError:
         stub = types.ModuleType("pkg_resources")
         stub.get_distribution = lambda name: types.SimpleNamespace(  # type: ignore[attr-defined]
-            version=importlib.metadata.version(name))
+            version=importlib.metadata.version(name)
+        )
         sys.modules["pkg_resources"] = stub
-    import pypeln
-
-    return pypeln
+    return importlib.import_module("pypeln")
 
 
 def run_pypeln(stages: Stages, items: Iterable[Any], sink: Sink) -> None:
@@ -215,13 +221,17 @@ AsyncCall = Callable[[Any], Awaitable[Any]]
 
 
 def _async_calls(stages: Stages, stack: contextlib.ExitStack) -> list[AsyncCall]:
-    """One awaitable call per stage; thread and process stages go through executors."""
+    """One awaitable call per stage.
+
+    A stage whose function has an ``async def`` twin runs as a coroutine even when the
+    case asks for threads (the memory workload): that is how asyncio code is written.
+    Other thread and process stages (the mixed pipeline) go through executors.
+    """
     loop = asyncio.get_running_loop()
     calls: list[AsyncCall] = []
     for st in stages:
-        if st.backend == "task":
-            assert st.afn is not None, f"{st.fn.__name__} has no async twin"
-            calls.append(st.afn)
+        if st.afn is not None and st.backend != "process":
+            calls.append(st.afn)  # asyncio's native way: a task, not an executor hop
         elif st.backend == "sync":
             calls.append(_as_async(st.fn))
         else:
@@ -238,13 +248,19 @@ def _as_async(fn: Callable[[Any], Any]) -> AsyncCall:
     return call
 
 
-def _in_executor(loop: asyncio.AbstractEventLoop, ex: Executor,
-                 fn: Callable[[Any], Any], x: Any) -> Awaitable[Any]:
+def _in_executor(
+    loop: asyncio.AbstractEventLoop, ex: Executor, fn: Callable[[Any], Any], x: Any
+) -> Awaitable[Any]:
     return loop.run_in_executor(ex, fn, x)
 
 
-async def _queue_stage(call: AsyncCall, workers: int, inbox: asyncio.Queue[Any],
-                       outbox: asyncio.Queue[Any], ends_out: int) -> None:
+async def _queue_stage(
+    call: AsyncCall,
+    workers: int,
+    inbox: asyncio.Queue[Any],
+    outbox: asyncio.Queue[Any],
+    ends_out: int,
+) -> None:
     """Run ``workers`` tasks over ``inbox``; when all saw END, pass ``ends_out`` ENDs on."""
 
     async def worker() -> None:

@@ -130,8 +130,9 @@ class StageSpec:
 ASYNC_TWINS: dict[SyncFn, AsyncFn] = {inc: ainc, dbl: adbl, io_sleep: aio_sleep}
 
 
-def spec(fn: SyncFn, backend: Backend, workers: int = 2, chunk: int = 1,
-         buffer: int | None = None) -> StageSpec:
+def spec(
+    fn: SyncFn, backend: Backend, workers: int = 2, chunk: int = 1, buffer: int | None = None
+) -> StageSpec:
     """Build a :class:`StageSpec`, attaching the async twin of ``fn`` when it has one."""
     return StageSpec(fn, ASYNC_TWINS.get(fn), backend, workers, chunk, buffer)
 

@@ -139,9 +139,15 @@ class Stage(Generic[In, Out]):
         """
         from typeflow._runtime._run import Run, RunCore
 
-        return Run(
-            RunCore(self._nodes(), ordered=ordered, fail_fast=fail_fast, window=window), items
+        core = RunCore(
+            self._nodes(),
+            ordered=ordered,
+            fail_fast=fail_fast,
+            window=window,
+            handle_signals=handle_signals,
+            grace=grace,
         )
+        return Run(core, items)
 
     def arun(
         self,

@@ -1,0 +1,235 @@
+"""What one child process does: time one cell once (or calibrate its size).
+
+The child imports the peer before the clock starts (import time is its own case),
+optionally times the plain serial loop over the same stages (the *paired* baseline),
+runs the pipeline once over a lazy generator while a consumer counts and sums the
+outputs, times the serial loop again, and returns raw numbers only.  Derived metrics
+are computed by the parent (``metrics.py``) so the raw JSON stays the source of truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import psutil
+from peers import RUNNERS, import_pypeln, serial_loop
+from suite import Case
+from workloads import cpu_burn, ints
+
+CALIBRATION_FIRST_N = 256
+CALIBRATION_MIN_S = 0.25
+
+
+class Sink:
+    """The consumer: counts outputs and keeps an order-independent checksum."""
+
+    __slots__ = ("count", "total")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total: float = 0
+
+    def add(self, x: Any) -> None:
+        self.count += 1
+        self.total += x
+
+
+class SlowSink(Sink):
+    """A consumer slower than the pipeline: sleeps 0.5 ms every 100 items."""
+
+    __slots__ = ()
+
+    def add(self, x: Any) -> None:
+        self.count += 1
+        self.total += x
+        if self.count % 100 == 0:
+            time.sleep(0.0005)
+
+
+class MemorySampler:
+    """Peak RSS (psutil) and PSS (``/proc/PID/smaps_rollup``) of this process + children.
+
+    RSS summed over a forked tree counts the parent's pages once per child that maps
+    them, so the PSS sum, which splits shared pages between their users, is kept too.
+    The child list is refreshed every 10th sample, because walking the process table
+    costs about 1 ms.
+    """
+
+    def __init__(self, pss: bool, interval_s: float) -> None:
+        self._pss = pss
+        self._interval = interval_s
+        self._me = psutil.Process()
+        self._procs: list[psutil.Process] = [self._me]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.rss_start = self.rss_peak = 0
+        self.pss_start = self.pss_peak = 0
+
+    def __enter__(self) -> MemorySampler:
+        self.rss_start = self.rss_peak = self._rss()
+        self.pss_start = self.pss_peak = self._pss_sum() if self._pss else 0
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        tick = 0
+        while not self._stop.wait(self._interval):
+            if tick % 10 == 0:
+                self._refresh()
+            tick += 1
+            self.rss_peak = max(self.rss_peak, self._rss())
+            if self._pss:
+                self.pss_peak = max(self.pss_peak, self._pss_sum())
+
+    def _refresh(self) -> None:
+        try:
+            self._procs = [self._me, *self._me.children(recursive=True)]
+        except psutil.Error:
+            self._procs = [self._me]
+
+    def _rss(self) -> int:
+        total = 0
+        for proc in self._procs:
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_info().rss
+        return total
+
+    def _pss_sum(self) -> int:
+        return sum(_pss_of(proc.pid) for proc in self._procs)
+
+    def result(self) -> dict[str, float]:
+        out: dict[str, float] = {
+            "rss_start": self.rss_start,
+            "rss_peak_growth": self.rss_peak - self.rss_start,
+        }
+        if self._pss:
+            out["pss_peak_growth"] = self.pss_peak - self.pss_start
+        return out
+
+
+def _pss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def preload(case: Case, peer: str) -> None:
+    """Import the peer's package (and NumPy for array items) before any timing."""
+    if case.source == "arrays":
+        import numpy  # noqa: F401
+    if peer == "typeflow":
+        import typeflow  # noqa: F401
+    elif peer == "pypeln":
+        import_pypeln()
+    elif peer == "joblib":
+        import joblib  # noqa: F401
+    elif peer == "mpire":
+        import mpire  # noqa: F401
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def paired_serial(case: Case) -> dict[str, float]:
+    """Seconds per item of the serial chain (and, for mixed, of stage B alone)."""
+    n = max(case.n_pair, 1)
+    out = {"serial_item_s": _timed(lambda: serial_loop(case.stages, ints(n), Sink().add)) / n}
+    if case.paired == "mixed":
+        nb = 5 * n
+        out["b_item_s"] = _timed(lambda: [cpu_burn(i) for i in range(nb)]) / nb
+    return out
+
+
+def run_once(case: Case, peer: str, n: int) -> tuple[float, Sink, dict[str, float]]:
+    """Run the pipeline once over ``n`` fresh items; return wall time, sink, memory."""
+    runner = RUNNERS[peer]
+    sink: Sink = SlowSink() if case.slow_consumer else Sink()
+    items = case.items(n)
+    if not case.sample_memory:
+        return _timed(lambda: runner(case.stages, items, sink.add)), sink, {}
+    with MemorySampler(case.pss, 0.02 if case.pss else 0.01) as sampler:
+        wall = _timed(lambda: runner(case.stages, items, sink.add))
+    return wall, sink, sampler.result()
+
+
+def measure(case: Case, peer: str, n: int) -> dict[str, Any]:
+    """One repeat of one cell, with its paired serial baselines around it."""
+    preload(case, peer)
+    before = paired_serial(case) if case.paired != "none" else {}
+    cpu0 = os.times()
+    wall, sink, memory = run_once(case, peer, n)
+    cpu1 = os.times()
+    after = paired_serial(case) if case.paired != "none" else {}
+    result: dict[str, Any] = {
+        "status": _status(case, n, sink),
+        "n": n,
+        "count": sink.count,
+        "checksum": sink.total,
+        "wall_s": wall,
+        "cpu_s": (cpu1.user + cpu1.system + cpu1.children_user + cpu1.children_system)
+        - (cpu0.user + cpu0.system + cpu0.children_user + cpu0.children_system),
+        **memory,
+    }
+    for key in before:
+        result[f"{key}_before"] = before[key]
+        result[f"{key}_after"] = after[key]
+    return result
+
+
+def _status(case: Case, n: int, sink: Sink) -> str:
+    if sink.count != n:
+        return "bad_count"
+    if case.expected is not None and sink.total != case.expected(n):
+        return "bad_checksum"
+    return "ok"
+
+
+def calibrate(case: Case, peer: str, n_max: int) -> dict[str, Any]:
+    """Estimate the marginal seconds per item of a cell.
+
+    Runs ``n`` = 256, 2048, ... (8x each time) until a run takes ``CALIBRATION_MIN_S``
+    or ``n`` reaches ``n_max``, at least two sizes, and takes the slope between the
+    last two runs, so a slow start-up is not mistaken for a slow item.
+    """
+    preload(case, peer)
+    points: list[tuple[int, float]] = []
+    n = min(CALIBRATION_FIRST_N, n_max)
+    while True:
+        wall, sink, _ = run_once(case, peer, n)
+        if sink.count != n:
+            return {"status": "bad_count", "n": n, "count": sink.count, "wall_s": wall}
+        points.append((n, wall))
+        if n >= n_max or (len(points) >= 2 and wall >= CALIBRATION_MIN_S):
+            break
+        n = min(n * 8, n_max)
+    return {"status": "ok", "n": n, "wall_s": wall, "item_s": _slope(points)}
+
+
+def _slope(points: list[tuple[int, float]]) -> float:
+    """Seconds per extra item between the last two runs (mean cost if that is noise)."""
+    n, wall = points[-1]
+    if len(points) >= 2:
+        n0, wall0 = points[-2]
+        if wall > wall0 and n > n0:
+            return max((wall - wall0) / (n - n0), wall / n / 10)
+    return wall / n
