@@ -28,9 +28,10 @@ from typeflow._errors import (
     StageTimeout,
     TypeflowError,
     WorkerCrashed,
+    WorkerStartError,
 )
 from typeflow._options import Backend, StageOptions, is_backend
-from typeflow._runtime._run import AsyncRun, Run, default_window
+from typeflow._runtime._run import AsyncRun, Run
 from typeflow._runtime._stats import RunStatistics, StageStatistics
 from typeflow._stage import (
     AsyncFnStage,
@@ -62,7 +63,7 @@ __all__ = [
     "StageTimeout",
     "TypeflowError",
     "WorkerCrashed",
-    "default_window",
+    "WorkerStartError",
     "is_backend",
     "stage",
 ]

@@ -11,6 +11,8 @@ Every exception typeflow raises on purpose derives from one root::
     │                           ``StageError``)
     ├── StageTimeout            one call took longer than the stage's ``timeout`` (also a
     │                           ``TimeoutError``)
+    ├── WorkerStartError        worker processes of a stage die while starting, again and
+    │                           again (the ``exception`` of each affected item's ``StageError``)
     └── RemoteTraceback         the formatted traceback of an exception raised in another
                                 process, attached as that exception's ``__cause__``
 
@@ -31,6 +33,7 @@ __all__ = [
     "StageTimeout",
     "TypeflowError",
     "WorkerCrashed",
+    "WorkerStartError",
 ]
 
 _short = reprlib.Repr()
@@ -102,6 +105,32 @@ class WorkerCrashed(TypeflowError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.stage, self.exitcode))
+
+
+class WorkerStartError(TypeflowError):
+    """Worker processes of a stage died while starting, several times in a row.
+
+    The worker prints its own traceback.  The usual cause is a script without an
+    ``if __name__ == "__main__":`` guard (worker processes import the main
+    script), or a script read from standard input.
+    """
+
+    def __init__(self, stage: str, exitcode: int | None, attempts: int) -> None:
+        if exitcode is not None and exitcode < 0:
+            how = f"was killed by {_describe_exit(exitcode)[10:]} while starting"
+        else:
+            how = (
+                f"exited while starting ({_describe_exit(exitcode)}); see its traceback "
+                "above.  A common cause is a script without an "
+                "'if __name__ == \"__main__\":' guard, or one read from standard input"
+            )
+        super().__init__(f"{attempts} worker processes of stage {stage!r} in a row: the last {how}")
+        self.stage = stage
+        self.exitcode = exitcode
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.stage, self.exitcode, self.attempts))
 
 
 class StageTimeout(TypeflowError, TimeoutError):

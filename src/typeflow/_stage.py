@@ -10,6 +10,7 @@ composition with no plugin.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, final, overload
@@ -116,7 +117,7 @@ class Stage(Generic[In, Out]):
                 ``items`` but not yet yielded).  It bounds memory and the
                 reorder buffer of an ordered run; when it is full, reading
                 ``items`` waits for the oldest item.  Default:
-                :func:`~typeflow.default_window` of the pipeline.
+                twice the room of every buffer and worker, at least 1024.
             handle_signals: while the run is iterated in the main thread, the
                 first Ctrl-C (SIGINT) or SIGTERM stops reading input and lets
                 the items already read finish and be yielded; a second signal,
@@ -234,7 +235,7 @@ class _FnStage(Stage[In, Out]):
     __wrapped__: Callable[..., Any]
 
     def __init__(self, fn: Callable[..., Any], options: StageOptions, is_async: bool) -> None:
-        name = options.name or getattr(fn, "__qualname__", None) or short_repr(fn)
+        name = options.name or _function_name(fn)
         if options.backend == "task" and not is_async:
             raise DefinitionError(
                 f"stage {name!r}: backend='task' runs coroutines on an event loop, but "
@@ -311,6 +312,15 @@ class AsyncFnStage(_FnStage[In, Out]):
 
     def __call__(self, item: In, /) -> Coroutine[Any, Any, Out]:
         return cast(Coroutine[Any, Any, Out], self._fn(item))
+
+
+def _function_name(fn: Callable[..., Any]) -> str:
+    """A readable default name: the qualified name, also through functools.partial."""
+    inner: object = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func  # pyright: ignore[reportUnknownMemberType]
+    name = getattr(inner, "__qualname__", None)
+    return name if isinstance(name, str) else short_repr(fn)
 
 
 def _check_shippable(name: str, fn: Callable[..., Any]) -> None:

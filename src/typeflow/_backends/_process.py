@@ -41,6 +41,7 @@ from typeflow._errors import (
     StageError,
     StageTimeout,
     WorkerCrashed,
+    WorkerStartError,
 )
 from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
@@ -86,21 +87,6 @@ class _Cancelled(Exception):
 
 #: How many times a worker process that dies while starting is started again.
 _START_ATTEMPTS: Final = 3
-
-
-class WorkerStartError(RuntimeError):
-    """A worker process ended before it was ready (it prints its own traceback)."""
-
-    def __init__(self, stage: str, exitcode: int | None) -> None:
-        if exitcode is not None and exitcode < 0:
-            how = f"was killed by signal {-exitcode} while starting"
-        else:
-            how = (
-                f"exited while starting (exit code {exitcode}); see its traceback above.  A "
-                "common cause is a script without an 'if __name__ == \"__main__\":' guard, "
-                "or one read from standard input"
-            )
-        super().__init__(f"{_START_ATTEMPTS} worker processes of stage {stage!r} in a row {how}")
 
 
 class _Unpicklable(Exception):
@@ -174,7 +160,7 @@ class _Pump:
         if self._cancelled.is_set():
             raise _Cancelled
         exitcode = self._stop_worker(kill=True)
-        raise WorkerStartError(self._node.name, exitcode)
+        raise WorkerStartError(self._node.name, exitcode, _START_ATTEMPTS)
 
     def _stop_worker(self, *, kill: bool) -> int | None:
         """Stop the worker process (politely unless ``kill``); returns its exit code."""
@@ -234,8 +220,8 @@ class _Pump:
         if isinstance(reply, BaseException):
             outcome = self._retry_alone(batch, reply)
         else:
-            ok, raw, retries = reply
-            outcome = Outcome(ok, self._failures(batch, raw), retries)
+            outcome, raw = reply
+            outcome.failed = self._failures(batch, raw)
         outcome.failed += unsendable
         return outcome
 
@@ -290,11 +276,12 @@ class _Pump:
             attempt += 1
             reply = self._exchange(batch)
             if not isinstance(reply, BaseException):
-                ok, raw, retries = reply
-                failed = self._failures(batch, raw)
-                for _, err in failed:
+                outcome, raw = reply
+                outcome.failed = self._failures(batch, raw)
+                for _, err in outcome.failed:
                     err.attempts += attempt - 1
-                return Outcome(ok, failed, retries + attempt - 1)
+                outcome.retries += attempt - 1
+                return outcome
             error = reply
         failure = StageError(self._node.name, item, error, attempts=attempt)
         return Outcome(failed=[(seq, failure)], retries=attempt - 1)
@@ -351,6 +338,7 @@ def start(
 ) -> ProcessGroup:
     import cloudpickle
 
+    mp_context()  # a bad TYPEFLOW_START_METHOD fails the run before it starts
     try:
         kernel_bytes = cloudpickle.dumps(node.kernel, protocol=5)
     except Exception as exc:

@@ -18,8 +18,9 @@ READY = b"ready"
 #: A failure as it crosses back to the parent: position, exception, formatted
 #: traceback, number of tries.
 RawFailure = tuple[int, BaseException, str, int]
-#: What a worker process sends back for a batch: successes, failures, extra tries.
-Reply = tuple[list[Envelope], list[RawFailure], int]
+#: What a worker process sends back for a batch: the outcome without its
+#: failures, and the failures as :data:`RawFailure`.
+Reply = tuple[Outcome, list[RawFailure]]
 
 
 def child_main(conn: Connection, kernel_bytes: bytes, index: int) -> None:
@@ -45,15 +46,17 @@ def child_main(conn: Connection, kernel_bytes: bytes, index: int) -> None:
 
 
 def _reply(conn: Connection, stage: str, outcome: Outcome) -> None:
-    ok, retries = outcome.ok, outcome.retries
+    # Failures travel apart: their exceptions may not pickle, and their tracebacks
+    # must be turned into text first.
     raw = [_raw_failure(seq, err.exception, err.attempts) for seq, err in outcome.failed]
+    outcome.failed = []
     try:
-        send(conn, (ok, raw, retries))
+        send(conn, (outcome, raw))
         return
     except Exception:  # noqa: BLE001 - some result does not pickle: find which
         pass
     kept: list[Envelope] = []
-    for seq, value in ok:
+    for seq, value in outcome.ok:
         try:
             pickle.dumps(value, protocol=5)
         except Exception as exc:  # noqa: BLE001 - reported as this item's failure
@@ -65,7 +68,8 @@ def _reply(conn: Connection, stage: str, outcome: Outcome) -> None:
             raw.append((seq, problem, "", 1))
         else:
             kept.append((seq, value))
-    send(conn, (kept, raw, retries))
+    outcome.ok = kept
+    send(conn, (outcome, raw))
 
 
 def _raw_failure(seq: int, exc: BaseException, attempts: int) -> RawFailure:

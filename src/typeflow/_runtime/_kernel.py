@@ -10,6 +10,8 @@ batches to a kernel and outcomes away from it; they never look at items.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -97,6 +99,9 @@ class MapKernel(Kernel):
         self.options = options
 
     def __reduce__(self) -> tuple[object, ...]:
+        reference = _main_reference(self.fn, self)
+        if reference is not None:
+            return (_kernel_of_stage, reference)
         return (MapKernel, (self.name, self.fn, self.is_async, self.options))
 
     def process(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
@@ -154,6 +159,36 @@ class MapKernel(Kernel):
                 out.retries += attempts - 1
                 out.ok.append((seq, value))
         return out
+
+
+def _main_reference(fn: Callable[..., Any], kernel: Kernel) -> tuple[str, str] | None:
+    """Where to find ``kernel``'s stage by name, for a stage defined in the main script.
+
+    A worker process re-imports the main script (as multiprocessing does), so a
+    stage defined at its top level is sent by reference: the worker then uses
+    the script's own classes, and what it returns unpickles as the parent's
+    classes.  Anything else travels by value with cloudpickle.
+    """
+    main = sys.modules.get("__main__")
+    if getattr(fn, "__module__", None) != "__main__" or not getattr(main, "__file__", None):
+        return None
+    obj: object = main
+    for part in getattr(fn, "__qualname__", "<lambda>").split("."):
+        obj = getattr(obj, part, None)
+    node: object = getattr(obj, "_node", None)
+    if isinstance(node, Node) and node.kernel is kernel:
+        return ("__main__", fn.__qualname__)
+    return None
+
+
+def _kernel_of_stage(module: str, qualname: str) -> Kernel:
+    obj: object = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    node = getattr(obj, "_node", None)
+    if not isinstance(node, Node):
+        raise TypeError(f"{module}.{qualname} is not a typeflow stage in this process")
+    return node.kernel
 
 
 @dataclass(frozen=True, slots=True)
