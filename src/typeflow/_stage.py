@@ -20,7 +20,7 @@ from typing_extensions import Never
 from typeflow._errors import CompositionError, DefinitionError, short_repr
 from typeflow._hints import Hint, check_composable, input_hint, output_hint
 from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
-from typeflow._runtime._kernel import MapKernel, Node
+from typeflow._runtime._kernel import FnKernel, Node
 
 if TYPE_CHECKING:
     from typeflow._runtime._run import AsyncRun, Run
@@ -244,7 +244,7 @@ class _FnStage(Stage[In, Out]):
             )
         self._fn = fn
         self.options = options
-        self._node = Node(name, options, MapKernel(name, fn, is_async, options))
+        self._node = Node(name, options, FnKernel(name, fn, is_async, options))
         # Look like the function (what functools.update_wrapper does for functions).
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
             with contextlib.suppress(AttributeError):

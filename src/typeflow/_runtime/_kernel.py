@@ -11,31 +11,67 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias, cast
 
 from typeflow._errors import StageError
 from typeflow._options import StageOptions
 from typeflow._runtime import _retry as retry
 
-__all__ = ["Envelope", "Failed", "Kernel", "MapKernel", "Node", "Outcome", "WorkerContext"]
+__all__ = [
+    "Envelope",
+    "Failed",
+    "FnKernel",
+    "Key",
+    "Kernel",
+    "Kind",
+    "Node",
+    "Outcome",
+    "WorkerContext",
+    "child_key",
+    "root_of",
+]
 
-#: An item in flight: its position in the input, and its current value.
-Envelope: TypeAlias = tuple[int, object]
-#: A failed item: its position in the input, and the error.
-Failed: TypeAlias = tuple[int, StageError]
+#: Where an item comes from: its position in the input (a "root"), or, for the
+#: outputs of one-to-many stages, the root followed by the output's position
+#: among its siblings at each such stage.
+Key: TypeAlias = int | tuple[int, ...]
+#: An item in flight: its key, and its current value.
+Envelope: TypeAlias = tuple[Key, object]
+#: A failed item: its key, and the error.
+Failed: TypeAlias = tuple[Key, StageError]
+
+
+def root_of(key: Key) -> int:
+    """The position in the input that ``key`` descends from."""
+    return key if isinstance(key, int) else key[0]
+
+
+def child_key(key: Key, index: int) -> Key:
+    """The key of output number ``index`` made from the item keyed ``key``."""
+    return (key, index) if isinstance(key, int) else (*key, index)
 
 
 @dataclass(slots=True)
 class Outcome:
-    """What a kernel makes of a batch: the envelopes that go on, the failures,
-    and how many extra tries (retries) it took."""
+    """What a kernel makes of a batch.
+
+    Attributes:
+        ok: the envelopes that go on.
+        failed: the failures.
+        retries: how many extra tries the batch took.
+        deltas: for each item that did not make exactly one output, its root
+            and (outputs - 1): -1 for an item filtered out, +2 for an item
+            that made three.  The caller counts a root's outputs with them.
+    """
 
     ok: list[Envelope] = field(default_factory=list[Envelope])
     failed: list[Failed] = field(default_factory=list[Failed])
     retries: int = 0
+    deltas: list[tuple[int, int]] = field(default_factory=list[tuple[int, int]])
 
 
 class WorkerContext:
@@ -80,48 +116,103 @@ class Kernel:
         raise NotImplementedError
 
 
-class MapKernel(Kernel):
-    """One output per input: ``fn(item)``, awaited when ``fn`` is ``async def``.
+#: What a function-backed kernel does with each call's result.
+#:
+#: * ``"map"``: the result is the one output;
+#: * ``"flat"``: the result is an iterable (or async iterable) of outputs;
+#: * ``"keep"``: the result is a predicate's verdict: the item goes on, or not.
+Kind: TypeAlias = Literal["map", "flat", "keep"]
 
-    A failing call is retried in place when the stage asks for retries.  The
-    timeout of an ``async def`` function is applied here, by cancelling the
-    call; a plain function's timeout is the backend's business (it cannot be
-    interrupted from inside its own thread).
+
+class FnKernel(Kernel):
+    """Calls the stage's function once per item, and places what it returns.
+
+    ``fn`` is awaited when it is ``async def`` (an async generator is drained for
+    ``"flat"``).  A failing call is retried in place when the stage asks for
+    retries.  The timeout of an ``async def`` function is applied here, by
+    cancelling the call; a plain function's timeout is the backend's business
+    (it cannot be interrupted from inside its own thread).  A one-to-many call
+    is all or nothing: if it fails part way, its item fails and none of the
+    outputs it made go on.
     """
 
-    __slots__ = ("fn", "options")
+    __slots__ = ("fn", "kind", "options")
 
     def __init__(
-        self, name: str, fn: Callable[[Any], Any], is_async: bool, options: StageOptions
+        self,
+        name: str,
+        fn: Callable[[Any], Any],
+        is_async: bool,
+        options: StageOptions,
+        kind: Kind = "map",
     ) -> None:
         super().__init__(name, is_async)
         self.fn = fn
         self.options = options
+        self.kind = kind
 
     def __reduce__(self) -> tuple[object, ...]:
         reference = _main_reference(self.fn, self)
         if reference is not None:
             return (_kernel_of_stage, reference)
-        return (MapKernel, (self.name, self.fn, self.is_async, self.options))
+        return (FnKernel, (self.name, self.fn, self.is_async, self.options, self.kind))
+
+    # -- one call ------------------------------------------------------------
+
+    def _call(self, item: object) -> object:
+        """The sync call, with its result made concrete (a generator is drained)."""
+        value = self.fn(item)
+        if self.kind == "flat":
+            return list(cast(Iterable[object], value))
+        return value
+
+    async def _acall_once(self, item: object) -> object:
+        if self.kind == "flat" and inspect.isasyncgenfunction(self.fn):
+            return [x async for x in cast(AsyncIterable[object], self.fn(item))]
+        value = await self.fn(item)
+        if self.kind == "flat":
+            return list(cast(Iterable[object], value))
+        return value
+
+    async def _acall(self, item: object) -> tuple[object, int]:
+        return await retry.acall(self._acall_once, item, self.options, self.name)
+
+    def _place(self, out: Outcome, key: Key, item: object, value: object) -> None:
+        if self.kind == "map":
+            out.ok.append((key, value))
+        elif self.kind == "keep":
+            if value:
+                out.ok.append((key, item))
+            else:
+                out.deltas.append((root_of(key), -1))
+        else:
+            values = cast(list[object], value)
+            out.ok.extend([(child_key(key, i), v) for i, v in enumerate(values)])
+            if len(values) != 1:
+                out.deltas.append((root_of(key), len(values) - 1))
+
+    # -- batches -------------------------------------------------------------
 
     def process(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         if self.is_async:
             return self._each(batch, lambda item: ctx.run_coroutine(self._acall(item)))
         if self.options.retries:
-            return self._each(batch, lambda item: retry.call(self.fn, item, self.options))
+            return self._each(batch, lambda item: retry.call(self._call, item, self.options))
+        if self.kind != "map":
+            return self._each(batch, lambda item: (self._call(item), 1))
         fn = self.fn
         out = Outcome()
         ok, failed = out.ok, out.failed
-        for seq, item in batch:
+        for key, item in batch:
             try:
-                ok.append((seq, fn(item)))
+                ok.append((key, fn(item)))
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
-                failed.append((seq, StageError(self.name, item, exc)))
+                failed.append((key, StageError(self.name, item, exc)))
         return out
 
     def _each(self, batch: list[Envelope], call: Callable[[object], Any]) -> Outcome:
         out = Outcome()
-        for seq, item in batch:
+        for key, item in batch:
             try:
                 value, attempts = call(item)
             except retry.Exhausted as exhausted:
@@ -129,20 +220,17 @@ class MapKernel(Kernel):
                 error = StageError(
                     self.name, item, exhausted.exception, attempts=exhausted.attempts
                 )
-                out.failed.append((seq, error))
+                out.failed.append((key, error))
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
-                out.failed.append((seq, StageError(self.name, item, exc)))
+                out.failed.append((key, StageError(self.name, item, exc)))
             else:
                 out.retries += attempts - 1
-                out.ok.append((seq, value))
+                self._place(out, key, item, value)
         return out
-
-    async def _acall(self, item: object) -> tuple[object, int]:
-        return await retry.acall(self.fn, item, self.options, self.name)
 
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         out = Outcome()
-        for seq, item in batch:
+        for key, item in batch:
             try:
                 value, attempts = await self._acall(item)
             except retry.Exhausted as exhausted:
@@ -150,14 +238,14 @@ class MapKernel(Kernel):
                 error = StageError(
                     self.name, item, exhausted.exception, attempts=exhausted.attempts
                 )
-                out.failed.append((seq, error))
+                out.failed.append((key, error))
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
-                out.failed.append((seq, StageError(self.name, item, exc)))
+                out.failed.append((key, StageError(self.name, item, exc)))
             else:
                 out.retries += attempts - 1
-                out.ok.append((seq, value))
+                self._place(out, key, item, value)
         return out
 
 

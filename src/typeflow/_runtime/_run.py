@@ -41,7 +41,7 @@ from typeflow._backends import _process, _task, _thread
 from typeflow._backends._base import WorkerBackend, WorkerGroup
 from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed
 from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Node, Outcome
+from typeflow._runtime._kernel import Envelope, Key, Node, Outcome, root_of
 from typeflow._runtime._signals import SignalGuard
 from typeflow._runtime._stats import Counters, RunStatistics, StageStatistics
 
@@ -49,8 +49,13 @@ __all__ = ["AsyncRun", "Run", "RunCore", "default_window"]
 
 Out = TypeVar("Out", covariant=True)
 
-#: An outcome on its way to the caller: position, success?, value or StageError.
-Entry: TypeAlias = tuple[int, bool, object]
+#: An outcome on its way to the caller: key, kind, and the value, the
+#: StageError or the change in the number of its root's outputs.
+Entry: TypeAlias = tuple[Key, int, object]
+#: Entry kinds.
+OK: Final = 0
+FAILED: Final = 1
+DELTA: Final = 2
 
 _BACKENDS: Final[dict[str, WorkerBackend]] = {
     "thread": _thread,
@@ -92,37 +97,41 @@ class _Emitter:
         self.counters = Counters()
 
     def _route(self, outcome: Outcome) -> tuple[list[Envelope], list[Entry]]:
-        ok, failed = outcome.ok, outcome.failed
+        ok, failed, deltas = outcome.ok, outcome.failed, outcome.deltas
         counters = self.counters
         counters.succeeded += len(ok)
         counters.retried += outcome.retries
         entries: list[Entry] = []
+        if deltas:
+            # Counted before the outputs they announce can reach the caller.
+            counters.filtered += sum(1 for _, d in deltas if d < 0)
+            entries.extend([(root, DELTA, delta) for root, delta in deltas])
         if failed:
             counters.failed += len(failed)
-            for seq, err in failed:
+            for key, err in failed:
                 if isinstance(err.exception, StageTimeout):
                     counters.timed_out += 1
                 elif isinstance(err.exception, WorkerCrashed):
                     counters.crashed += 1
-                entries.append((seq, False, err))
+                entries.append((key, FAILED, err))
         if self._next is None:
-            entries.extend([(seq, True, value) for seq, value in ok])
+            entries.extend([(key, OK, value) for key, value in ok])
             ok = []
         return ok, entries
 
     def emit(self, outcome: Outcome) -> None:
         ok, entries = self._route(outcome)
+        if entries:  # first: a root's count must change before its outputs arrive
+            self._outbox.put_many(entries)
         if ok and self._next is not None:
             self._next.put_many(ok)
-        if entries:
-            self._outbox.put_many(entries)
 
     async def aemit(self, outcome: Outcome) -> None:
         ok, entries = self._route(outcome)
-        if ok and self._next is not None:
-            await self._next.aput_many(ok)
         if entries:
             await self._outbox.aput_many(entries)
+        if ok and self._next is not None:
+            await self._next.aput_many(ok)
 
     def restarted(self) -> None:
         self.counters.restarts += 1
@@ -301,8 +310,9 @@ class RunCore:
             guard.restore()
             guard.raise_received()
 
-    def statistics(self, succeeded: int, failed: int) -> RunStatistics:
-        """A snapshot; ``succeeded`` and ``failed`` are the results yielded so far."""
+    def statistics(self, succeeded: int, failed: int, done: int) -> RunStatistics:
+        """A snapshot; ``succeeded`` and ``failed`` are the results yielded so far,
+        ``done`` the input items whose every outcome is known."""
         stages: list[StageStatistics] = []
         for node, inbox, emitters in zip(self.nodes, self.inboxes, self._emitters, strict=True):
             total = Counters()
@@ -318,6 +328,7 @@ class RunCore:
                     items_in=inbox.taken,
                     succeeded=total.succeeded,
                     failed=total.failed,
+                    filtered=total.filtered,
                     retried=total.retried,
                     timed_out=total.timed_out,
                     crashed=total.crashed,
@@ -329,7 +340,8 @@ class RunCore:
             items_read=self.items_read,
             succeeded=succeeded,
             failed=failed,
-            in_flight=self.items_read - succeeded - failed,
+            done=done,
+            in_flight=self.items_read - done,
             elapsed=time.monotonic() - self.started_at if self.started_at else 0.0,
             stages=tuple(stages),
         )
@@ -362,53 +374,114 @@ class RunCore:
             self._loop.stop(max(0.0, deadline - time.monotonic()))
 
 
-class _Collector(Generic[Out]):
-    """Turns outbox entries into ``Result``s, in input order when asked."""
+class _Group:
+    """The outcomes of one input item that has more (or fewer) than one."""
 
-    __slots__ = ("_core", "_done", "_next_seq", "_pending", "_ready", "failed", "succeeded")
+    __slots__ = ("entries", "outstanding")
+
+    def __init__(self) -> None:
+        self.outstanding = 1
+        self.entries: list[Entry] = []
+
+
+def _sort_key(entry: Entry) -> tuple[int, ...]:
+    key = entry[0]
+    return (key,) if isinstance(key, int) else key
+
+
+class _Collector(Generic[Out]):
+    """Turns outbox entries into ``Result``s, in input order when asked.
+
+    Each input item (a *root*) is complete when all its outputs have arrived:
+    one, unless a one-to-many stage or a filter announced otherwise with a
+    DELTA entry (always sent before the outputs it counts).  A complete root
+    gives its place in the window back; in an ordered run its outputs are
+    released in input order, siblings in the order they were made.
+    """
+
+    __slots__ = (
+        "_core",
+        "_done",
+        "_groups",
+        "_next_seq",
+        "_pending",
+        "_ready",
+        "completed",
+        "failed",
+        "succeeded",
+    )
 
     def __init__(self, core: RunCore) -> None:
         self._core = core
         self.succeeded = 0
         self.failed = 0
+        self.completed = 0
         self._ready: deque[Entry] = deque()
-        self._pending: dict[int, Entry] = {}
+        self._groups: dict[int, _Group] = {}
+        self._pending: dict[int, list[Entry]] = {}
         self._next_seq = 0
         self._done = False
 
     def accept(self, entries: list[Entry]) -> None:
         core = self._core
         if core.fail_fast:
-            for _, ok, payload in entries:
-                if not ok:
+            for _, kind, payload in entries:
+                if kind == FAILED:
                     core.shutdown()
                     self.failed += 1
                     raise cast(StageError, payload)
-        before = len(self._ready)
-        if not core.ordered:
-            self._ready.extend(entries)
+        ordered = core.ordered
+        groups = self._groups
+        complete: list[tuple[int, list[Entry]]] = []
+        for entry in entries:
+            key, kind, payload = entry
+            if isinstance(key, int) and kind != DELTA and key not in groups:
+                complete.append((key, [entry]))  # the common case: one output per item
+                continue
+            root = root_of(key)
+            group = groups.get(root)
+            if group is None:
+                group = groups[root] = _Group()
+            if kind == DELTA:
+                group.outstanding += cast(int, payload)
+            else:
+                group.outstanding -= 1
+                if ordered:
+                    group.entries.append(entry)
+                else:
+                    self._ready.append(entry)
+            if group.outstanding == 0:
+                del groups[root]
+                complete.append((root, sorted(group.entries, key=_sort_key)))
+        if not complete:
+            return
+        if not ordered:
+            for _, done in complete:
+                self._ready.extend(done)
+            freed = len(complete)
         else:
             pending, ready = self._pending, self._ready
             nxt = self._next_seq
-            for entry in entries:
-                if entry[0] == nxt and not pending:
-                    ready.append(entry)
+            for root, done in complete:
+                if root == nxt and not pending:
+                    ready.extend(done)
                     nxt += 1
                 else:
-                    pending[entry[0]] = entry
+                    pending[root] = done
             while nxt in pending:
-                ready.append(pending.pop(nxt))
+                ready.extend(pending.pop(nxt))
                 nxt += 1
+            freed = nxt - self._next_seq
             self._next_seq = nxt
-        freed = len(self._ready) - before
+        self.completed += freed
         if freed:  # give the places in the window back to the feeder
             core.window.take_nowait(freed)
 
     def pop(self) -> Result[Out, StageError] | None:
         if not self._ready:
             return None
-        _, ok, payload = self._ready.popleft()
-        if ok:
+        _, kind, payload = self._ready.popleft()
+        if kind == OK:
             self.succeeded += 1
             return Success(cast(Out, payload))
         self.failed += 1
@@ -419,6 +492,7 @@ class _Collector(Generic[Out]):
         self._done = True
         self._ready.clear()
         self._pending.clear()
+        self._groups.clear()
         self._core.shutdown()
         self._core.release_signals()
 
@@ -499,7 +573,7 @@ class Run(Iterator[Result[Out, StageError]], Generic[Out]):
         """Per-stage counters so far: items in, succeeded, failed, retried, timed out,
         crashed, workers restarted.  Safe to call at any time, also after the run."""
         c = self._collector
-        return self._core.statistics(c.succeeded, c.failed)
+        return self._core.statistics(c.succeeded, c.failed, c.completed)
 
     def __enter__(self) -> Self:
         return self
@@ -579,7 +653,7 @@ class AsyncRun(AsyncIterator[Result[Out, StageError]], Generic[Out]):
         """Per-stage counters so far: items in, succeeded, failed, retried, timed out,
         crashed, workers restarted.  Safe to call at any time, also after the run."""
         c = self._collector
-        return self._core.statistics(c.succeeded, c.failed)
+        return self._core.statistics(c.succeeded, c.failed, c.completed)
 
     async def __aenter__(self) -> Self:
         return self

@@ -15,9 +15,10 @@ __all__ = ["Counters", "RunStatistics", "StageStatistics"]
 class Counters:
     """What one worker has done so far.  Written only by that worker."""
 
-    __slots__ = ("crashed", "failed", "restarts", "retried", "succeeded", "timed_out")
+    __slots__ = ("crashed", "failed", "filtered", "restarts", "retried", "succeeded", "timed_out")
 
     def __init__(self) -> None:
+        self.filtered = 0
         self.succeeded = 0
         self.failed = 0
         self.retried = 0
@@ -35,8 +36,10 @@ class StageStatistics:
         backend: where its workers run.
         workers: how many workers it runs at once.
         items_in: items its workers have taken from its buffer.
-        succeeded: items it passed on.
+        succeeded: items it passed on (a one-to-many stage counts each output).
         failed: items that failed in it (a ``Failure`` naming this stage).
+        filtered: items it dropped on purpose (a filter said no, or a one-to-many
+            call made no output).
         retried: extra tries it made (a call that succeeded on its third try
             counts 2).
         timed_out: items that failed because a call exceeded ``timeout``.
@@ -51,31 +54,29 @@ class StageStatistics:
     items_in: int
     succeeded: int
     failed: int
+    filtered: int
     retried: int
     timed_out: int
     crashed: int
     restarts: int
     queued: int
 
-    @property
-    def in_progress(self) -> int:
-        """Items taken but neither passed on nor failed yet."""
-        return self.items_in - self.succeeded - self.failed
-
 
 @dataclass(frozen=True, slots=True)
 class RunStatistics:
     """A snapshot of a run: what came in, what came out, and each stage's counters.
 
-    Every item read is either yielded, or still in flight, so
-    ``items_read == succeeded + failed + in_flight`` at any time, and
-    ``in_flight == 0`` once the run has ended normally.
+    Every item read is either done (all its results yielded, or filtered out) or
+    still in flight: ``items_read == done + in_flight`` at any time, and
+    ``in_flight == 0`` once the run has ended normally.  Without one-to-many
+    stages and filters, ``done == succeeded + failed``.
 
     Attributes:
         items_read: items taken from the input.
         succeeded: ``Success`` results yielded so far.
         failed: ``Failure`` results yielded so far.
-        in_flight: items read but not yielded yet.
+        done: input items whose every outcome is known.
+        in_flight: items read but not done yet.
         elapsed: seconds since the run started.
         stages: one :class:`StageStatistics` per stage, first to last.
     """
@@ -83,6 +84,7 @@ class RunStatistics:
     items_read: int
     succeeded: int
     failed: int
+    done: int
     in_flight: int
     elapsed: float
     stages: tuple[StageStatistics, ...]
@@ -94,6 +96,7 @@ class RunStatistics:
             "in",
             "ok",
             "failed",
+            "filtered",
             "retried",
             "timeout",
             "crash",
@@ -109,6 +112,7 @@ class RunStatistics:
                         s.items_in,
                         s.succeeded,
                         s.failed,
+                        s.filtered,
                         s.retried,
                         s.timed_out,
                         s.crashed,
@@ -128,6 +132,6 @@ class RunStatistics:
         ]
         lines.append(
             f"{self.items_read} read, {self.succeeded} succeeded, {self.failed} failed, "
-            f"{self.in_flight} in flight, {self.elapsed:.3f} s"
+            f"{self.done} done, {self.in_flight} in flight, {self.elapsed:.3f} s"
         )
         return "\n".join(lines)
