@@ -8,7 +8,7 @@ import traceback
 from multiprocessing.connection import Connection
 
 from typeflow._backends._wire import recv, send
-from typeflow._runtime._kernel import Envelope, Kernel, Outcome, WorkerContext
+from typeflow._runtime._kernel import Envelope, Kernel, Key, Outcome, WorkerContext
 
 __all__ = ["READY", "RawFailure", "Reply", "child_main"]
 
@@ -17,7 +17,7 @@ READY = b"ready"
 
 #: A failure as it crosses back to the parent: position, exception, formatted
 #: traceback, number of tries.
-RawFailure = tuple[int, BaseException, str, int]
+RawFailure = tuple[Key, BaseException, str, int]
 #: What a worker process sends back for a batch: the outcome without its
 #: failures, and the failures as :data:`RawFailure`.
 Reply = tuple[Outcome, list[RawFailure]]
@@ -72,7 +72,7 @@ def _reply(conn: Connection, stage: str, outcome: Outcome) -> None:
     send(conn, (outcome, raw))
 
 
-def _raw_failure(seq: int, exc: BaseException, attempts: int) -> RawFailure:
+def _raw_failure(seq: Key, exc: BaseException, attempts: int) -> RawFailure:
     text = "".join(traceback.format_exception(exc))
     try:
         pickle.loads(pickle.dumps(exc, protocol=5))
