@@ -60,6 +60,16 @@ EXPECTED_OUTPUT: Final[dict[str, list[str]]] = {
         "after (1, 0)",
         "then the input's own exception: OSError: the order file became unreadable",
     ],
+    "documents.py": [
+        "277 paragraphs (7,933 words) of 60 documents indexed",
+        "1 failure(s):",
+        "legacy-notes.txt   read      UnicodeDecodeError",
+    ],
+    "feed_server.py": [
+        "160 requests from 4 client threads",
+        "136 answered, 24 failed",
+        "a request put after close: refused: put into a closed feed",
+    ],
     "async_run.py": [
         "... 39 documents fingerprinted in",
         "failed: 'doc-013' in stage 'download': the store has no document 'doc-013'",

@@ -30,9 +30,25 @@ from typeflow._errors import (
     WorkerCrashed,
     WorkerStartError,
 )
+from typeflow._feed import Feed, FeedClosed, merge
+from typeflow._fork import SplitStage, fork, route
 from typeflow._options import Backend, StageOptions, is_backend
 from typeflow._runtime._run import AsyncRun, Run
 from typeflow._runtime._stats import RunStatistics, StageStatistics
+from typeflow._shapes import (
+    AsyncFlatMapStage,
+    AsyncStatefulStage,
+    BatchStage,
+    FlatMapDecorator,
+    FlatMapStage,
+    IsInstance,
+    StatefulStage,
+    batch,
+    flat_map,
+    keep,
+    keep_type,
+    unbatch,
+)
 from typeflow._stage import (
     AsyncFnStage,
     AsyncStageDecorator,
@@ -44,28 +60,46 @@ from typeflow._stage import (
 )
 
 __all__ = [
+    "AsyncFlatMapStage",
     "AsyncFnStage",
     "AsyncRun",
     "AsyncStageDecorator",
+    "AsyncStatefulStage",
     "Backend",
+    "BatchStage",
     "CompositionError",
     "DefinitionError",
+    "Feed",
+    "FeedClosed",
+    "FlatMapDecorator",
+    "FlatMapStage",
     "FnStage",
+    "IsInstance",
     "Pipeline",
     "RemoteTraceback",
     "Run",
     "RunStatistics",
+    "SplitStage",
     "Stage",
     "StageDecorator",
     "StageError",
     "StageOptions",
     "StageStatistics",
     "StageTimeout",
+    "StatefulStage",
     "TypeflowError",
     "WorkerCrashed",
     "WorkerStartError",
+    "batch",
+    "flat_map",
+    "fork",
     "is_backend",
+    "keep",
+    "keep_type",
+    "merge",
+    "route",
     "stage",
+    "unbatch",
 ]
 
 __version__ = "0.1.0"

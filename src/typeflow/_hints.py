@@ -16,7 +16,14 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from typeflow._errors import CompositionError
 
-__all__ = ["Hint", "check_composable", "input_hint", "output_hint"]
+__all__ = [
+    "Hint",
+    "check_composable",
+    "element_hint",
+    "input_hint",
+    "narrowed_hint",
+    "output_hint",
+]
 
 #: A run-time annotation object, or None when unknown.
 Hint = object
@@ -46,6 +53,41 @@ def input_hint(fn: Callable[..., Any]) -> Hint:
 def output_hint(fn: Callable[..., Any]) -> Hint:
     """The annotation of what ``fn`` returns (awaited for ``async def``), or None."""
     return _hints(fn).get("return")
+
+
+def element_hint(hint: Hint) -> Hint:
+    """The element type of an iterable annotation (``Iterator[str]`` -> ``str``), or None."""
+    import collections.abc as abc
+
+    origin = get_origin(hint)
+    iterables = (
+        abc.Iterable,
+        abc.Iterator,
+        abc.Generator,
+        abc.AsyncIterable,
+        abc.AsyncIterator,
+        abc.AsyncGenerator,
+        abc.Sequence,
+        list,
+        set,
+        frozenset,
+    )
+    args = get_args(hint)
+    if origin in iterables and args:
+        return args[0]
+    return None
+
+
+def narrowed_hint(hint: Hint) -> Hint:
+    """The type a ``TypeIs[X]``/``TypeGuard[X]`` predicate narrows to, or None."""
+    import typing
+
+    import typing_extensions
+
+    guards = {typing.TypeGuard, typing_extensions.TypeGuard, typing_extensions.TypeIs}
+    if get_origin(hint) in guards and get_args(hint):
+        return get_args(hint)[0]
+    return None
 
 
 def _classes(hint: Hint) -> tuple[type, ...] | None:

@@ -12,17 +12,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, final, overload
 
-from typing_extensions import Never
+from typing_extensions import Never, TypeIs
 
 from typeflow._errors import CompositionError, DefinitionError, short_repr
 from typeflow._hints import Hint, check_composable, input_hint, output_hint
 from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
-from typeflow._runtime._kernel import FnKernel, Node
+from typeflow._runtime._kernel import FnKernel, Kind, Node
 
 if TYPE_CHECKING:
+    from typeflow._feed import Feed
     from typeflow._runtime._run import AsyncRun, Run
 
 __all__ = ["AsyncFnStage", "FnStage", "Pipeline", "Stage", "StageDecorator", "stage"]
@@ -92,6 +93,93 @@ class Stage(Generic[In, Out]):
     def _parts(self) -> tuple[Stage[Any, Any], ...]:
         return (self,)
 
+    # -- fluent shapes: the item type comes from ``self``, so nothing is left for a
+    # -- type checker to infer (pyright cannot infer ``self | batch(10)``).
+
+    @overload
+    def map(
+        self,
+        fn: Callable[[Out], Coroutine[Any, Any, C]],
+        /,
+        *,
+        workers: int = 1,
+        backend: Backend = "thread",
+        name: str | None = None,
+    ) -> Pipeline[In, C]: ...
+    @overload
+    def map(
+        self,
+        fn: Callable[[Out], C],
+        /,
+        *,
+        workers: int = 1,
+        backend: Backend = "thread",
+        name: str | None = None,
+    ) -> Pipeline[In, C]: ...
+    def map(
+        self,
+        fn: Callable[[Out], Any],
+        /,
+        *,
+        workers: int = 1,
+        backend: Backend = "thread",
+        name: str | None = None,
+    ) -> Pipeline[In, Any]:
+        """``self | stage(workers=..., backend=..., name=...)(fn)``: one more stage.
+
+        ``fn`` may be ``async def`` (its result is awaited).  As a method, the type
+        of ``fn``'s argument comes from this stage, so a lambda is typed too.
+
+        Example:
+            >>> @stage
+            ... def parse(text: str) -> int:
+            ...     return int(text)
+            >>> [r.unwrap() for r in parse.map(lambda n: n * 10).run(["1", "2"])]
+            [10, 20]
+        """
+        options = StageOptions(workers=workers, backend=backend, name=name)
+        return self | _make(fn, options)
+
+    @overload
+    def keep(self, predicate: Callable[[Out], TypeIs[C]], /) -> Pipeline[In, C]: ...
+    @overload
+    def keep(self, predicate: Callable[[Out], object], /) -> Pipeline[In, Out]: ...
+    def keep(self, predicate: Callable[[Any], object], /) -> Pipeline[In, Any]:
+        """``self | keep(predicate)``, keeping the exact output type (or the narrowed one,
+        for a ``TypeIs`` predicate).
+
+        Example:
+            >>> @stage
+            ... def parse(text: str) -> int:
+            ...     return int(text)
+            >>> [r.unwrap() for r in parse.keep(lambda n: n > 1).run(["1", "2", "3"])]
+            [2, 3]
+        """
+        from typeflow._shapes import keep
+
+        return self | keep(predicate)
+
+    def batch(self, size: int, /, *, timeout: float = 1.0) -> Pipeline[In, list[Out]]:
+        """Group outputs into lists of ``size`` (a shorter list after ``timeout`` s).
+
+        Example:
+            >>> @stage
+            ... def parse(text: str) -> int:
+            ...     return int(text)
+            >>> [r.unwrap() for r in parse.batch(2).run(["1", "2", "3"])]
+            [[1, 2], [3]]
+        """
+        from typeflow._shapes import BatchStage
+
+        return self | BatchStage[Out](size, timeout)
+
+    def unbatch(self: Stage[In, Iterable[C]]) -> Pipeline[In, C]:
+        """Pass on each element of each output (the reverse of :meth:`batch`)."""
+        from typeflow._shapes import unbatch
+
+        elements: Stage[Iterable[C], C] = unbatch()
+        return self | elements
+
     # -- running -----------------------------------------------------------
 
     def run(
@@ -149,6 +237,30 @@ class Stage(Generic[In, Out]):
             grace=grace,
         )
         return Run(core, items)
+
+    def feed(
+        self,
+        *,
+        ordered: bool = True,
+        fail_fast: bool = False,
+        window: int | None = None,
+        capacity: int = DEFAULT_BUFFER,
+    ) -> Feed[In, Out]:
+        """Open a running pipeline that takes items over time (a continuous feed).
+
+        ``feed.put(item)`` from any thread (``await feed.aput(item)`` from a task),
+        iterate the feed for the results, ``feed.close()`` when no more items
+        come.  ``capacity`` bounds the items waiting to enter the first stage;
+        ``put`` waits while it is full.  See :class:`~typeflow.Feed`.
+        """
+        from typeflow._feed import Feed
+
+        def start(source: Iterator[Any]) -> Run[Out]:
+            return self.run(
+                source, ordered=ordered, fail_fast=fail_fast, window=window, handle_signals=False
+            )
+
+        return Feed(start, capacity)
 
     def arun(
         self,
@@ -234,7 +346,9 @@ class _FnStage(Stage[In, Out]):
     __qualname__: str
     __wrapped__: Callable[..., Any]
 
-    def __init__(self, fn: Callable[..., Any], options: StageOptions, is_async: bool) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], options: StageOptions, is_async: bool, kind: Kind = "map"
+    ) -> None:
         name = options.name or _function_name(fn)
         if options.backend == "task" and not is_async:
             raise DefinitionError(
@@ -244,7 +358,7 @@ class _FnStage(Stage[In, Out]):
             )
         self._fn = fn
         self.options = options
-        self._node = Node(name, options, FnKernel(name, fn, is_async, options))
+        self._node = Node(name, options, FnKernel(name, fn, is_async, options, kind))
         # Look like the function (what functools.update_wrapper does for functions).
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
             with contextlib.suppress(AttributeError):
@@ -345,7 +459,7 @@ def _make(fn: object, options: StageOptions) -> Stage[Any, Any]:
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         raise DefinitionError(
             f"@stage got the generator function {getattr(fn, '__qualname__', fn)!r}; a stage "
-            "returns one output per input (return a list, or collect the generator)"
+            "makes one output per input: decorate it with @flat_map for one-to-many"
         )
     _check_arity(fn)
     if inspect.iscoroutinefunction(fn):

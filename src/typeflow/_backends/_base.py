@@ -10,15 +10,62 @@ from, where they go, ordering, failures, shutdown order -- is the scheduler's.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from typeflow._errors import StageError
 from typeflow._runtime._channel import Channel
-from typeflow._runtime._kernel import Envelope, Node, Outcome
+from typeflow._runtime._kernel import Envelope, Key, Node, Outcome
 
-__all__ = ["Emitter", "RunEnv", "WorkerBackend", "WorkerGroup", "fail_batch"]
+if TYPE_CHECKING:
+    import asyncio
+
+__all__ = ["BatchSizer", "Emitter", "RunEnv", "WorkerBackend", "WorkerGroup", "fail_batch"]
+
+
+class BatchSizer:
+    """How many items one worker takes at once: about ``target`` seconds of work.
+
+    Batching makes cheap items cheap (one hand-off per batch instead of per
+    item), but a batch is passed on only when all of it is done, so a batch of
+    slow items delays the first results and holds up shutdown.  A worker starts
+    with a batch of one item, times each batch, and sets its next limit from a
+    running average of the time per item: at most ``target`` seconds of work,
+    at most ``cap`` items, and at most twice the last limit (so that one fast
+    batch after slow ones does not jump to the cap).  With 10 ms items a worker
+    takes one item at a time; with 1 µs items it soon takes ``cap``.
+
+    ``per_item_bytes`` (optional) bounds a batch by size too, for backends that
+    copy items between processes.
+    """
+
+    __slots__ = ("_bytes", "_cap", "_max_bytes", "_per_item", "_target", "limit")
+
+    def __init__(self, cap: int, target: float, max_bytes: int = 0) -> None:
+        self._cap = cap
+        self._target = target
+        self._max_bytes = max_bytes
+        self._per_item = 0.0
+        self._bytes = 0.0
+        #: The most items to take next time.
+        self.limit = 1
+
+    def record(self, items: int, seconds: float, nbytes: int = 0) -> None:
+        """A batch of ``items`` items took ``seconds`` (and weighed ``nbytes``)."""
+        if items <= 0:
+            return
+        per_item = seconds / items
+        # A running average that forgets fast: half the weight on the last batch.
+        self._per_item = per_item if self._per_item == 0.0 else (self._per_item + per_item) / 2
+        limit = min(self._cap, 2 * self.limit)
+        if self._per_item > 0.0:
+            limit = min(limit, int(self._target / self._per_item))
+        if self._max_bytes:
+            per_bytes = nbytes / items
+            self._bytes = per_bytes if self._bytes == 0.0 else (self._bytes + per_bytes) / 2
+            if self._bytes > 0.0:
+                limit = min(limit, int(self._max_bytes / self._bytes))
+        self.limit = max(1, limit)
 
 
 def fail_batch(node: Node, batch: list[Envelope], exc: BaseException) -> Outcome:
@@ -57,6 +104,28 @@ class RunEnv(Protocol):
     def event_loop(self) -> asyncio.AbstractEventLoop:
         """The run's event loop (running in its own thread), started on first use."""
         ...
+
+    def on_shutdown(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` first thing when the run stops (e.g. to abort a channel)."""
+        ...
+
+    def start_chain(
+        self, nodes: tuple[Node, ...], first: Channel[Envelope], outbox: Outbox
+    ) -> list[WorkerGroup]:
+        """Start a chain of stages fed by ``first`` whose last stage emits into ``outbox``
+        (a branch of a fork); stopped with the run."""
+        ...
+
+
+class Outbox(Protocol):
+    """Where a chain's last stage emits its outcome entries (the run's outbox, or a
+    fork's join buffer)."""
+
+    def put_many(self, batch: list[tuple[Key, int, object]]) -> None: ...
+
+    async def aput_many(self, batch: list[tuple[Key, int, object]]) -> None: ...
+
+    def producer_done(self) -> None: ...
 
 
 class WorkerGroup(Protocol):

@@ -1,21 +1,48 @@
 """``backend="process"``: one process per worker, each driven by one pump thread.
 
-Each worker process has its own duplex pipe; a pump thread in the parent takes
-a batch from the stage's inbox, sends it, and waits for the reply *or* the
-process's death on the same ``wait`` call -- no polling, no shared queue lock,
-no feeder thread.  Batches travel as pickle protocol 5 with out-of-band buffers
-(:mod:`typeflow._backends._wire`).
+Each worker process has its own duplex socket; a pump thread in the parent
+takes batches from the stage's inbox, sends them, and waits for the replies
+*or* the process's death on the same ``wait`` call -- no polling, no shared
+queue lock, no feeder thread.  Batches travel as pickle protocol 5 with large
+buffers out of band, read straight into place (:mod:`typeflow._backends._wire`).
+
+* **Adaptive batches.**  A batch is about :data:`BATCH_SECONDS` of the worker's
+  own time (it reports how long the kernel took) and about
+  :data:`BATCH_BYTES` on the wire, at most :data:`BATCH_LIMIT` items, one item
+  at first (see :class:`~typeflow._backends._base.BatchSizer`).  Slow items
+  travel one by one, so results come out as soon as they are made and a
+  cancelled run does not wait for a long batch (the worker is killed anyway).
+* **Two batches in flight.**  While the worker computes one batch, the next
+  one already waits in its socket, so the round trip (about 0.2 ms on a busy
+  VM) is hidden.  The pump takes that second batch only if it is already in the
+  inbox, and sends it early only if it fits into the socket's buffer
+  (:attr:`Wire.pipeline_bytes`): the worker may be blocked sending a big reply
+  that the pump reads only after its own send returns, and a send that fits
+  never blocks.  Under a ``timeout`` the pump sends one item at a time, so
+  that each deadline counts from the item's own start.
 
 A worker that dies (SIGKILL, ``os._exit``, segfault, out-of-memory killer) is
 replaced.  If it held a single item, that item becomes a ``Failure`` carrying
 :class:`~typeflow.WorkerCrashed`; if it held a batch, each item of the batch is
 run again on its own in a fresh worker, so only the item that kills a worker
-fails (the others may thus run twice).
+fails (the others may thus run twice).  A batch queued behind the one that
+killed the worker had not started: it is simply sent again.
 
-Start method: ``forkserver`` where the platform has it (forking a process that
-runs threads is unsafe, and typeflow's parent always does), else ``spawn``.
-Set ``TYPEFLOW_START_METHOD`` to override.  The forkserver preloads typeflow,
-so after the first run a worker starts in a few milliseconds.
+Start method.  Replacements (and workers started while other threads run) use
+``forkserver`` where the platform has it, else ``spawn``: forking a process
+that runs threads is unsafe.  The forkserver preloads typeflow, so after its
+own start (a fresh interpreter, about 0.1 s) a worker starts in a few
+milliseconds.  The *first* workers of a run are forked directly from the
+caller when that is safe: on Linux, when the calling thread is the only Python
+thread alive (``threading.active_count() == 1``, which is what the scheduler
+arranges by starting process stages first, see :func:`deferred_threads`).  That
+is what ``multiprocessing.Pool`` does by default on Linux, and it makes a
+short run start in milliseconds.  A forked worker closes the parent's ends of
+the worker sockets it inherited (so that each worker sees end-of-file when the
+parent dies), resets SIGTERM and ignores SIGINT.  Threads started by C
+libraries are invisible to that check, as they are to ``Pool``.  Set
+``TYPEFLOW_START_METHOD`` (``forkserver``, ``spawn`` or ``fork``) to use one
+method for every worker, the first ones included.
 """
 
 from __future__ import annotations
@@ -24,17 +51,19 @@ import contextlib
 import multiprocessing
 import os
 import pickle
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Generator, Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from typing import Final, TypeAlias, cast
 
-from typeflow._backends._base import Emitter, RunEnv, fail_batch
+from typeflow._backends._base import BatchSizer, Emitter, RunEnv, fail_batch
 from typeflow._backends._process_child import READY, RawFailure, Reply, child_main
-from typeflow._backends._wire import recv, send
+from typeflow._backends._wire import Wire, encode
 from typeflow._errors import (
     DefinitionError,
     RemoteTraceback,
@@ -47,14 +76,55 @@ from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
 from typeflow._runtime._kernel import Envelope, Failed, Node, Outcome
 
-__all__ = ["BATCH_LIMIT", "ProcessGroup", "mp_context", "start"]
+__all__ = [
+    "BATCH_BYTES",
+    "BATCH_LIMIT",
+    "BATCH_SECONDS",
+    "INBOX_BYTES",
+    "ProcessGroup",
+    "deferred_threads",
+    "mp_context",
+    "start",
+]
 
 #: The most items sent to a worker process in one message.
 BATCH_LIMIT: Final = 1024
+#: About how long the work of one batch should take in the worker, in seconds.
+BATCH_SECONDS: Final = 0.005
+#: About how many bytes one batch should weigh on the wire (at least one item).
+BATCH_BYTES: Final = 1024 * 1024
+#: A byte budget for the inbox of a process stage (``Channel(max_bytes=...)``):
+#: large items (arrays, images) wait in front of the stage by size, not only by count.
+INBOX_BYTES: Final = 16 * 1024 * 1024
+#: How many batches a worker process holds at once: one it works on, one waiting.
+_IN_FLIGHT: Final = 2
 
 _Context: TypeAlias = ForkServerContext | SpawnContext | ForkContext
 _context: _Context | None = None
 _context_lock = threading.Lock()
+
+
+def _installed_packages() -> list[str]:
+    """The installed (site-packages) top-level packages this program has imported.
+
+    The forkserver imports them once, so that a worker, which re-imports the
+    main module, finds NumPy & co. already loaded instead of spending 0.2 s or
+    more importing them again.  Only installed packages: a module next to the
+    script may do anything when imported, and is imported by each worker as
+    usual.  (Preloading ``"__main__"`` itself does not work before Python 3.13.)
+    """
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    roots = tuple({os.path.join(paths[key], "") for key in ("purelib", "platlib")})
+    names: list[str] = []
+    for name, module in list(sys.modules.items()):
+        if "." in name or name.startswith("_") or name == "typeflow":
+            continue
+        origin = getattr(module, "__file__", None)
+        if isinstance(origin, str) and origin.startswith(roots):
+            names.append(name)
+    return sorted(names)
 
 
 def mp_context() -> _Context:
@@ -67,7 +137,9 @@ def mp_context() -> _Context:
             )
             if method == "forkserver":
                 server = multiprocessing.get_context("forkserver")
-                server.set_forkserver_preload(["typeflow._backends._process_child", "cloudpickle"])
+                server.set_forkserver_preload(
+                    ["typeflow._backends._process_child", "cloudpickle", *_installed_packages()]
+                )
                 _context = server
             elif method == "spawn":
                 _context = multiprocessing.get_context("spawn")
@@ -91,6 +163,16 @@ _START_ATTEMPTS: Final = 3
 
 class _Unpicklable(Exception):
     pass
+
+
+class _Sent:
+    """A batch on its way to (or inside) the worker process."""
+
+    __slots__ = ("batch", "nbytes")
+
+    def __init__(self, batch: list[Envelope], nbytes: int) -> None:
+        self.batch = batch
+        self.nbytes = nbytes
 
 
 class _Pump:
@@ -117,11 +199,35 @@ class _Pump:
         self._lock = threading.Lock()
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
+        self._wire: Wire | None = None
+        self._forked: tuple[BaseProcess, Connection] | None = None
+        self._sizer = BatchSizer(BATCH_LIMIT, BATCH_SECONDS, BATCH_BYTES)
         self.thread = threading.Thread(
             target=self._main, name=f"typeflow:{node.name}:{index}", daemon=True
         )
 
     # -- worker process ------------------------------------------------------
+
+    def fork_now(self, inherited: list[Connection]) -> None:
+        """Fork this pump's first worker from the calling thread (the only thread alive).
+
+        ``inherited`` holds the parent's ends of the sockets of the workers
+        forked before this one: the new worker closes them (and its own).
+        """
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe(duplex=True)
+        inherited.append(parent)
+        proc = ctx.Process(
+            target=child_main,
+            args=(child, None, self._index, list(inherited), self._node.kernel),
+            name=f"typeflow:{self._node.name}:{self._index}",
+            daemon=True,
+        )
+        try:
+            proc.start()
+        finally:
+            child.close()
+        self._forked = (proc, parent)
 
     def _spawn(self) -> None:
         """Start a worker process and wait until it is ready.
@@ -135,25 +241,37 @@ class _Pump:
         return self._spawn_once()
 
     def _spawn_once(self) -> None:
-        ctx = mp_context()
-        parent, child = ctx.Pipe(duplex=True)
-        proc = ctx.Process(
-            target=child_main,
-            args=(child, self._kernel_bytes, self._index),
-            name=f"typeflow:{self._node.name}:{self._index}",
-            daemon=True,
-        )
-        with self._lock:
-            if self._cancelled.is_set():
-                parent.close()
-                child.close()
-                raise _Cancelled
-            proc.start()
-            self._proc, self._conn = proc, parent
-        child.close()
+        forked, self._forked = self._forked, None
+        if forked is not None:
+            proc, parent = forked
+            with self._lock:
+                if self._cancelled.is_set():
+                    proc.kill()
+                    proc.join()
+                    parent.close()
+                    raise _Cancelled
+                self._proc, self._conn = proc, parent
+        else:
+            ctx = mp_context()
+            parent, child = ctx.Pipe(duplex=True)
+            proc = ctx.Process(
+                target=child_main,
+                args=(child, self._kernel_bytes, self._index),
+                name=f"typeflow:{self._node.name}:{self._index}",
+                daemon=True,
+            )
+            with self._lock:
+                if self._cancelled.is_set():
+                    parent.close()
+                    child.close()
+                    raise _Cancelled
+                proc.start()
+                self._proc, self._conn = proc, parent
+            child.close()
         # Wait until the worker is up, so that start-up never counts against a timeout.
         try:
             if parent in wait([parent, proc.sentinel]) and parent.recv_bytes() == READY:
+                self._wire = Wire(parent)
                 return
         except (OSError, EOFError):
             pass
@@ -165,17 +283,24 @@ class _Pump:
     def _stop_worker(self, *, kill: bool) -> int | None:
         """Stop the worker process (politely unless ``kill``); returns its exit code."""
         with self._lock:
-            proc, conn = self._proc, self._conn
-            self._proc = self._conn = None
+            proc, conn, wire = self._proc, self._conn, self._wire
+            self._proc = self._conn = self._wire = None
         if proc is None or conn is None:
             return None
-        if not kill:
+        if not kill and wire is not None:
             with contextlib.suppress(OSError):
-                send(conn, None)
-            proc.join(1.0)
+                wire.send(None)
+        elif proc.is_alive():
+            # SIGTERM ends the current call and runs a stateful stage's teardown;
+            # SIGKILL follows if the worker is still there a second later.
+            with contextlib.suppress(OSError):
+                proc.terminate()
+        proc.join(1.0)
         if proc.is_alive():
             proc.kill()
         proc.join(1.0)
+        if wire is not None:
+            wire.close()
         conn.close()
         return proc.exitcode
 
@@ -183,30 +308,124 @@ class _Pump:
         with self._lock:
             self._cancelled.set()
             proc = self._proc
-        if proc is not None and proc.pid is not None and proc.exitcode is None:
-            with contextlib.suppress(OSError):
-                proc.kill()
+            forked = self._forked
+        for p in (proc, forked[0] if forked is not None else None):
+            if p is not None and p.pid is not None and p.exitcode is None:
+                with contextlib.suppress(OSError):
+                    p.terminate()  # the pump waits a moment for its teardown, then kills
 
     # -- the pump ------------------------------------------------------------
 
     def _main(self) -> None:
         try:
-            limit = 1 if self._timeout is not None else BATCH_LIMIT
-            share = self._options.workers
-            while True:
-                batch = self._inbox.get_many(limit, share)
-                try:
-                    outcome = self._roundtrip(batch)
-                except (_Cancelled, ChannelAborted):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - e.g. a worker that cannot start
-                    outcome = fail_batch(self._node, batch, exc)
-                self._emitter.emit(outcome)
+            if self._timeout is None:
+                self._pipelined()
+            else:
+                self._one_by_one()
         except (EndOfChannel, ChannelAborted, _Cancelled):
             pass
         finally:
+            self.discard()
             self._stop_worker(kill=self._cancelled.is_set())
             self._emitter.done()
+
+    def discard(self) -> None:
+        """Kill a forked worker that was never used (no input, or the run failed to start)."""
+        forked, self._forked = self._forked, None
+        if forked is not None:
+            forked[0].kill()
+            forked[0].join(1.0)
+            forked[1].close()
+
+    def _one_by_one(self) -> None:
+        """Under a timeout: one item at a time, its deadline counted from its sending."""
+        while True:
+            batch = self._inbox.get_many(1, self._options.workers)
+            self._emitter.emit(self._guarded(batch))
+
+    def _guarded(self, batch: list[Envelope]) -> Outcome:
+        try:
+            return self._roundtrip(batch)
+        except (_Cancelled, ChannelAborted):
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. a worker that cannot start
+            return fail_batch(self._node, batch, exc)
+
+    def _pipelined(self) -> None:
+        """Keep up to two batches in the worker: it computes one while the next one waits.
+
+        Replies come back in the order the batches were sent.  The next batch
+        is taken only if it is already waiting (never waiting for input while
+        a reply is due), and sent early only if it is small enough to fit into
+        the socket's buffer, so that the two sides never block each other.
+        """
+        inbox, share, sizer = self._inbox, self._options.workers, self._sizer
+        sent: deque[_Sent] = deque()
+        while True:
+            if len(sent) >= _IN_FLIGHT:
+                self._collect(sent)
+                continue
+            if sent:
+                batch = inbox.take_nowait(sizer.limit, share)
+                if not batch:
+                    self._collect(sent)
+                    continue
+            else:
+                batch = inbox.get_many(sizer.limit, share)
+            seqs, items = zip(*batch, strict=True)
+            try:
+                parts, nbytes = encode((seqs, items))
+            except Exception:  # noqa: BLE001 - an item does not pickle: the careful path
+                while sent:
+                    self._collect(sent)
+                self._emitter.emit(self._guarded(batch))
+                continue
+            while sent and nbytes > self._pipeline_bytes():
+                self._collect(sent)
+            if self._wire is None:
+                try:
+                    self._spawn()
+                except (_Cancelled, ChannelAborted):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the worker cannot start
+                    self._emitter.emit(fail_batch(self._node, batch, exc))
+                    continue
+            wire = self._wire
+            if wire is None:
+                raise _Cancelled
+            sent.append(_Sent(batch, nbytes))
+            with contextlib.suppress(OSError):  # the worker is gone: the next _collect sees it
+                wire.send_parts(parts, nbytes)
+
+    def _pipeline_bytes(self) -> int:
+        wire = self._wire
+        return wire.pipeline_bytes if wire is not None else 0
+
+    def _collect(self, sent: deque[_Sent]) -> None:
+        """Wait for the reply to the oldest batch in the worker, and pass it on."""
+        reply = self._await_reply()
+        if isinstance(reply, BaseException):
+            # The worker died in the oldest batch; the later ones were not started.
+            batches = [s.batch for s in sent]
+            sent.clear()
+            outcome = self._guarded_alone(batches[0], reply)
+            self._emitter.emit(outcome)
+            for batch in batches[1:]:
+                self._emitter.emit(self._guarded(batch))
+            return
+        done = sent.popleft()
+        outcome, raw, seconds = reply
+        outcome.failed = self._failures(done.batch, raw)
+        self._sizer.record(len(done.batch), seconds, done.nbytes)
+        self._emitter.emit(outcome)
+
+    def _guarded_alone(self, batch: list[Envelope], error: BaseException) -> Outcome:
+        try:
+            return self._retry_alone(batch, error)
+        except (_Cancelled, ChannelAborted):
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. a worker that cannot start
+            return fail_batch(self._node, batch, exc)
 
     def _roundtrip(self, batch: list[Envelope]) -> Outcome:
         unsendable: list[Failed] = []
@@ -220,7 +439,7 @@ class _Pump:
         if isinstance(reply, BaseException):
             outcome = self._retry_alone(batch, reply)
         else:
-            outcome, raw = reply
+            outcome, raw, _ = reply
             outcome.failed = self._failures(batch, raw)
         outcome.failed += unsendable
         return outcome
@@ -230,22 +449,30 @@ class _Pump:
 
         Returns the reply, or the error that ended the worker (which is then gone).
         """
-        if self._proc is None:
+        if self._wire is None:
             self._spawn()
-        proc, conn = self._proc, self._conn
-        if proc is None or conn is None:
+        wire = self._wire
+        if wire is None:
+            raise _Cancelled
+        seqs, items = zip(*batch, strict=True)
+        try:
+            parts, nbytes = encode((seqs, items))
+        except Exception as exc:
+            raise _Unpicklable from exc
+        with contextlib.suppress(OSError):  # the worker is gone: its sentinel says so
+            wire.send_parts(parts, nbytes)
+        return self._await_reply()
+
+    def _await_reply(self) -> Reply | BaseException:
+        """The next reply of the worker, or the error that ended it (it is then gone)."""
+        proc, conn, wire = self._proc, self._conn, self._wire
+        if proc is None or conn is None or wire is None:
             raise _Cancelled
         timed_out = False
         try:
-            try:
-                send(conn, batch)
-            except OSError:
-                raise
-            except Exception as exc:
-                raise _Unpicklable from exc
             ready = wait([conn, proc.sentinel], self._timeout)
             if conn in ready:
-                return cast(Reply, recv(conn))
+                return cast(Reply, wire.recv())
             timed_out = not ready
         except (OSError, EOFError):
             pass
@@ -276,7 +503,7 @@ class _Pump:
             attempt += 1
             reply = self._exchange(batch)
             if not isinstance(reply, BaseException):
-                outcome, raw = reply
+                outcome, raw, _ = reply
                 outcome.failed = self._failures(batch, raw)
                 for _, err in outcome.failed:
                     err.attempts += attempt - 1
@@ -329,8 +556,43 @@ class ProcessGroup:
     def join(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         for pump in self.pumps:
-            pump.thread.join(max(0.0, deadline - time.monotonic()))
+            if pump.thread.ident is None:  # never started (the run failed to start)
+                pump.discard()
+            else:
+                pump.thread.join(max(0.0, deadline - time.monotonic()))
         return not any(p.thread.is_alive() for p in self.pumps)
+
+
+_deferred = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_threads() -> Generator[None, None, None]:
+    """Process stages started inside the block start their pump threads at its end.
+
+    The scheduler starts every process stage inside one such block, before any
+    other thread of the run: each stage can then fork its first workers from
+    the only thread alive.  If the block raises, the threads are not started
+    (the run's shutdown cancels the stages).
+    """
+    pending: list[threading.Thread] = []
+    outer = getattr(_deferred, "pending", None)
+    _deferred.pending = pending
+    try:
+        yield
+    finally:
+        _deferred.pending = outer
+    for thread in pending:
+        thread.start()
+
+
+def _may_fork() -> bool:
+    """Whether the first workers may be forked straight from the calling thread."""
+    return (
+        sys.platform == "linux"
+        and not os.environ.get("TYPEFLOW_START_METHOD")
+        and threading.active_count() == 1
+    )
 
 
 def start(
@@ -348,6 +610,19 @@ def start(
             "and what it captures picklable"
         ) from exc
     pumps = [_Pump(node, kernel_bytes, inbox, e, i) for i, e in enumerate(emitters)]
-    for pump in pumps:
-        pump.thread.start()
-    return ProcessGroup(pumps)
+    group = ProcessGroup(pumps)
+    try:
+        if _may_fork():
+            inherited: list[Connection] = []
+            for pump in pumps:
+                pump.fork_now(inherited)
+        pending: list[threading.Thread] | None = getattr(_deferred, "pending", None)
+        for pump in pumps:
+            if pending is None:
+                pump.thread.start()
+            else:
+                pending.append(pump.thread)
+    except BaseException:
+        group.cancel()
+        raise
+    return group

@@ -1,14 +1,24 @@
-"""The main loop of a process worker.  Imported by the forkserver ahead of time."""
+"""The main loop of a process worker.  Imported by the forkserver ahead of time.
+
+A worker receives ``(seqs, items)`` -- a batch, its positions and its values
+apart, which pickles smaller than a list of pairs -- runs the kernel on it and
+replies with :data:`Reply`: the outcome (its failures apart), and how long the
+kernel took, from which the parent sizes the next batches.  ``None`` asks it to
+stop.  Messages go through :class:`~typeflow._backends._wire.Wire`.
+"""
 
 from __future__ import annotations
 
 import pickle
 import signal
+import time
 import traceback
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from typing import cast
 
-from typeflow._backends._wire import recv, send
-from typeflow._runtime._kernel import Envelope, Kernel, Key, Outcome, WorkerContext
+from typeflow._backends._wire import Wire
+from typeflow._runtime._kernel import Envelope, Kernel, Key, Outcome, WorkerContext, WorkerExit
 
 __all__ = ["READY", "RawFailure", "Reply", "child_main"]
 
@@ -19,40 +29,76 @@ READY = b"ready"
 #: traceback, number of tries.
 RawFailure = tuple[Key, BaseException, str, int]
 #: What a worker process sends back for a batch: the outcome without its
-#: failures, and the failures as :data:`RawFailure`.
-Reply = tuple[Outcome, list[RawFailure]]
+#: failures, the failures as :data:`RawFailure`, and the seconds the kernel took.
+Reply = tuple[Outcome, list[RawFailure], float]
 
 
-def child_main(conn: Connection, kernel_bytes: bytes, index: int) -> None:
+def child_main(
+    conn: Connection,
+    kernel_bytes: bytes | None,
+    index: int,
+    inherited: Sequence[Connection] = (),
+    kernel: Kernel | None = None,
+) -> None:
+    """Serve batches on ``conn`` until told to stop or the parent goes away.
+
+    A worker forked straight from the parent gets its ``kernel`` as is and
+    closes the parent's ends of the worker sockets it ``inherited`` (so that
+    each worker sees its socket close when the parent dies); the others get
+    ``kernel_bytes``.
+    """
     # Ctrl-C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    kernel: Kernel = pickle.loads(kernel_bytes)
+    # SIGTERM (a cancelled run) ends the current call; the finally below still
+    # tears a stateful stage down before the process exits.  (This also replaces
+    # the run's own handler, which a forked worker inherits.)
+    signal.signal(signal.SIGTERM, _terminate)
+    for other in inherited:
+        other.close()
+    if kernel is None:
+        assert kernel_bytes is not None
+        kernel = pickle.loads(kernel_bytes)
+    assert kernel is not None
     ctx = WorkerContext(index)
+    wire = Wire(conn)
     conn.send_bytes(READY)  # the parent starts its clock for timeouts from here
+    clock = time.perf_counter
     try:
         while True:
             try:
-                batch = recv(conn)
+                message = wire.recv()
             except EOFError:  # the parent is gone
                 break
-            if batch is None:
+            if message is None:
                 break
-            assert isinstance(batch, list)
-            outcome = kernel.process(batch, ctx)  # pyright: ignore[reportUnknownArgumentType]
-            _reply(conn, kernel.name, outcome)
+            seqs, items = cast(tuple[tuple[Key, ...], tuple[object, ...]], message)
+            batch: list[Envelope] = list(zip(seqs, items, strict=True))
+            started = clock()
+            outcome = kernel.process(batch, ctx)
+            _reply(wire, kernel.name, outcome, clock() - started)
+    except WorkerExit:
+        pass  # told to stop: the teardown below is all that is left to do
     finally:
         ctx.close()
+        wire.close()
         conn.close()
 
 
-def _reply(conn: Connection, stage: str, outcome: Outcome) -> None:
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the teardown finish
+    raise WorkerExit(128 + signum)
+
+
+def _reply(wire: Wire, stage: str, outcome: Outcome, seconds: float) -> None:
     # Failures travel apart: their exceptions may not pickle, and their tracebacks
     # must be turned into text first.
     raw = [_raw_failure(seq, err.exception, err.attempts) for seq, err in outcome.failed]
     outcome.failed = []
     try:
-        send(conn, (outcome, raw))
+        wire.send((outcome, raw, seconds))
         return
+    except OSError:
+        raise
     except Exception:  # noqa: BLE001 - some result does not pickle: find which
         pass
     kept: list[Envelope] = []
@@ -69,7 +115,7 @@ def _reply(conn: Connection, stage: str, outcome: Outcome) -> None:
         else:
             kept.append((seq, value))
     outcome.ok = kept
-    send(conn, (outcome, raw))
+    wire.send((outcome, raw, seconds))
 
 
 def _raw_failure(seq: Key, exc: BaseException, attempts: int) -> RawFailure:

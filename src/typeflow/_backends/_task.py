@@ -1,19 +1,28 @@
-"""``backend="task"``: one asyncio task per worker, on the run's event loop."""
+"""``backend="task"``: one asyncio task per worker, on the run's event loop.
+
+A worker takes a fair share of what waits in its inbox, at most
+:data:`BATCH_LIMIT` items, sized like thread batches (about
+:data:`BATCH_SECONDS` of wall time per batch, one item at first), so that slow
+calls pass their results on one by one.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Sequence
 
-from typeflow._backends._base import Emitter, RunEnv, fail_batch
+from typeflow._backends._base import BatchSizer, Emitter, RunEnv, fail_batch
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
 from typeflow._runtime._kernel import Envelope, Node, WorkerContext
 
-__all__ = ["BATCH_LIMIT", "TaskGroup", "start"]
+__all__ = ["BATCH_LIMIT", "BATCH_SECONDS", "TaskGroup", "start"]
 
 #: The most items a task worker takes from its inbox at once.
 BATCH_LIMIT = 64
+#: About how long one batch should take, in seconds.
+BATCH_SECONDS = 0.002
 
 
 class TaskGroup:
@@ -40,18 +49,25 @@ async def _work(node: Node, inbox: Channel[Envelope], emitter: Emitter, index: i
     kernel = node.kernel
     share = node.options.workers
     ctx = WorkerContext(index)
+    sizer = BatchSizer(BATCH_LIMIT, BATCH_SECONDS)
+    clock = time.perf_counter
     try:
         while True:
-            batch = await inbox.aget_many(BATCH_LIMIT, share)
+            batch = await inbox.aget_many(sizer.limit, share)
+            started = clock()
             try:
                 outcome = await kernel.aprocess(batch, ctx)
             except Exception as exc:  # noqa: BLE001 - not an item's error: fail the batch
                 outcome = fail_batch(node, batch, exc)
+            sizer.record(len(batch), clock() - started)
             await emitter.aemit(outcome)
     except (EndOfChannel, ChannelAborted):
         pass
     finally:
-        emitter.done()
+        try:
+            await ctx.aclose()  # a stateful stage's teardown, also when cancelled
+        finally:
+            emitter.done()
 
 
 async def _supervise(node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter]) -> None:

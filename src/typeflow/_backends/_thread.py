@@ -7,6 +7,13 @@ out as a :class:`~typeflow.StageTimeout` failure (or is tried again, if the
 stage retries timeouts), a new thread takes the worker's place, and the stuck
 thread, whenever its call returns, drops the result and ends.  ``async def``
 functions are cancelled at their timeout instead (see the kernel).
+
+Batches are sized per worker by :class:`~typeflow._backends._base.BatchSizer`:
+about :data:`BATCH_SECONDS` of work, at most :data:`BATCH_LIMIT` items, one
+item at first.  So cheap items travel in big batches while a slow item's result
+is passed on as soon as it is ready, and ``close()`` waits for at most a couple
+of milliseconds of work (plus the call in progress).  A stage with a timeout
+takes one item at a time.
 """
 
 from __future__ import annotations
@@ -16,16 +23,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from typeflow._backends._base import Emitter, RunEnv, fail_batch
+from typeflow._backends._base import BatchSizer, Emitter, RunEnv, fail_batch
 from typeflow._errors import StageError, StageTimeout
 from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
 from typeflow._runtime._kernel import Envelope, Node, Outcome, WorkerContext
 
-__all__ = ["BATCH_LIMIT", "ThreadGroup", "start"]
+__all__ = ["BATCH_LIMIT", "BATCH_SECONDS", "ThreadGroup", "start"]
 
 #: The most items a thread worker takes from its inbox at once.
 BATCH_LIMIT = 256
+#: About how long the work of one batch should take, in seconds.
+BATCH_SECONDS = 0.002
 
 
 @dataclass(eq=False)
@@ -86,7 +95,8 @@ class ThreadGroup:
         node, inbox, emitter = self._node, self._inbox, slot.emitter
         kernel = node.kernel
         share = node.options.workers
-        limit = 1 if self._timeout is not None else BATCH_LIMIT
+        sizer = BatchSizer(1 if self._timeout is not None else BATCH_LIMIT, BATCH_SECONDS)
+        clock = time.perf_counter
         ctx = WorkerContext(slot.index)
         replaced = False
         try:
@@ -98,12 +108,14 @@ class ThreadGroup:
                     return
                 emitter.emit(taken_over)
             while True:
-                batch = inbox.get_many(limit, share)
+                batch = inbox.get_many(sizer.limit, share)
                 if self._timeout is None:
+                    started = clock()
                     try:
                         outcome = kernel.process(batch, ctx)
                     except Exception as exc:  # noqa: BLE001 - not an item's error: fail the batch
                         outcome = fail_batch(node, batch, exc)
+                    sizer.record(len(batch), clock() - started)
                 else:
                     result = self._timed(slot, batch[0], 1, ctx)
                     if result is None:

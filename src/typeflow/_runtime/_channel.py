@@ -8,7 +8,10 @@ last.  Threads block; tasks await; either may sit on either end.
 * **Bounded.**  ``put_many`` waits while the channel holds ``capacity`` items or
   more, so a fast producer cannot run ahead of a slow consumer.  A batch is
   admitted whole once there is room, so the channel never holds more than
-  ``capacity`` plus one batch.
+  ``capacity`` plus one batch.  With ``max_bytes`` it is also bounded by size:
+  each value is weighed with ``sys.getsizeof`` (which counts the data of bytes
+  and NumPy arrays) and puts wait while the channel holds ``max_bytes`` or more.
+  Without it nothing is weighed.
 * **Batched.**  ``get_many`` takes every item that is there, up to a limit and a
   fair share for the other consumers, in one lock round trip: items travel in
   batches whenever the consumer is busy, one by one when input trickles in.
@@ -23,12 +26,39 @@ last.  Threads block; tasks await; either may sit on either end.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import sys
 import threading
+import time
 from collections import deque
-from collections.abc import Iterable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
+
+if TYPE_CHECKING:
+    import asyncio
+
+
+def _weight(batch: Iterable[object]) -> int:
+    """The bytes a batch holds, roughly: ``sys.getsizeof`` of each value (of the
+    last field of a tuple, which is the value of an envelope ``(key, value)``).
+    NumPy arrays and bytes report their data; containers only themselves."""
+    size = sys.getsizeof
+    total = 0
+    for x in batch:
+        if isinstance(x, tuple):
+            fields = cast(tuple[object, ...], x)
+            total += size(fields[-1]) if fields else size(fields)
+        else:
+            total += size(x)
+    return total
+
+
+def _running_loop() -> asyncio.AbstractEventLoop:
+    """The running event loop (asyncio is imported by whoever runs one, not by us)."""
+    get_running_loop: Callable[[], asyncio.AbstractEventLoop]
+    get_running_loop = sys.modules["asyncio"].get_running_loop
+    return get_running_loop()
+
 
 T = TypeVar("T")
 
@@ -64,8 +94,8 @@ class _ThreadWaiter(_Waiter):
     def wake(self) -> None:
         self._lock.release()
 
-    def wait(self) -> None:
-        self._lock.acquire()
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
 
 
 class _TaskWaiter(_Waiter):
@@ -77,7 +107,7 @@ class _TaskWaiter(_Waiter):
 
     def wake(self) -> None:
         try:
-            running = asyncio.get_running_loop()
+            running = _running_loop()
         except RuntimeError:
             running = None
         if running is self._loop:
@@ -106,19 +136,26 @@ class Channel(Generic[T]):
 
     __slots__ = (
         "_aborted",
+        "_bytes",
         "_capacity",
         "_getters",
         "_items",
         "_lock",
+        "_max_bytes",
         "_producers",
         "_putters",
         "taken",
     )
 
-    def __init__(self, capacity: int, producers: int = 1) -> None:
+    def __init__(self, capacity: int, producers: int = 1, max_bytes: int | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"channel capacity must be at least 1, not {capacity!r}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"channel max_bytes must be at least 1, not {max_bytes!r}")
         self._capacity = capacity
+        # Without a byte budget nothing is weighed and the byte test always passes.
+        self._max_bytes = sys.maxsize if max_bytes is None else max_bytes
+        self._bytes = 0
         self._items: deque[T] = deque()
         self._lock = threading.Lock()
         self._producers = producers
@@ -154,6 +191,7 @@ class Channel(Generic[T]):
         with self._lock:
             self._aborted = True
             self._items.clear()
+            self._bytes = 0
             self._wake_all()
 
     # -- internals (call with the lock held) ---------------------------------
@@ -176,18 +214,25 @@ class Channel(Generic[T]):
         else:
             batch = [items.popleft() for _ in range(n)]
         self.taken += n
-        if self._putters and len(items) < self._capacity:
+        if self._max_bytes != sys.maxsize:
+            self._bytes = max(0, self._bytes - _weight(batch)) if items else 0
+        if self._putters and self._has_room():
             self._putters.popleft().wake()
         if items and self._getters:
             self._getters.popleft().wake()
         return batch
 
-    def _give(self, batch: Iterable[T]) -> None:
+    def _give(self, batch: list[T]) -> None:
         self._items.extend(batch)
+        if self._max_bytes != sys.maxsize:
+            self._bytes += _weight(batch)
         if self._getters:
             self._getters.popleft().wake()
-        if self._putters and len(self._items) < self._capacity:
+        if self._putters and self._has_room():
             self._putters.popleft().wake()
+
+    def _has_room(self) -> bool:
+        return len(self._items) < self._capacity and self._bytes < self._max_bytes
 
     def _check_get(self) -> bool:
         """True when a get can proceed now; raises when it never will."""
@@ -204,7 +249,7 @@ class Channel(Generic[T]):
             raise ChannelAborted
         if self._producers <= 0:
             raise ChannelClosed
-        return len(self._items) < self._capacity
+        return self._has_room()
 
     def _forget(self, waiters: deque[_Waiter], waiter: _Waiter, is_getter: bool) -> None:
         """A waiter gave up (cancelled, interrupted): pass on a wake-up it may have used."""
@@ -213,20 +258,22 @@ class Channel(Generic[T]):
         except ValueError:  # already woken: hand the wake-up to the next one in line
             if is_getter and self._items and self._getters:
                 self._getters.popleft().wake()
-            elif not is_getter and self._putters and len(self._items) < self._capacity:
+            elif not is_getter and self._putters and self._has_room():
                 self._putters.popleft().wake()
 
     # -- blocking API (threads) ----------------------------------------------
 
-    def get_many(self, limit: int, share: int = 1) -> list[T]:
+    def get_many(self, limit: int, share: int = 1, deadline: float | None = None) -> list[T]:
         """Take between 1 and ``limit`` items, waiting for the first one.
 
         ``share`` is the number of consumers: when several items wait, take only
         a fair share of them so that the other consumers get work too.
+        ``deadline`` (a ``time.monotonic()`` value) bounds the wait.
 
         Raises:
             EndOfChannel: the channel is closed and empty.
             ChannelAborted: the run was cancelled.
+            TimeoutError: the deadline passed with nothing to take.
         """
         while True:
             with self._lock:
@@ -235,11 +282,18 @@ class Channel(Generic[T]):
                 waiter = _ThreadWaiter()
                 self._getters.append(waiter)
             try:
-                waiter.wait()
+                timeout = None if deadline is None else deadline - time.monotonic()
+                woken = waiter.wait(timeout)
             except BaseException:
                 with self._lock:
                     self._forget(self._getters, waiter, True)
                 raise
+            if not woken:
+                with self._lock:
+                    self._forget(self._getters, waiter, True)
+                    if self._check_get():
+                        return self._take(limit, share)
+                raise TimeoutError
 
     def put_many(self, batch: list[T]) -> None:
         """Add a batch, waiting while the channel is full.
@@ -247,6 +301,22 @@ class Channel(Generic[T]):
         Raises:
             ChannelAborted: the run was cancelled.
         """
+        with self._lock:  # the common case, inlined: there is room
+            items = self._items
+            if (
+                len(items) < self._capacity
+                and self._bytes < self._max_bytes
+                and self._producers > 0
+                and not self._aborted
+            ):
+                items.extend(batch)
+                if self._max_bytes != sys.maxsize:
+                    self._bytes += _weight(batch)
+                if self._getters:
+                    self._getters.popleft().wake()
+                if self._putters and self._has_room():
+                    self._putters.popleft().wake()
+                return
         while True:
             with self._lock:
                 if self._check_put():
@@ -261,18 +331,18 @@ class Channel(Generic[T]):
                     self._forget(self._putters, waiter, False)
                 raise
 
-    def take_nowait(self, limit: int) -> list[T]:
-        """Take up to ``limit`` items without waiting (possibly none)."""
+    def take_nowait(self, limit: int, share: int = 1) -> list[T]:
+        """Take up to ``limit`` items (a fair ``share``) without waiting (possibly none)."""
         with self._lock:
             if self._aborted or not self._items:
                 return []
-            return self._take(limit, 1)
+            return self._take(limit, share)
 
     # -- async API (tasks) ---------------------------------------------------
 
     async def aget_many(self, limit: int, share: int = 1) -> list[T]:
         """The awaitable twin of :meth:`get_many`."""
-        loop = asyncio.get_running_loop()
+        loop = _running_loop()
         while True:
             with self._lock:
                 if self._check_get():
@@ -288,7 +358,7 @@ class Channel(Generic[T]):
 
     async def aput_many(self, batch: list[T]) -> None:
         """The awaitable twin of :meth:`put_many`."""
-        loop = asyncio.get_running_loop()
+        loop = _running_loop()
         while True:
             with self._lock:
                 if self._check_put():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import pickle
 import sys
 from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "Node",
     "Outcome",
     "WorkerContext",
+    "WorkerExit",
     "child_key",
     "root_of",
 ]
@@ -66,12 +68,19 @@ class Outcome:
         deltas: for each item that did not make exactly one output, its root
             and (outputs - 1): -1 for an item filtered out, +2 for an item
             that made three.  The caller counts a root's outputs with them.
+        filtered: how many items were dropped on purpose (a filter said no, or
+            a one-to-many call made nothing).
     """
 
     ok: list[Envelope] = field(default_factory=list[Envelope])
     failed: list[Failed] = field(default_factory=list[Failed])
     retries: int = 0
     deltas: list[tuple[int, int]] = field(default_factory=list[tuple[int, int]])
+    filtered: int = 0
+
+
+class WorkerExit(BaseException):
+    """Ends a worker now (a process worker told to stop); never an item's failure."""
 
 
 class WorkerContext:
@@ -81,11 +90,13 @@ class WorkerContext:
     process workers, created on first use and closed when the worker ends.
     """
 
-    __slots__ = ("_runner", "index")
+    __slots__ = ("_runner", "index", "state")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self._runner: asyncio.Runner | None = None
+        #: What a stateful stage built for this worker (see :class:`StatefulKernel`).
+        self.state: WorkerState | None = None
 
     def run_coroutine(self, coro: Coroutine[Any, Any, object]) -> object:
         if self._runner is None:
@@ -93,9 +104,41 @@ class WorkerContext:
         return self._runner.run(coro)
 
     def close(self) -> None:
-        if self._runner is not None:
-            self._runner.close()
-            self._runner = None
+        """End of the worker: tear its state down, then close its event loop."""
+        try:
+            if self.state is not None:
+                state, self.state = self.state, None
+                state.teardown(self)
+        finally:
+            if self._runner is not None:
+                self._runner.close()
+                self._runner = None
+
+    async def aclose(self) -> None:
+        """End of a task worker: tear its state down on the running loop."""
+        if self.state is not None:
+            state, self.state = self.state, None
+            await state.ateardown()
+
+
+class WorkerState:
+    """One worker's own instance of a stateful stage, set up in that worker."""
+
+    __slots__ = ("instance", "kernel")
+
+    def __init__(self, instance: Any, kernel: Kernel) -> None:
+        self.instance = instance
+        self.kernel = kernel
+
+    def teardown(self, ctx: WorkerContext) -> None:
+        result = self.instance.teardown()
+        if inspect.isawaitable(result):
+            ctx.run_coroutine(cast(Coroutine[Any, Any, object], result))
+
+    async def ateardown(self) -> None:
+        result = self.instance.teardown()
+        if inspect.isawaitable(result):
+            await result
 
 
 class Kernel:
@@ -185,11 +228,13 @@ class FnKernel(Kernel):
                 out.ok.append((key, item))
             else:
                 out.deltas.append((root_of(key), -1))
+                out.filtered += 1
         else:
             values = cast(list[object], value)
             out.ok.extend([(child_key(key, i), v) for i, v in enumerate(values)])
             if len(values) != 1:
                 out.deltas.append((root_of(key), len(values) - 1))
+                out.filtered += not values
 
     # -- batches -------------------------------------------------------------
 
@@ -206,6 +251,8 @@ class FnKernel(Kernel):
         for key, item in batch:
             try:
                 ok.append((key, fn(item)))
+            except WorkerExit:
+                raise
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
                 failed.append((key, StageError(self.name, item, exc)))
         return out
@@ -221,6 +268,8 @@ class FnKernel(Kernel):
                     self.name, item, exhausted.exception, attempts=exhausted.attempts
                 )
                 out.failed.append((key, error))
+            except WorkerExit:
+                raise
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
                 out.failed.append((key, StageError(self.name, item, exc)))
             else:
@@ -239,7 +288,7 @@ class FnKernel(Kernel):
                     self.name, item, exhausted.exception, attempts=exhausted.attempts
                 )
                 out.failed.append((key, error))
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, WorkerExit):
                 raise
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
                 out.failed.append((key, StageError(self.name, item, exc)))
@@ -247,6 +296,95 @@ class FnKernel(Kernel):
                 out.retries += attempts - 1
                 self._place(out, key, item, value)
         return out
+
+
+class SetupFailed(Exception):
+    """A stateful stage's ``setup`` raised: the run stops with the original error."""
+
+    def __init__(self, stage: str, error: BaseException) -> None:
+        super().__init__(f"the setup of stage {stage!r} failed: {error!r}")
+        self.stage = stage
+        self.error = error
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (SetupFailed, (self.stage, self.error))
+
+
+class StatefulKernel(Kernel):
+    """Runs a stateful stage: each worker gets its own copy of the stage object.
+
+    The copy is made in the worker (for a process worker: unpickled in that
+    process), ``setup()`` runs there before the first item, ``process()`` is
+    called for every item, and ``teardown()`` runs when the worker ends --
+    also after a failure or a cancellation.  If ``setup()`` raises, every item
+    the worker gets fails with :class:`SetupFailed`, which ends the run.
+    """
+
+    __slots__ = ("options", "prototype")
+
+    def __init__(self, name: str, prototype: Any, is_async: bool, options: StageOptions) -> None:
+        super().__init__(name, is_async)
+        self.prototype = prototype
+        self.options = options
+
+    def __reduce__(self) -> tuple[object, ...]:
+        prototype: object = self.prototype
+        cls = type(prototype)
+        main = sys.modules.get("__main__")
+        if cls.__module__ == "__main__" and getattr(main, "__file__", None):
+            # A class of the main script: pickle the object by reference to its
+            # class (the worker re-imports the script), so that the worker's
+            # results unpickle as the parent's classes.  See _main_reference.
+            try:
+                data = pickle.dumps(self.prototype, protocol=5)
+            except Exception:  # noqa: BLE001 - not picklable by reference: by value below
+                pass
+            else:
+                return (_stateful_from_bytes, (self.name, data, self.is_async, self.options))
+        return (StatefulKernel, (self.name, self.prototype, self.is_async, self.options))
+
+    def _fresh(self) -> Any:
+        import copy
+
+        return copy.deepcopy(self.prototype)
+
+    def _failed_setup(self, batch: list[Envelope], error: BaseException) -> Outcome:
+        failure = SetupFailed(self.name, error)
+        return Outcome(failed=[(key, StageError(self.name, item, failure)) for key, item in batch])
+
+    def process(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
+        if ctx.state is None:
+            instance = self._fresh()
+            try:
+                result = instance.setup()
+                if inspect.isawaitable(result):
+                    ctx.run_coroutine(cast(Coroutine[Any, Any, object], result))
+            except Exception as exc:  # noqa: BLE001 - ends the run with this error
+                return self._failed_setup(batch, exc)
+            ctx.state = WorkerState(
+                instance, FnKernel(self.name, instance.process, self.is_async, self.options)
+            )
+        return ctx.state.kernel.process(batch, ctx)
+
+    async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
+        if ctx.state is None:
+            instance = self._fresh()
+            try:
+                result = instance.setup()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # noqa: BLE001 - ends the run with this error
+                return self._failed_setup(batch, exc)
+            ctx.state = WorkerState(
+                instance, FnKernel(self.name, instance.process, self.is_async, self.options)
+            )
+        return await ctx.state.kernel.aprocess(batch, ctx)
+
+
+def _stateful_from_bytes(
+    name: str, data: bytes, is_async: bool, options: StageOptions
+) -> StatefulKernel:
+    return StatefulKernel(name, pickle.loads(data), is_async, options)
 
 
 def _main_reference(fn: Callable[..., Any], kernel: Kernel) -> tuple[str, str] | None:
@@ -281,8 +419,14 @@ def _kernel_of_stage(module: str, qualname: str) -> Kernel:
 
 @dataclass(frozen=True, slots=True)
 class Node:
-    """One stage of a compiled pipeline."""
+    """One stage of a compiled pipeline.
+
+    ``runner`` names the backend that runs it when that is not the one in its
+    options (structural stages such as ``batch`` always run on their own
+    worker).
+    """
 
     name: str
     options: StageOptions
     kernel: Kernel
+    runner: str = ""

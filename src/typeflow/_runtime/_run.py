@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import itertools
 import threading
 import time
 import weakref
@@ -37,11 +38,11 @@ from typing import Any, Final, Generic, TypeAlias, TypeVar, cast
 from returns.result import Failure, Result, Success
 from typing_extensions import Self
 
-from typeflow._backends import _process, _task, _thread
-from typeflow._backends._base import WorkerBackend, WorkerGroup
+from typeflow._backends import _batcher, _process, _split, _task, _thread
+from typeflow._backends._base import Outbox, WorkerBackend, WorkerGroup
 from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed
 from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Key, Node, Outcome, root_of
+from typeflow._runtime._kernel import Envelope, Key, Node, Outcome, SetupFailed, root_of
 from typeflow._runtime._signals import SignalGuard
 from typeflow._runtime._stats import Counters, RunStatistics, StageStatistics
 
@@ -61,6 +62,8 @@ _BACKENDS: Final[dict[str, WorkerBackend]] = {
     "thread": _thread,
     "process": _process,
     "task": _task,
+    "batcher": _batcher,
+    "split": _split,
 }
 
 #: The most outcomes the caller takes from the outbox at once.
@@ -91,7 +94,7 @@ class _Emitter:
 
     __slots__ = ("_next", "_outbox", "counters")
 
-    def __init__(self, next_inbox: Channel[Envelope] | None, outbox: Channel[Entry]) -> None:
+    def __init__(self, next_inbox: Channel[Envelope] | None, outbox: Outbox) -> None:
         self._next = next_inbox
         self._outbox = outbox
         self.counters = Counters()
@@ -104,7 +107,7 @@ class _Emitter:
         entries: list[Entry] = []
         if deltas:
             # Counted before the outputs they announce can reach the caller.
-            counters.filtered += sum(1 for _, d in deltas if d < 0)
+            counters.filtered += outcome.filtered
             entries.extend([(root, DELTA, delta) for root, delta in deltas])
         if failed:
             counters.failed += len(failed)
@@ -181,6 +184,12 @@ class RunCore:
     ) -> None:
         if window is not None and (isinstance(window, bool) or window < 1):
             raise DefinitionError(f"window={window!r} is not allowed; it must be at least 1")
+        biggest_batch = max((getattr(n.kernel, "size", 1) for n in nodes), default=1)
+        if window is not None and window < biggest_batch:
+            raise DefinitionError(
+                f"window={window!r} is smaller than a batch of {biggest_batch} items, so a "
+                f"batch could only ever be flushed by its timeout; use window >= {biggest_batch}"
+            )
         self.nodes = nodes
         self.ordered = ordered
         self.fail_fast = fail_fast
@@ -205,6 +214,7 @@ class RunCore:
         self._cancel_async_feed: Callable[[], object] | None = None
         self._started = False
         self._stopped = False
+        self._on_shutdown: list[Callable[[], object]] = []
         self._input_lock = threading.Lock()
         self._input_closed = False
         self._signals = SignalGuard(self.drain, self.shutdown, grace) if handle_signals else None
@@ -233,12 +243,7 @@ class RunCore:
         if self._signals is not None and not self._signals.install():
             self._signals = None  # not the main thread: leave signals alone
         try:
-            for i, node in enumerate(self.nodes):
-                nxt = self.inboxes[i + 1] if i + 1 < len(self.nodes) else None
-                emitters = [_Emitter(nxt, self.outbox) for _ in range(node.options.workers)]
-                self._emitters.append(emitters)
-                backend = _BACKENDS[node.options.backend]
-                self._groups.append(backend.start(node, self.inboxes[i], emitters, self))
+            self._groups += self._start_nodes(self.nodes, self.inboxes, self.outbox, self._emitters)
             if isinstance(items, AsyncIterable):
                 coro = self._feed_async(items)
                 if caller_loop:
@@ -256,6 +261,34 @@ class RunCore:
         except BaseException:
             self.shutdown()
             raise
+
+    def _start_nodes(
+        self,
+        nodes: tuple[Node, ...],
+        inboxes: list[Channel[Envelope]],
+        outbox: Outbox,
+        emitters_out: list[list[_Emitter]] | None = None,
+    ) -> list[WorkerGroup]:
+        groups: list[WorkerGroup] = []
+        for i, node in enumerate(nodes):
+            nxt = inboxes[i + 1] if i + 1 < len(nodes) else None
+            emitters = [_Emitter(nxt, outbox) for _ in range(node.options.workers)]
+            if emitters_out is not None:
+                emitters_out.append(emitters)
+            backend = _BACKENDS[node.runner or node.options.backend]
+            groups.append(backend.start(node, inboxes[i], emitters, self))
+        return groups
+
+    def start_chain(
+        self, nodes: tuple[Node, ...], first: Channel[Envelope], outbox: Outbox
+    ) -> list[WorkerGroup]:
+        inboxes = [first] + [
+            Channel[Envelope](node.options.buffer, producers=before.options.workers)
+            for before, node in itertools.pairwise(nodes)
+        ]
+        for channel in inboxes[1:]:
+            self.on_shutdown(channel.abort)
+        return self._start_nodes(nodes, inboxes, outbox)
 
     def _feed(self, items: Iterable[Any]) -> None:
         inbox, window = self.inboxes[0], self.window
@@ -296,6 +329,10 @@ class RunCore:
                 return
             self._input_closed = True
         self.inboxes[0].producer_done()
+
+    def on_shutdown(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` (once, first thing) when the run stops."""
+        self._on_shutdown.append(callback)
 
     def drain(self) -> None:
         """Stop reading input; the items already read go on to the end."""
@@ -354,6 +391,8 @@ class RunCore:
             return
         self._stopped = True
         _live_runs.discard(self)
+        for callback in self._on_shutdown:
+            callback()
         channels: list[Channel[Any]] = [*self.inboxes, self.outbox, self.window]
         for channel in channels:
             channel.abort()
@@ -424,12 +463,19 @@ class _Collector(Generic[Out]):
 
     def accept(self, entries: list[Entry]) -> None:
         core = self._core
-        if core.fail_fast:
-            for _, kind, payload in entries:
-                if kind == FAILED:
-                    core.shutdown()
-                    self.failed += 1
-                    raise cast(StageError, payload)
+        for _, kind, payload in entries:
+            if kind != FAILED:
+                continue
+            error = cast(StageError, payload)
+            if isinstance(error.exception, SetupFailed):  # a stage cannot work at all
+                core.shutdown()
+                original = error.exception.error
+                original.add_note(f"(raised by the setup of stage {error.stage!r})")
+                raise original from None
+            if core.fail_fast:
+                core.shutdown()
+                self.failed += 1
+                raise error
         ordered = core.ordered
         groups = self._groups
         complete: list[tuple[int, list[Entry]]] = []
@@ -544,9 +590,7 @@ class Run(Iterator[Result[Out, StageError]], Generic[Out]):
             raise StopIteration
         core = self._core
         try:
-            if self._items is not None:
-                items, self._items = self._items, None
-                core.start(items, caller_loop=False)
+            self.start()
             while True:
                 try:
                     entries = core.outbox.get_many(_COLLECT_LIMIT)
@@ -568,6 +612,47 @@ class Run(Iterator[Result[Out, StageError]], Generic[Out]):
     def close(self) -> None:
         """Stop the run now: every worker is stopped and joined."""
         self._collector.close()
+
+    def take(self, n: int, /) -> list[Result[Out, StageError]]:
+        """The next ``n`` results (fewer if the run ends first); then the run is closed,
+        which stops every stage upstream.
+
+        Example:
+            >>> import itertools
+            >>> from typeflow import stage
+            >>> @stage
+            ... def square(x: int) -> int:
+            ...     return x * x
+            >>> [r.unwrap() for r in square.run(itertools.count()).take(3)]
+            [0, 1, 4]
+        """
+        try:
+            return list(itertools.islice(self, n))
+        finally:
+            self.close()
+
+    def consume(self) -> list[StageError]:
+        """Run to the end, dropping the successes; return the failures.
+
+        For pipelines run for their effects (writing files, rows, messages).
+        """
+        failures: list[StageError] = []
+        for result in self:
+            if isinstance(result, Failure):
+                failures.append(result.failure())
+        return failures
+
+    def start(self) -> Self:
+        """Start the workers and begin reading input now, before the first ``next()``."""
+        if self._items is not None:
+            items, self._items = self._items, None
+            try:
+                self._core.start(items, caller_loop=False)
+            except BaseException:
+                self._core.shutdown()
+                self._core.release_signals()
+                raise
+        return self
 
     def statistics(self) -> RunStatistics:
         """Per-stage counters so far: items in, succeeded, failed, retried, timed out,

@@ -1,0 +1,207 @@
+"""Sources that are not a plain iterable: a continuous feed, and several merged sources."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, Generic, TypeVar, overload
+
+from returns.result import Result
+from typing_extensions import Self
+
+from typeflow._errors import StageError, TypeflowError
+from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
+from typeflow._runtime._run import Run
+
+__all__ = ["Feed", "FeedClosed", "merge"]
+
+In = TypeVar("In", contravariant=True)
+Out = TypeVar("Out", covariant=True)
+T = TypeVar("T")
+T1 = TypeVar("T1")
+T2 = TypeVar("T2")
+T3 = TypeVar("T3")
+
+_CHUNK = 256
+
+
+class FeedClosed(TypeflowError):
+    """An item was put into a feed that is closed, or whose run has stopped."""
+
+
+def _drain(channel: Channel[Any]) -> Iterator[Any]:
+    while True:
+        try:
+            batch = channel.get_many(_CHUNK)
+        except (EndOfChannel, ChannelAborted):
+            return
+        yield from batch
+
+
+class Feed(Generic[In, Out]):
+    """A running pipeline that takes items over time, from any thread.
+
+    Made by :meth:`Stage.feed <typeflow.Stage.feed>`.  :meth:`put` items (it waits
+    while the feed's buffer is full), iterate the feed for one ``Result`` per
+    item, and :meth:`close` it to say no more items come: the run then drains
+    and the iteration ends.  Leaving a ``with`` block closes it.
+
+    Example:
+        >>> from typeflow import stage
+        >>> @stage
+        ... def double(x: int) -> int:
+        ...     return 2 * x
+        >>> with double.feed() as feed:
+        ...     feed.put(1)
+        ...     feed.put(2)
+        ...     feed.close()
+        ...     print([r.unwrap() for r in feed])
+        [2, 4]
+    """
+
+    def __init__(self, start_run: Callable[[Iterator[Any]], Run[Out]], capacity: int) -> None:
+        self._channel: Channel[Any] = Channel(capacity)
+        self._closed = False
+        self._lock = threading.Lock()
+        run = start_run(_drain(self._channel))
+        self._run = run
+        run._core.on_shutdown(self._channel.abort)  # pyright: ignore[reportPrivateUsage]
+        run.start()
+
+    def put(self, item: In) -> None:
+        """Add one item, waiting while the buffer is full.
+
+        Raises:
+            FeedClosed: the feed was closed, or its run has stopped.
+        """
+        try:
+            self._channel.put_many([item])
+        except (ChannelClosed, ChannelAborted):
+            raise FeedClosed(self._why_closed()) from None
+
+    async def aput(self, item: In) -> None:
+        """The awaitable twin of :meth:`put`."""
+        try:
+            await self._channel.aput_many([item])
+        except (ChannelClosed, ChannelAborted):
+            raise FeedClosed(self._why_closed()) from None
+
+    def _why_closed(self) -> str:
+        if self._closed:
+            return "put into a closed feed; open a new one with pipeline.feed()"
+        return "put into a feed whose run has stopped (it was cancelled or failed)"
+
+    def close(self) -> None:
+        """No more items: the items already put are processed, then the results end."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._channel.producer_done()
+
+    def cancel(self) -> None:
+        """Stop now: drop what is in flight and stop every worker."""
+        self._closed = True
+        self._run.close()
+
+    @property
+    def run(self) -> Run[Out]:
+        """The underlying run (for :meth:`Run.statistics <typeflow.Run.statistics>`)."""
+        return self._run
+
+    def __iter__(self) -> Iterator[Result[Out, StageError]]:
+        return self._run
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.cancel()
+        self._run.close()
+
+
+class _Merged(Iterator[T]):
+    """Items from several sources, each read by its own thread, as they come."""
+
+    def __init__(self, sources: tuple[Iterable[Any], ...], capacity: int) -> None:
+        self._channel: Channel[Any] = Channel(capacity, producers=len(sources))
+        self._error: BaseException | None = None
+        self._buffer: list[Any] = []
+        self._threads = [
+            threading.Thread(target=self._read, args=(s,), name=f"typeflow:merge:{i}", daemon=True)
+            for i, s in enumerate(sources)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _read(self, source: Iterable[Any]) -> None:
+        try:
+            for item in source:
+                if self._error is not None:  # another source failed: stop reading
+                    break
+                self._channel.put_many([item])
+        except (ChannelAborted, ChannelClosed):
+            pass
+        except BaseException as exc:  # noqa: BLE001 - raised to the consumer at the end
+            self._error = exc
+        finally:
+            self._channel.producer_done()
+
+    def __next__(self) -> T:
+        while not self._buffer:
+            try:
+                self._buffer = self._channel.get_many(_CHUNK)
+                self._buffer.reverse()
+            except (EndOfChannel, ChannelAborted):
+                self.close()
+                if self._error is not None:  # after the items read before it
+                    error, self._error = self._error, None
+                    raise error from None
+                raise StopIteration from None
+        item: T = self._buffer.pop()
+        return item
+
+    def close(self) -> None:
+        """Stop reading every source."""
+        self._channel.abort()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(1.0)
+
+    def __del__(self) -> None:
+        self._channel.abort()
+
+
+@overload
+def merge(s1: Iterable[T1], s2: Iterable[T2], /, *, capacity: int = ...) -> Iterator[T1 | T2]: ...
+@overload
+def merge(
+    s1: Iterable[T1], s2: Iterable[T2], s3: Iterable[T3], /, *, capacity: int = ...
+) -> Iterator[T1 | T2 | T3]: ...
+@overload
+def merge(*sources: Iterable[T], capacity: int = ...) -> Iterator[T]: ...
+def merge(*sources: Iterable[Any], capacity: int = _CHUNK) -> Iterator[Any]:
+    """Merge several iterables into one stream, taking items as each source yields them.
+
+    Each source is read by its own thread, so a slow source does not hold the
+    others back.  The sources may be runs: ``merge(p1.run(a), p2.run(b))``
+    merges the results of two pipelines.  Use the result as a pipeline's input.
+    If a source raises, the others stop at their next item; the items already
+    read come out, then the merged stream raises that error.
+
+    Example:
+        >>> sorted(merge([1, 2], ["a"]), key=str)
+        [1, 2, 'a']
+    """
+    if not sources:
+        return iter(())
+    return _Merged(sources, capacity)

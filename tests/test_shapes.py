@@ -1,0 +1,420 @@
+"""One-to-many, filters, batches, stateful stages, sinks, feeds, merges and limits,
+on every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from returns.result import Failure, Success
+
+from tests.conftest import leftovers, on
+from typeflow import (
+    AsyncStatefulStage,
+    Backend,
+    DefinitionError,
+    FeedClosed,
+    Stage,
+    StageError,
+    StatefulStage,
+    batch,
+    flat_map,
+    fork,
+    keep,
+    keep_type,
+    merge,
+    route,
+    stage,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def split_words(line: str) -> list[str]:
+    return line.split()
+
+
+def is_even(n: int) -> bool:
+    return n % 2 == 0
+
+
+def length(word: str) -> int:
+    return len(word)
+
+
+def words_on(backend: Backend) -> Stage[str, str]:
+    if backend == "task":
+
+        @flat_map(workers=2, backend="task")
+        async def words(line: str) -> AsyncIterator[str]:
+            for word in line.split():
+                await asyncio.sleep(0)
+                yield word
+
+        return words
+    return flat_map(workers=2, backend=backend)(split_words)
+
+
+LINES = ["the quick brown fox", "", "jumps", "over the lazy dog", "", ""]
+WORDS = [w for line in LINES for w in line.split()]
+
+
+# -- one-to-many ----------------------------------------------------------------------
+
+
+def test_flat_map_keeps_order_within_and_across_items(backend: Backend) -> None:
+    pipeline = words_on(backend) | on(backend, length)
+    assert [r.unwrap() for r in pipeline.run(LINES * 20)] == [len(w) for w in WORDS * 20]
+
+
+def test_flat_map_unordered_yields_every_output(backend: Backend) -> None:
+    got = [r.unwrap() for r in words_on(backend).run(LINES * 20, ordered=False)]
+    assert Counter(got) == Counter(WORDS * 20)
+
+
+def explode(line: str) -> Iterator[str]:
+    yield "partial"
+    if line == "bad":
+        raise ValueError("bad line")
+    yield line
+
+
+async def aexplode(line: str) -> AsyncIterator[str]:
+    for word in explode(line):
+        yield word
+
+
+def test_a_failing_flat_map_call_fails_its_item_only(backend: Backend) -> None:
+    if backend == "task":
+        exploding: Stage[str, str] = flat_map(backend="task")(aexplode)
+    else:
+        exploding = flat_map(backend=backend)(explode)
+    results = list(exploding.run(["a", "bad", "b"]))
+    assert [r.unwrap() for r in results if isinstance(r, Success)] == [
+        "partial",
+        "a",
+        "partial",
+        "b",
+    ]
+    (failure,) = [r.failure() for r in results if isinstance(r, Failure)]
+    assert failure.item == "bad"
+    assert isinstance(failure.exception, ValueError)
+
+
+def test_flat_map_statistics(backend: Backend) -> None:
+    run = words_on(backend).run(LINES)
+    assert len(list(run)) == len(WORDS)
+    stats = run.statistics()
+    assert stats.items_read == len(LINES)
+    assert stats.done == len(LINES)
+    assert stats.in_flight == 0
+    assert stats.stages[0].succeeded == len(WORDS)
+    assert stats.stages[0].filtered == LINES.count("")
+
+
+# -- filters ----------------------------------------------------------------------------
+
+
+def test_keep_drops_items_and_accounts_for_them(backend: Backend) -> None:
+    if backend == "task":
+
+        async def even(n: int) -> bool:
+            return n % 2 == 0
+
+        evens: Stage[int, int] = keep(even, backend="task", workers=3)
+    else:
+        evens = keep(is_even, backend=backend, workers=2)
+    run = evens.run(range(100))
+    assert [r.unwrap() for r in run] == list(range(0, 100, 2))
+    stats = run.statistics()
+    assert (stats.done, stats.in_flight, stats.stages[0].filtered) == (100, 0, 50)
+
+
+def test_keep_type_and_fluent_keep() -> None:
+    assert [r.unwrap() for r in keep_type(str).run([1, "a", None, "b"])] == ["a", "b"]
+    pipeline = stage(length).keep(lambda n: n > 3)
+    assert [r.unwrap() for r in pipeline.run(["a", "abcd", "abcde"])] == [4, 5]
+    with pytest.raises(DefinitionError, match="needs a class"):
+        keep_type(list[int])  # accepted by the type checkers, refused at run time
+
+
+# -- batches ----------------------------------------------------------------------------
+
+
+def test_batch_by_size_then_unbatch(backend: Backend) -> None:
+    # A batch holds items in the order they reach it: with several workers
+    # upstream that is not the input order...
+    pipeline = on(backend, length).batch(4).unbatch()
+    assert Counter(r.unwrap() for r in pipeline.run(WORDS)) == Counter(map(len, WORDS))
+    # ...with one worker it is.
+    in_order = on(backend, length, workers=1).batch(4).unbatch()
+    assert [r.unwrap() for r in in_order.run(WORDS)] == [len(w) for w in WORDS]
+    sizes = [len(r.unwrap()) for r in on(backend, length, workers=1).batch(4).run(WORDS)]
+    assert sizes == [4, 4, 1]
+
+
+def test_a_slow_trickle_is_flushed_by_the_timeout() -> None:
+    release = threading.Event()
+
+    def trickle() -> Iterator[int]:
+        yield 1
+        yield 2
+        release.wait(10)  # the first batch must come out before this returns
+        yield 3
+
+    batches: Stage[int, list[int]] = batch(100, timeout=0.05)
+    run = batches.run(trickle())
+    first = next(run).unwrap()
+    release.set()
+    assert first == [1, 2]
+    assert [r.unwrap() for r in run] == [[3]]
+
+
+def test_batch_options_are_checked() -> None:
+    with pytest.raises(DefinitionError, match="batch size"):
+        batch(0)
+    with pytest.raises(DefinitionError, match="batch timeout"):
+        batch(2, timeout=0)
+    with pytest.raises(DefinitionError, match="smaller than a batch"):
+        stage(length).batch(10).run(["a"], window=5)
+
+
+# -- stateful stages ----------------------------------------------------------------------
+
+
+class Journal:
+    """Records lifecycle events in files, so that every backend's workers can write them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(folder)
+
+    def write(self, event: str) -> None:
+        name = f"{event}-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex}"
+        (Path(self.folder) / name).touch()
+
+    def count(self, event: str) -> int:
+        return len(list(Path(self.folder).glob(f"{event}-*")))
+
+    def pids(self, event: str) -> set[int]:
+        return {int(p.name.split("-")[1]) for p in Path(self.folder).glob(f"{event}-*")}
+
+
+def make_numberer(
+    backend: Backend, journal: Journal, fail_on: int | None = None
+) -> Stage[int, str]:
+    if backend == "task":
+
+        class AsyncNumberer(AsyncStatefulStage[int, str], workers=3, backend="task"):
+            async def setup(self) -> None:
+                journal.write("setup")
+                self.seen = 0
+                self.tag = uuid.uuid4().hex
+
+            async def process(self, item: int, /) -> str:
+                if item == fail_on:
+                    raise RuntimeError("boom")
+                self.seen += 1
+                await asyncio.sleep(0)
+                return f"{self.tag}:{self.seen}"
+
+            async def teardown(self) -> None:
+                journal.write("teardown")
+
+        return AsyncNumberer()
+
+    class Numberer(StatefulStage[int, str], workers=3, backend=backend):
+        def setup(self) -> None:
+            journal.write("setup")
+            self.seen = 0
+            self.tag = uuid.uuid4().hex
+
+        def process(self, item: int, /) -> str:
+            if item == fail_on:
+                raise RuntimeError("boom")
+            self.seen += 1
+            return f"{self.tag}:{self.seen}"
+
+        def teardown(self) -> None:
+            journal.write("teardown")
+
+    return Numberer()
+
+
+def test_stateful_stage_sets_up_once_per_worker_and_tears_down(
+    backend: Backend, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path)
+    results = [r.unwrap() for r in make_numberer(backend, journal).run(range(300))]
+    assert len(results) == 300
+    assert 1 <= journal.count("setup") <= 3
+    assert journal.count("teardown") == journal.count("setup")
+    # Each worker counts only its own items: state is not shared.
+    per_worker = Counter(r.split(":")[0] for r in results)
+    assert sum(per_worker.values()) == 300
+    assert len(per_worker) == journal.count("setup")
+    if backend == "process":
+        assert os.getpid() not in journal.pids("setup")  # set up inside the worker
+
+
+def test_stateful_teardown_after_failures_and_cancellation(
+    backend: Backend, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path)
+    results = list(make_numberer(backend, journal, fail_on=5).run(range(20)))
+    assert isinstance(results[5], Failure)
+    assert journal.count("teardown") == journal.count("setup") >= 1
+    cancelled = Journal(tmp_path / "cancelled")
+    (tmp_path / "cancelled").mkdir()
+    run = make_numberer(backend, cancelled).run(itertools.count())
+    run.take(10)  # closes the run: every worker is cancelled
+    assert cancelled.count("teardown") == cancelled.count("setup") >= 1
+
+
+class BrokenSetup(StatefulStage[int, int]):
+    def setup(self) -> None:
+        raise ConnectionRefusedError("no database")
+
+    def process(self, item: int, /) -> int:
+        return item
+
+
+def test_a_failing_setup_fails_the_run_fast_with_that_error() -> None:
+    with pytest.raises(ConnectionRefusedError, match="no database"):
+        list(BrokenSetup().run(itertools.count()))
+    assert leftovers() == ([], [])
+
+
+def test_a_sync_stateful_stage_is_refused_on_the_task_backend() -> None:
+    with pytest.raises(DefinitionError, match="AsyncStatefulStage"):
+
+        class Wrong(StatefulStage[int, int], backend="task"):
+            def process(self, item: int, /) -> int:
+                return item
+
+        del Wrong  # never reached: defining it raises
+
+
+# -- sinks, limits, feeds, merges ---------------------------------------------------------
+
+
+def test_consume_runs_for_effects_and_reports_failures(backend: Backend, tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+
+    def save(n: int) -> None:
+        if n == 3:
+            raise OSError("disk full")
+        journal.write(f"row{n}")
+
+    failures = on(backend, save).run(range(10)).consume()
+    assert [f.item for f in failures] == [3]
+    assert sum(journal.count(f"row{n}") for n in range(10)) == 9
+
+
+def test_take_stops_an_endless_pipeline(backend: Backend) -> None:
+    pipeline = on(backend, length) | on(backend, is_even)
+    results = pipeline.run(("x" * n for n in itertools.count())).take(5)
+    assert [r.unwrap() for r in results] == [True, False, True, False, True]
+    assert leftovers() == ([], [])
+
+
+def test_feed_from_several_threads(backend: Backend) -> None:
+    with on(backend, length).feed() as feed:
+
+        def producer(prefix: str) -> None:
+            for i in range(200):
+                feed.put(prefix * (i % 7 + 1))
+
+        threads = [threading.Thread(target=producer, args=(c,)) for c in "abc"]
+        for t in threads:
+            t.start()
+        results: list[int] = []
+        reader = threading.Thread(target=lambda: results.extend(r.unwrap() for r in feed))
+        reader.start()
+        for t in threads:
+            t.join()
+        feed.close()
+        reader.join(30)
+    assert Counter(results) == Counter((i % 7 + 1) for _ in "abc" for i in range(200))
+    with pytest.raises(FeedClosed, match="closed feed"):
+        feed.put("late")
+
+
+def test_merge_sources_and_pipelines() -> None:
+    merged = list(merge(range(5), ["a", "b"]))
+    assert Counter(merged) == Counter([*range(5), "a", "b"])
+    runs = merge(stage(length).run(["ab", "c"]), stage(is_even).run([1, 2]))
+    assert sorted(str(r.unwrap()) for r in runs) == ["1", "2", "False", "True"]
+
+    def broken() -> Iterator[int]:
+        yield 1
+        raise OSError("source failed")
+
+    with pytest.raises(OSError, match="source failed"):
+        list(merge(broken(), itertools.repeat(0, 10)))
+
+
+def test_run_accepts_failed_items_from_errors_in_the_middle() -> None:
+    pipeline = flat_map(split_words) | stage(length) | keep(is_even)
+    results = list(pipeline.run(["aa bbb", "cccc"]))
+    assert [r.unwrap() for r in results] == [2, 4]
+    assert all(isinstance(r, Success) for r in results)
+    error_free: list[StageError] = pipeline.run(["x"]).consume()
+    assert error_free == []
+
+
+# -- fork/join and routing ----------------------------------------------------------------
+
+
+def shout(word: str) -> str:
+    return word.upper()
+
+
+def fail_on_x(word: str) -> str:
+    if "x" in word.lower():
+        raise ValueError(f"no x in {word!r}")
+    return word
+
+
+def test_fork_joins_each_items_branch_results(backend: Backend) -> None:
+    second: Backend = "thread" if backend == "process" else "process"
+    forked = fork(on(backend, length), on(second, shout) | on(backend, fail_on_x))
+    results = list((stage(str.strip) | forked).run([" ab ", "x", "cde"] * 10))
+    assert [r.unwrap() for r in results if isinstance(r, Success)] == [(2, "AB"), (3, "CDE")] * 10
+    failures = [r.failure() for r in results if isinstance(r, Failure)]
+    assert len(failures) == 10  # the branch's failure names the branch's stage
+    assert all(f.stage == "fail_on_x" and f.item == "X" for f in failures)
+    assert all(isinstance(f.exception, ValueError) for f in failures)
+
+
+def test_fork_with_three_branches_and_unordered(backend: Backend) -> None:
+    forked = fork(on(backend, length), on(backend, shout), on(backend, fail_on_x))
+    got = [r.unwrap() for r in forked.run(["ab", "cd"] * 20, ordered=False)]
+    assert len(got) == 40
+    assert Counter(got) == Counter([(2, "AB", "ab"), (2, "CD", "cd")] * 20)
+
+
+def test_fork_branches_must_be_one_to_one() -> None:
+    with pytest.raises(DefinitionError, match="exactly one output"):
+        fork(stage(length), flat_map(split_words))
+    with pytest.raises(DefinitionError, match="at least two branches"):
+        fork(stage(length))
+
+
+def test_route_sends_each_item_to_one_branch(backend: Backend) -> None:
+    def half(n: int) -> float:
+        return n / 2
+
+    def triple(n: int) -> float:
+        return n * 3.0
+
+    routed = route(is_even, on(backend, half), on(backend, triple).keep(lambda x: x < 20))
+    run = routed.run(range(10))
+    assert [r.unwrap() for r in run] == [0.0, 3.0, 1.0, 9.0, 2.0, 15.0, 3.0, 4.0]
+    assert run.statistics().in_flight == 0

@@ -1,0 +1,228 @@
+"""The transport between workers: adaptive batches, the wire format, pipelined
+process workers, forked first workers.  No timing is asserted anywhere."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import cast
+
+import pytest
+from returns.result import Failure, Success
+
+from typeflow import StageError, WorkerCrashed, stage
+from typeflow._backends._base import BatchSizer
+from typeflow._backends._wire import OUT_OF_BAND_MIN, Wire, encode
+from typeflow._runtime._channel import Channel
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# -- BatchSizer ----------------------------------------------------------------
+
+
+def test_batches_start_with_one_item_and_double_while_items_are_cheap() -> None:
+    sizer = BatchSizer(cap=256, target=0.002)
+    limits = [sizer.limit]
+    for _ in range(12):
+        sizer.record(sizer.limit, sizer.limit * 1e-7)
+        limits.append(sizer.limit)
+    assert limits[:4] == [1, 2, 4, 8]
+    assert limits[-1] == 256
+
+
+def test_slow_items_are_taken_one_at_a_time() -> None:
+    sizer = BatchSizer(cap=256, target=0.002)
+    for _ in range(10):
+        sizer.record(sizer.limit, sizer.limit * 1e-7)
+    assert sizer.limit == 256
+    sizer.record(256, 256 * 0.01)  # items became slow: 10 ms each
+    assert sizer.limit == 1
+    sizer.record(1, 0.01)
+    assert sizer.limit == 1
+
+
+def test_a_byte_budget_bounds_batches_of_big_items() -> None:
+    sizer = BatchSizer(cap=1024, target=0.005, max_bytes=1 << 20)
+    for _ in range(12):
+        sizer.record(sizer.limit, sizer.limit * 1e-7, sizer.limit * (512 << 10))
+    assert sizer.limit == 2
+
+
+def test_take_nowait_takes_a_fair_share() -> None:
+    channel: Channel[int] = Channel(100)
+    channel.put_many(list(range(10)))
+    assert channel.take_nowait(100, share=2) == [0, 1, 2, 3, 4]
+    assert channel.take_nowait(2, share=2) == [5, 6]
+    assert channel.take_nowait(100) == [7, 8, 9]
+    assert channel.take_nowait(100) == []
+
+
+# -- the wire ------------------------------------------------------------------
+
+
+def _pair() -> tuple[Wire, Wire]:
+    a, b = socket.socketpair()
+    ca, cb = Connection(a.detach()), Connection(b.detach())
+    wa, wb = Wire(ca), Wire(cb)
+    ca.close()  # the wires hold their own descriptors
+    cb.close()
+    return wa, wb
+
+
+def test_the_wire_carries_small_and_large_objects_with_out_of_band_buffers() -> None:
+    left, right = _pair()
+    try:
+        big = bytearray(os.urandom(3 * OUT_OF_BAND_MIN))
+        small = bytearray(b"abc")
+        message = ((1, 2, (3, 0)), ("x", big, small, pickle.PickleBuffer(big), None))
+        parts, size = encode(message)
+        assert len(parts) >= 3  # header, pickle, and the large buffer(s) out of band
+        received: list[object] = []
+        reader = threading.Thread(target=lambda: received.append(right.recv()))
+        reader.start()
+        assert left.send(message) == size
+        reader.join()
+        seqs, items = cast(tuple[object, list[object]], received[0])
+        assert seqs == (1, 2, (3, 0))
+        assert items[0] == "x"
+        assert items[1] == big
+        assert items[2] == small
+        assert items[3] == big
+        assert items[4] is None
+        left.send(None)
+        assert right.recv() is None
+    finally:
+        left.close()
+        right.close()
+
+
+def test_the_wire_carries_more_buffers_than_one_sendmsg_takes() -> None:
+    left, right = _pair()
+    try:
+        message = [bytearray(bytes([i % 251]) * OUT_OF_BAND_MIN) for i in range(1100)]
+        received: list[object] = []
+        reader = threading.Thread(target=lambda: received.append(right.recv()))
+        reader.start()
+        left.send(message)
+        reader.join()
+        assert received[0] == message
+    finally:
+        left.close()
+        right.close()
+
+
+def test_the_wire_raises_eof_when_the_other_end_is_gone() -> None:
+    left, right = _pair()
+    left.close()
+    with pytest.raises(EOFError):
+        right.recv()
+    right.close()
+
+
+# -- process workers -----------------------------------------------------------
+
+
+def fail_on_sevens(x: int) -> int:
+    if x % 7 == 0:
+        raise ValueError(x)
+    return x * 2
+
+
+def test_pipelined_batches_keep_every_item_and_failure_in_order() -> None:
+    n = 20_000
+    results = list(stage(workers=2, backend="process")(fail_on_sevens).run(range(n)))
+    assert len(results) == n
+    for x, result in enumerate(results):
+        if x % 7 == 0:
+            assert isinstance(result, Failure)
+            error = result.failure()
+            assert isinstance(error, StageError)
+            assert error.item == x
+            assert isinstance(error.exception, ValueError)
+        else:
+            assert result == Success(2 * x)
+
+
+def size_of(data: bytearray) -> int:
+    return len(data)
+
+
+def echo(data: bytearray) -> bytearray:
+    return data
+
+
+def test_large_payloads_cross_both_ways() -> None:
+    payloads = [bytearray(bytes([i]) * ((1 << 20) + i)) for i in range(12)]
+    sizes = list(stage(workers=2, backend="process")(size_of).run(payloads))
+    assert [r.unwrap() for r in sizes] == [len(p) for p in payloads]
+    echoed = list(stage(workers=2, backend="process")(echo).run(payloads))
+    assert [r.unwrap() for r in echoed] == payloads
+
+
+def crash_on_marked(path: str) -> Callable[[int], int]:
+    def crash(x: int) -> int:
+        if x % 500 == 250 and not Path(path, str(x)).exists():
+            Path(path, str(x)).touch()
+            os._exit(9)
+        return x + 1
+
+    return crash
+
+
+def test_a_crash_with_two_batches_in_flight_loses_nothing(tmp_path: Path) -> None:
+    n = 3000
+    fn = crash_on_marked(str(tmp_path))
+    run = stage(workers=2, backend="process", retries=1, backoff=0.001)(fn).run(range(n))
+    results = list(run)
+    assert [r.unwrap() for r in results] == [x + 1 for x in range(n)]
+    assert run.statistics().stages[0].restarts == n // 500
+
+
+def crash_on_250s(x: int) -> int:
+    if x % 500 == 250:
+        os._exit(9)
+    return x + 1
+
+
+def test_without_retries_only_the_item_that_kills_fails() -> None:
+    n = 1200
+    results = list(stage(workers=2, backend="process")(crash_on_250s).run(range(n)))
+    failed = [x for x, r in enumerate(results) if isinstance(r, Failure)]
+    assert failed == [250, 750]
+    for x in failed:
+        assert isinstance(results[x].failure().exception, WorkerCrashed)
+
+
+def test_two_process_stages_in_a_row() -> None:
+    pipeline = stage(workers=2, backend="process")(fail_on_sevens) | stage(
+        workers=2, backend="process"
+    )(fail_on_sevens)
+    results = list(pipeline.run(range(1, 200), ordered=True))
+    expected = [4 * x if x % 7 and (2 * x) % 7 else None for x in range(1, 200)]
+    assert [r.unwrap() if isinstance(r, Success) else None for r in results] == expected
+
+
+def test_a_byte_budget_bounds_a_channel_by_size_as_well_as_by_count() -> None:
+    channel: Channel[tuple[int, bytes]] = Channel(100, max_bytes=1 << 20)
+    channel.put_many([(0, bytes(600 << 10))])
+    assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
+    channel.put_many([(1, bytes(600 << 10)), (2, b"x")])  # admitted whole while there is room
+    assert not channel._has_room()  # pyright: ignore[reportPrivateUsage]
+    blocked = threading.Thread(target=channel.put_many, args=([(3, b"y")],))
+    blocked.start()
+    assert [key for key, _ in channel.get_many(2)] == [0, 1]
+    blocked.join()
+    assert [key for key, _ in channel.get_many(10)] == [2, 3]
+    assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
+
+
+def test_without_a_byte_budget_only_the_count_bounds_a_channel() -> None:
+    channel: Channel[tuple[int, bytes]] = Channel(2)
+    channel.put_many([(0, bytes(8 << 20))])
+    assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
