@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from returns.result import Result, Success
 
 from tests.conftest import on
-from typeflow import Backend, Stage, StageError
+from typeflow import Backend, Stage, StageError, flat_map, fork, keep, stage
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -121,3 +121,182 @@ def test_random_pipelines_match_the_sequential_composition(
         assert got == expected
     else:
         assert Counter(map(repr, got)) == Counter(map(repr, expected))
+
+
+# -- shapes: one-to-many, filters, batches and forks ----------------------------------------
+
+
+def explode_small(x: int) -> list[int]:
+    """0 to 2 outputs: a filter, a map or a one-to-many, depending on the item."""
+    return [x + i for i in range(abs(x) % 3)]
+
+
+def add_pair(pair: tuple[int, int]) -> int:
+    return pair[0] + pair[1]
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str  # "map", "flat", "keep", "fork", "batch"
+    fn: Callable[[int], int]
+    other: Callable[[int], int]
+    backend: Backend
+    workers: int
+
+
+shapes = st.builds(
+    Shape,
+    kind=st.sampled_from(["map", "flat", "keep", "fork", "batch"]),
+    fn=st.sampled_from(FUNCTIONS),
+    other=st.sampled_from(FUNCTIONS),
+    backend=st.sampled_from(["thread", "process", "task"]),
+    workers=st.integers(1, 3),
+)
+
+
+def shape_stage(shape: Shape) -> Stage[int, int]:
+    if shape.kind == "map":
+        return on(shape.backend, shape.fn, shape.workers)
+    if shape.kind == "flat":
+        if shape.backend == "task":
+            return flat_map(workers=shape.workers)(explode_small)
+        return flat_map(workers=shape.workers, backend=shape.backend)(explode_small)
+    if shape.kind == "keep":
+        if shape.backend == "task":
+            return keep(ais_odd, workers=shape.workers, backend="task")
+        return keep(is_odd, workers=shape.workers, backend=shape.backend)
+    if shape.kind == "fork":
+        both = fork(on(shape.backend, shape.fn), on("thread", shape.other))
+        return both | stage(add_pair)
+    return stage(inc).batch(3, timeout=0.01).unbatch()
+
+
+def is_odd(x: int) -> bool:
+    return x % 2 == 1
+
+
+async def ais_odd(x: int) -> bool:
+    return is_odd(x)
+
+
+def reference(chain: list[Shape], x: int) -> list[Outcome]:
+    """The outcomes of one input through ``chain``, computed one call at a time."""
+    outcomes: list[Outcome] = []
+    values = [x]
+    for shape in chain:
+        nxt: list[int] = []
+        for v in values:
+            try:
+                if shape.kind == "map":
+                    nxt.append(_call(shape.fn, v))
+                elif shape.kind == "flat":
+                    nxt.extend(explode_small(v))
+                elif shape.kind == "keep":
+                    if is_odd(v):
+                        nxt.append(v)
+                elif shape.kind == "fork":
+                    a = _call(shape.fn, v)
+                    b = _call(shape.other, v)
+                    nxt.append(a + b)
+                else:
+                    nxt.append(inc(v))
+            except _Failed as failed:
+                outcomes.append((False, (failed.name, v, failed.kind)))
+        values = nxt
+    outcomes.extend((True, v) for v in values)
+    return outcomes
+
+
+class _Failed(Exception):
+    def __init__(self, name: str, kind: type[BaseException]) -> None:
+        self.name = name
+        self.kind = kind
+
+
+def _call(fn: Callable[[int], int], v: int) -> int:
+    try:
+        return fn(v)
+    except Exception as exc:  # noqa: BLE001 - the reference records every failure
+        raise _Failed(fn.__qualname__, type(exc)) from exc
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    chain=st.lists(shapes, min_size=1, max_size=3),
+    items=st.lists(st.integers(-200, 200), max_size=60),
+    ordered=st.booleans(),
+)
+def test_random_shaped_pipelines_match_the_sequential_reference(
+    chain: list[Shape], items: list[int], ordered: bool
+) -> None:
+    pipeline = shape_stage(chain[0])
+    for shape in chain[1:]:
+        pipeline = pipeline | shape_stage(shape)
+    run = pipeline.run(items, ordered=ordered)
+    got = [observed(r) for r in run]
+    expected = [o for x in items for o in reference(chain, x)]
+    # Every input is accounted for: its outputs and failures come out, and the
+    # run knows every item is done.
+    assert run.statistics().in_flight == 0
+    assert run.statistics().done == len(items)
+    has_batch = any(s.kind == "batch" for s in chain)
+    if ordered and not has_batch:  # a batch holds items in arrival order
+        assert got == expected
+    else:
+        assert Counter(map(repr, got)) == Counter(map(repr, expected))
+
+
+# -- failures and retries against the statistics ----------------------------------------------
+
+
+def make_flaky() -> Callable[[int], int]:
+    """Fails the first call with each multiple of 3 (per worker), then works."""
+    seen: set[int] = set()
+
+    def flaky(x: int) -> int:
+        if x % 3 == 0 and x not in seen:
+            seen.add(x)
+            raise ConnectionError(f"flaky {x}")
+        return x
+
+    return flaky
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    chain=st.lists(steps, min_size=0, max_size=2),
+    retries=st.integers(0, 2),
+    flaky_backend=st.sampled_from(["thread", "process"]),
+    items=st.lists(st.integers(-300, 300), max_size=80, unique=True),
+)
+def test_failures_and_retries_match_the_statistics(
+    chain: list[Step], retries: int, flaky_backend: Backend, items: list[int]
+) -> None:
+    flaky = stage(workers=2, backend=flaky_backend, retries=retries, backoff=0.0)(make_flaky())
+    pipeline: Stage[int, int] = flaky
+    for step in chain:
+        pipeline = pipeline | on(step.backend, step.fn, step.workers, step.buffer)
+    run = pipeline.run(items)
+    got = [observed(r) for r in run]
+    stats = run.statistics()
+
+    def expected_for(x: int) -> Outcome:
+        if x % 3 == 0 and retries == 0:
+            return (False, ("make_flaky.<locals>.flaky", x, ConnectionError))
+        return sequential(chain, x) if chain else (True, x)
+
+    assert got == [expected_for(x) for x in items]
+    failures = sum(not ok for ok, _ in got)
+    assert (stats.succeeded, stats.failed) == (len(items) - failures, failures)
+    assert sum(s.failed for s in stats.stages) == failures
+    assert stats.stages[-1].succeeded == len(items) - failures
+    assert stats.stages[0].retried == (sum(1 for x in items if x % 3 == 0) if retries else 0)
+    assert (stats.items_read, stats.done, stats.in_flight) == (len(items), len(items), 0)
