@@ -54,9 +54,9 @@ def _multiprocessing_servers() -> set[int | None]:
 
 
 def worker_pids() -> list[int]:
-    """The worker processes running now (children of the forkserver)."""
-    server = _forkserver_pid()
-    return [] if server is None else [p.pid for p in psutil.Process(server).children()]
+    """The worker processes running now (forked directly, or by the forkserver)."""
+    servers = _multiprocessing_servers()
+    return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in servers]
 
 
 def leftovers(timeout: float = 3.0) -> tuple[list[str], list[int]]:

@@ -226,3 +226,12 @@ def test_without_a_byte_budget_only_the_count_bounds_a_channel() -> None:
     channel: Channel[tuple[int, bytes]] = Channel(2)
     channel.put_many([(0, bytes(8 << 20))])
     assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
+
+
+def test_put_up_to_reserves_as_many_places_as_there_is_room_for() -> None:
+    window: Channel[None] = Channel(5)
+    assert window.put_up_to(None, 3) == 3
+    assert window.put_up_to(None, 3) == 2
+    assert window.take_nowait(4) == [None] * 4
+    assert window.put_up_to(None, 64) == 4
+    assert len(window) == 5

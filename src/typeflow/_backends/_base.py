@@ -50,6 +50,11 @@ class BatchSizer:
         #: The most items to take next time.
         self.limit = 1
 
+    @property
+    def per_item(self) -> float:
+        """The running average of seconds per item (0.0 before the first batch)."""
+        return self._per_item
+
     def record(self, items: int, seconds: float, nbytes: int = 0) -> None:
         """A batch of ``items`` items took ``seconds`` (and weighed ``nbytes``)."""
         if items <= 0:

@@ -14,8 +14,10 @@ buffers out of band, read straight into place (:mod:`typeflow._backends._wire`).
   cancelled run does not wait for a long batch (the worker is killed anyway).
 * **Two batches in flight.**  While the worker computes one batch, the next
   one already waits in its socket, so the round trip (about 0.2 ms on a busy
-  VM) is hidden.  The pump takes that second batch only if it is already in the
-  inbox, and sends it early only if it fits into the socket's buffer
+  VM) is hidden.  The pump takes that second batch only for quick items (less
+  than :data:`BATCH_SECONDS` each: a slow item should go to an idle worker,
+  not wait behind another one), only if it is already in the inbox, and sends
+  it early only if it fits into the socket's buffer
   (:attr:`Wire.pipeline_bytes`): the worker may be blocked sending a big reply
   that the pump reads only after its own send returns, and a send that fits
   never blocks.  Under a ``timeout`` the pump sends one item at a time, so
@@ -366,7 +368,10 @@ class _Pump:
                 self._collect(sent)
                 continue
             if sent:
-                batch = inbox.take_nowait(sizer.limit, share)
+                # Only quick items are worth a second batch: for slow ones the round
+                # trip hardly matters, and an idle worker should get the next item.
+                quick = 0.0 < sizer.per_item < BATCH_SECONDS
+                batch = inbox.take_nowait(sizer.limit, share) if quick else []
                 if not batch:
                     self._collect(sent)
                     continue

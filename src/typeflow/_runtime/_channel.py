@@ -331,6 +331,30 @@ class Channel(Generic[T]):
                     self._forget(self._putters, waiter, False)
                 raise
 
+    def put_up_to(self, item: T, count: int) -> int:
+        """Add between 1 and ``count`` copies of ``item``: as many as there is room for.
+
+        Waits only for room for the first.  This reserves places in bulk: a
+        window of items in flight takes one lock round trip per many items.
+
+        Raises:
+            ChannelAborted: the run was cancelled.
+        """
+        while True:
+            with self._lock:
+                if self._check_put():
+                    n = max(1, min(count, self._capacity - len(self._items)))
+                    self._give([item] * n)
+                    return n
+                waiter = _ThreadWaiter()
+                self._putters.append(waiter)
+            try:
+                waiter.wait()
+            except BaseException:
+                with self._lock:
+                    self._forget(self._putters, waiter, False)
+                raise
+
     def take_nowait(self, limit: int, share: int = 1) -> list[T]:
         """Take up to ``limit`` items (a fair ``share``) without waiting (possibly none)."""
         with self._lock:

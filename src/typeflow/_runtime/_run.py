@@ -89,6 +89,12 @@ def default_window(nodes: tuple[Node, ...]) -> int:
     return max(1024, 2 * sum(n.options.buffer + n.options.workers for n in nodes))
 
 
+def _inbox(node: Node, producers: int) -> Channel[Envelope]:
+    """A stage's input buffer; a process stage's is also bounded in bytes (large items)."""
+    max_bytes = _process.INBOX_BYTES if node.options.backend == "process" else None
+    return Channel(node.options.buffer, producers=producers, max_bytes=max_bytes)
+
+
 class _Emitter:
     """One worker's way out: successes onward, failures to the outbox, and its counters."""
 
@@ -197,7 +203,7 @@ class RunCore:
         # Each channel's producers: the feeder, then each stage's workers.
         producers = [1, *(n.options.workers for n in nodes)]
         self.inboxes: list[Channel[Envelope]] = [
-            Channel(n.options.buffer, producers=p) for n, p in zip(nodes, producers, strict=False)
+            _inbox(n, p) for n, p in zip(nodes, producers, strict=False)
         ]
         self.outbox: Channel[Entry] = Channel(
             max(_COLLECT_LIMIT, nodes[-1].options.buffer), producers=producers[-1]
@@ -269,22 +275,39 @@ class RunCore:
         outbox: Outbox,
         emitters_out: list[list[_Emitter]] | None = None,
     ) -> list[WorkerGroup]:
-        groups: list[WorkerGroup] = []
-        for i, node in enumerate(nodes):
-            nxt = inboxes[i + 1] if i + 1 < len(nodes) else None
-            emitters = [_Emitter(nxt, outbox) for _ in range(node.options.workers)]
-            if emitters_out is not None:
-                emitters_out.append(emitters)
-            backend = _BACKENDS[node.runner or node.options.backend]
-            groups.append(backend.start(node, inboxes[i], emitters, self))
-        return groups
+        emitters_of = [
+            [
+                _Emitter(inboxes[i + 1] if i + 1 < len(nodes) else None, outbox)
+                for _ in range(node.options.workers)
+            ]
+            for i, node in enumerate(nodes)
+        ]
+        if emitters_out is not None:
+            emitters_out.extend(emitters_of)
+        kinds = [node.runner or node.options.backend for node in nodes]
+        started: dict[int, WorkerGroup] = {}
+        try:
+            # Process stages first: their workers can be forked while the caller's
+            # thread is still the only one (see _backends._process).
+            with _process.deferred_threads():
+                for i, node in enumerate(nodes):
+                    if kinds[i] == "process":
+                        started[i] = _process.start(node, inboxes[i], emitters_of[i], self)
+            for i, node in enumerate(nodes):
+                if kinds[i] != "process":
+                    started[i] = _BACKENDS[kinds[i]].start(node, inboxes[i], emitters_of[i], self)
+        except BaseException:
+            for group in started.values():  # e.g. forked workers whose pumps never started
+                group.cancel()
+                group.join(1.0)
+            raise
+        return [started[i] for i in range(len(nodes))]
 
     def start_chain(
         self, nodes: tuple[Node, ...], first: Channel[Envelope], outbox: Outbox
     ) -> list[WorkerGroup]:
         inboxes = [first] + [
-            Channel[Envelope](node.options.buffer, producers=before.options.workers)
-            for before, node in itertools.pairwise(nodes)
+            _inbox(node, before.options.workers) for before, node in itertools.pairwise(nodes)
         ]
         for channel in inboxes[1:]:
             self.on_shutdown(channel.abort)
