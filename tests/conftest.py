@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -9,9 +10,17 @@ from typing import TypeVar
 
 import psutil
 import pytest
+from hypothesis import HealthCheck, settings
 
 from typeflow import Backend, Stage, stage
 from typeflow._options import BACKENDS
+
+# Property tests: a quick profile by default, a thorough one on demand
+# (HYPOTHESIS_PROFILE=thorough uv run pytest tests/test_properties.py).
+_QUIET = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+settings.register_profile("default", max_examples=40, deadline=None, suppress_health_check=_QUIET)
+settings.register_profile("thorough", max_examples=400, deadline=None, suppress_health_check=_QUIET)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 A = TypeVar("A")
 B = TypeVar("B")

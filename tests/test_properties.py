@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from returns.result import Result, Success
 
@@ -97,11 +97,6 @@ def build(chain: list[Step]) -> Stage[int, int]:
     return pipeline
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 @given(
     chain=st.lists(steps, min_size=1, max_size=4),
     items=st.lists(st.integers(-1000, 1000), max_size=120),
@@ -180,31 +175,25 @@ async def ais_odd(x: int) -> bool:
 
 
 def reference(chain: list[Shape], x: int) -> list[Outcome]:
-    """The outcomes of one input through ``chain``, computed one call at a time."""
-    outcomes: list[Outcome] = []
-    values = [x]
-    for shape in chain:
-        nxt: list[int] = []
-        for v in values:
-            try:
-                if shape.kind == "map":
-                    nxt.append(_call(shape.fn, v))
-                elif shape.kind == "flat":
-                    nxt.extend(explode_small(v))
-                elif shape.kind == "keep":
-                    if is_odd(v):
-                        nxt.append(v)
-                elif shape.kind == "fork":
-                    a = _call(shape.fn, v)
-                    b = _call(shape.other, v)
-                    nxt.append(a + b)
-                else:
-                    nxt.append(inc(v))
-            except _Failed as failed:
-                outcomes.append((False, (failed.name, v, failed.kind)))
-        values = nxt
-    outcomes.extend((True, v) for v in values)
-    return outcomes
+    """The outcomes of one input through ``chain``, one call at a time, depth first
+    (the order of an ordered run: siblings in the order they were made)."""
+    if not chain:
+        return [(True, x)]
+    shape, rest = chain[0], chain[1:]
+    try:
+        if shape.kind == "map":
+            values = [_call(shape.fn, x)]
+        elif shape.kind == "flat":
+            values = explode_small(x)
+        elif shape.kind == "keep":
+            values = [x] if is_odd(x) else []
+        elif shape.kind == "fork":
+            values = [_call(shape.fn, x) + _call(shape.other, x)]
+        else:
+            values = [inc(x)]
+    except _Failed as failed:
+        return [(False, (failed.name, x, failed.kind))]
+    return [outcome for v in values for outcome in reference(rest, v)]
 
 
 class _Failed(Exception):
@@ -220,11 +209,6 @@ def _call(fn: Callable[[int], int], v: int) -> int:
         raise _Failed(fn.__qualname__, type(exc)) from exc
 
 
-@settings(
-    max_examples=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 @given(
     chain=st.lists(shapes, min_size=1, max_size=3),
     items=st.lists(st.integers(-200, 200), max_size=60),
@@ -266,11 +250,6 @@ def make_flaky() -> Callable[[int], int]:
     return flaky
 
 
-@settings(
-    max_examples=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
 @given(
     chain=st.lists(steps, min_size=0, max_size=2),
     retries=st.integers(0, 2),

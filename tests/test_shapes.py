@@ -292,13 +292,15 @@ def test_a_failing_setup_fails_the_run_fast_with_that_error() -> None:
 
 
 def test_a_sync_stateful_stage_is_refused_on_the_task_backend() -> None:
-    with pytest.raises(DefinitionError, match="AsyncStatefulStage"):
-
+    def define() -> None:
         class Wrong(StatefulStage[int, int], backend="task"):
             def process(self, item: int, /) -> int:
                 return item
 
         del Wrong  # never reached: defining it raises
+
+    with pytest.raises(DefinitionError, match="AsyncStatefulStage"):
+        define()
 
 
 # -- sinks, limits, feeds, merges ---------------------------------------------------------
@@ -319,7 +321,7 @@ def test_consume_runs_for_effects_and_reports_failures(backend: Backend, tmp_pat
 
 def test_take_stops_an_endless_pipeline(backend: Backend) -> None:
     pipeline = on(backend, length) | on(backend, is_even)
-    results = pipeline.run(("x" * n for n in itertools.count())).take(5)
+    results = pipeline.run("x" * n for n in itertools.count()).take(5)
     assert [r.unwrap() for r in results] == [True, False, True, False, True]
     assert leftovers() == ([], [])
 

@@ -239,3 +239,18 @@ def test_public_api() -> None:
         if not documented:
             undocumented.append(name)
     assert not undocumented, f"public names without a docstring: {undocumented}"
+
+
+@pytest.mark.timeout(120)
+def test_ruff() -> None:
+    """``ruff check`` and ``ruff format --check`` find nothing in src, tests and examples."""
+    for command in (["check"], ["format", "--check"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", *command, "src", "tests", "examples"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            pytest.fail(f"ruff {' '.join(command)}:\n{result.stdout}{result.stderr}", pytrace=False)

@@ -15,7 +15,15 @@ import pytest
 from returns.result import Failure, Result, Success
 
 from tests.conftest import leftovers, on, worker_pids
-from typeflow import Backend, Stage, StageError, StageTimeout, WorkerCrashed, stage
+from typeflow import (
+    Backend,
+    DefinitionError,
+    Stage,
+    StageError,
+    StageTimeout,
+    WorkerCrashed,
+    stage,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -235,7 +243,8 @@ def test_random_kills_exceptions_and_timeouts_lose_nothing() -> None:
                 expected = (StageTimeout, WorkerCrashed)
             assert isinstance(result.failure().exception, expected)
         else:
-            assert x % 13 and x % 97
+            assert x % 13
+            assert x % 97
             assert result.unwrap() == 2 * x + 1
     # ...the statistics agree with what came out...
     stats = run.statistics()
@@ -252,3 +261,31 @@ def test_random_kills_exceptions_and_timeouts_lose_nothing() -> None:
     assert elapsed < 120
     assert killed > 0
     assert leftovers() == ([], [])
+
+
+# -- rate limits ------------------------------------------------------------------------
+
+
+def stamp(x: int) -> float:
+    return time.monotonic()  # the system's monotonic clock: comparable across processes
+
+
+async def astamp(x: int) -> float:
+    return time.monotonic()
+
+
+def test_a_rate_limit_spaces_calls_across_all_workers(backend: Backend) -> None:
+    rate = 40.0
+    if backend == "task":
+        limited: Stage[int, float] = stage(workers=4, backend="task", rate=rate)(astamp)
+    else:
+        limited = stage(workers=3, backend=backend, rate=rate)(stamp)
+    times = sorted(r.unwrap() for r in limited.run(range(12)))
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.9 / rate  # never two calls closer than 1/rate, whatever the worker
+    assert times[-1] - times[0] >= 11 * 0.9 / rate
+
+
+def test_rate_must_be_positive() -> None:
+    with pytest.raises(DefinitionError, match="rate=0"):
+        stage(rate=0)

@@ -57,6 +57,10 @@ class StageOptions:
             about twice as long (exponential backoff with jitter, at most
             ``max_backoff``).
         max_backoff: the longest wait between two tries, in seconds.
+        rate: at most this many calls per second, across all the stage's
+            workers (None: no limit), for stages that call rate-limited
+            services.  A rate-limited stage hands its workers one item at a
+            time.
     """
 
     workers: int = 1
@@ -68,6 +72,7 @@ class StageOptions:
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     backoff: float = 0.1
     max_backoff: float = 30.0
+    rate: float | None = None
 
     def __post_init__(self) -> None:
         label = f"stage {self.name!r}" if self.name else "stage"
@@ -81,6 +86,8 @@ class StageOptions:
         _check_name(self.name)
         if self.timeout is not None:
             _positive_seconds(label, "timeout", self.timeout)
+        if self.rate is not None:
+            _positive_seconds(label, "rate", self.rate)
         _whole(label, "retries", self.retries, 0, "give the number of extra tries (0 for none)")
         _check_retry_on(label, self.retry_on)
         for option in ("backoff", "max_backoff"):

@@ -16,9 +16,9 @@ from typing_extensions import TypeGuard, TypeIs
 
 from typeflow._backends._batcher import BatchKernel
 from typeflow._errors import DefinitionError
+from typeflow._hints import element_hint, narrowed_hint
 from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
 from typeflow._runtime._kernel import Node, StatefulKernel
-from typeflow._hints import element_hint, narrowed_hint
 from typeflow._stage import Stage, _check_arity, _FnStage  # pyright: ignore[reportPrivateUsage]
 
 __all__ = [
@@ -365,6 +365,7 @@ class _StatefulBase(Stage[In, Out], ABC):
         timeout: float | None = None,
         retries: int = 0,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
+        rate: float | None = None,
     ) -> None:
         super().__init_subclass__()
         cls._options = StageOptions(
@@ -375,6 +376,7 @@ class _StatefulBase(Stage[In, Out], ABC):
             timeout=timeout,
             retries=retries,
             retry_on=retry_on,
+            rate=rate,
         )
         if backend == "task" and not cls._is_async:
             raise DefinitionError(
@@ -382,12 +384,12 @@ class _StatefulBase(Stage[In, Out], ABC):
                 "(with 'async def process'); use backend='thread' for blocking code"
             )
 
-    def setup(self) -> None | Awaitable[None]:
+    def setup(self) -> Awaitable[None] | None:
         """Build this worker's state (connections, models, caches).  Runs once per worker,
         inside the worker (in its own process for ``backend="process"``)."""
         return None
 
-    def teardown(self) -> None | Awaitable[None]:
+    def teardown(self) -> Awaitable[None] | None:
         """Release what :meth:`setup` built.  Runs when the worker ends, also after a
         failure or a cancellation."""
         return None

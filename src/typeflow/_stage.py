@@ -538,6 +538,7 @@ def stage(  # type: ignore[overload-overlap] # pyright: ignore[reportOverlapping
     retry_on: tuple[type[BaseException], ...] = (Exception,),
     backoff: float = 0.1,
     max_backoff: float = 30.0,
+    rate: float | None = None,
 ) -> AsyncStageDecorator: ...
 @overload
 def stage(
@@ -551,6 +552,7 @@ def stage(
     retry_on: tuple[type[BaseException], ...] = (Exception,),
     backoff: float = 0.1,
     max_backoff: float = 30.0,
+    rate: float | None = None,
 ) -> StageDecorator: ...
 def stage(
     fn: Callable[[Any], Any] | None = None,
@@ -565,6 +567,7 @@ def stage(
     retry_on: tuple[type[BaseException], ...] = (Exception,),
     backoff: float = 0.1,
     max_backoff: float = 30.0,
+    rate: float | None = None,
 ) -> Stage[Any, Any] | StageDecorator | AsyncStageDecorator:
     """Turn a one-argument function into a pipeline stage.
 
@@ -593,6 +596,8 @@ def stage(
         backoff: seconds before the first retry, doubling each time, with
             jitter (tenacity's exponential backoff).
         max_backoff: the longest wait between two tries, in seconds.
+        rate: at most this many calls per second across all the stage's
+            workers, evenly spaced (None: no limit).
 
     Raises:
         DefinitionError: an option is out of range, the function does not take
@@ -618,6 +623,7 @@ def stage(
         retry_on=retry_on,
         backoff=backoff,
         max_backoff=max_backoff,
+        rate=rate,
     )
     if fn is None:
         if backend == "task":

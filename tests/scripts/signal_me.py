@@ -1,7 +1,7 @@
 """A slow endless process-backed run that reports how it ended; used by test_signals.py.
 
-Prints ``running`` once results flow, then ``result`` for each further one; when the run ends it prints
-``read=<items read> yielded=<results yielded> in_flight=<the rest>``.
+Prints ``running`` once results flow, then ``result`` for each further one; when
+the run ends it prints ``read=<items read> yielded=<results yielded> in_flight=<the rest>``.
 """
 
 from __future__ import annotations

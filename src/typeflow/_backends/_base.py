@@ -10,6 +10,8 @@ from, where they go, ordering, failures, shutdown order -- is the scheduler's.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -21,6 +23,36 @@ if TYPE_CHECKING:
     import asyncio
 
 __all__ = ["BatchSizer", "Emitter", "RunEnv", "WorkerBackend", "WorkerGroup", "fail_batch"]
+
+
+class RateLimiter:
+    """At most ``rate`` calls per second across all the workers of one stage.
+
+    Each call reserves the next free slot (``1 / rate`` seconds after the one
+    before) and is told how long to wait for it, so workers never poll and the
+    calls are spread evenly, never in bursts.
+    """
+
+    __slots__ = ("_interval", "_lock", "_next")
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def reserve(self, calls: int = 1) -> float:
+        """Seconds to wait before making ``calls`` calls."""
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + calls * self._interval
+            return start - now
+
+
+def rate_limiter(node: Node) -> RateLimiter | None:
+    """The stage's shared limiter, if it has a ``rate``."""
+    rate = node.options.rate
+    return RateLimiter(rate) if rate is not None else None
 
 
 class BatchSizer:

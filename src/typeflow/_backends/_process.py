@@ -63,7 +63,14 @@ from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from typing import Final, TypeAlias, cast
 
-from typeflow._backends._base import BatchSizer, Emitter, RunEnv, fail_batch
+from typeflow._backends._base import (
+    BatchSizer,
+    Emitter,
+    RateLimiter,
+    RunEnv,
+    fail_batch,
+    rate_limiter,
+)
 from typeflow._backends._process_child import READY, RawFailure, Reply, child_main
 from typeflow._backends._wire import Wire, encode
 from typeflow._errors import (
@@ -187,12 +194,14 @@ class _Pump:
         inbox: Channel[Envelope],
         emitter: Emitter,
         index: int,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._node = node
         self._options = node.options
         # A plain function's timeout is enforced here, by killing the worker;
         # an async function's by the kernel, which cancels the call.
         self._timeout = node.options.timeout if not node.kernel.is_async else None
+        self._limiter = limiter
         self._kernel_bytes = kernel_bytes
         self._inbox = inbox
         self._emitter = emitter
@@ -320,7 +329,7 @@ class _Pump:
 
     def _main(self) -> None:
         try:
-            if self._timeout is None:
+            if self._timeout is None and self._limiter is None:
                 self._pipelined()
             else:
                 self._one_by_one()
@@ -340,9 +349,14 @@ class _Pump:
             forked[1].close()
 
     def _one_by_one(self) -> None:
-        """Under a timeout: one item at a time, its deadline counted from its sending."""
+        """Under a timeout or a rate limit: one item at a time (a deadline is counted
+        from its sending; a rate limit's slot is waited for before it)."""
         while True:
             batch = self._inbox.get_many(1, self._options.workers)
+            if self._limiter is not None:
+                delay = self._limiter.reserve(len(batch))
+                if delay > 0 and self._cancelled.wait(delay):
+                    raise _Cancelled
             self._emitter.emit(self._guarded(batch))
 
     def _guarded(self, batch: list[Envelope]) -> Outcome:
@@ -614,7 +628,8 @@ def start(
             f"({type(exc).__name__}: {exc}); use backend='thread', or make the function "
             "and what it captures picklable"
         ) from exc
-    pumps = [_Pump(node, kernel_bytes, inbox, e, i) for i, e in enumerate(emitters)]
+    limiter = rate_limiter(node)  # shared by the stage's pumps
+    pumps = [_Pump(node, kernel_bytes, inbox, e, i, limiter) for i, e in enumerate(emitters)]
     group = ProcessGroup(pumps)
     try:
         if _may_fork():

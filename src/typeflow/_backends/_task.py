@@ -13,7 +13,14 @@ import concurrent.futures
 import time
 from collections.abc import Sequence
 
-from typeflow._backends._base import BatchSizer, Emitter, RunEnv, fail_batch
+from typeflow._backends._base import (
+    BatchSizer,
+    Emitter,
+    RateLimiter,
+    RunEnv,
+    fail_batch,
+    rate_limiter,
+)
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
 from typeflow._runtime._kernel import Envelope, Node, WorkerContext
 
@@ -45,15 +52,23 @@ class TaskGroup:
         return True
 
 
-async def _work(node: Node, inbox: Channel[Envelope], emitter: Emitter, index: int) -> None:
+async def _work(
+    node: Node,
+    inbox: Channel[Envelope],
+    emitter: Emitter,
+    index: int,
+    limiter: RateLimiter | None,
+) -> None:
     kernel = node.kernel
     share = node.options.workers
     ctx = WorkerContext(index)
-    sizer = BatchSizer(BATCH_LIMIT, BATCH_SECONDS)
+    sizer = BatchSizer(1 if limiter is not None else BATCH_LIMIT, BATCH_SECONDS)
     clock = time.perf_counter
     try:
         while True:
             batch = await inbox.aget_many(sizer.limit, share)
+            if limiter is not None and (delay := limiter.reserve(len(batch))) > 0:
+                await asyncio.sleep(delay)  # a rate limit's slot (cancellable)
             started = clock()
             try:
                 outcome = await kernel.aprocess(batch, ctx)
@@ -71,9 +86,11 @@ async def _work(node: Node, inbox: Channel[Envelope], emitter: Emitter, index: i
 
 
 async def _supervise(node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter]) -> None:
+    limiter = rate_limiter(node)  # shared by the stage's workers
     async with asyncio.TaskGroup() as group:
         for i, emitter in enumerate(emitters):
-            group.create_task(_work(node, inbox, emitter, i), name=f"typeflow:{node.name}:{i}")
+            worker = _work(node, inbox, emitter, i, limiter)
+            group.create_task(worker, name=f"typeflow:{node.name}:{i}")
 
 
 def start(

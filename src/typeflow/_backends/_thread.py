@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from typeflow._backends._base import BatchSizer, Emitter, RunEnv, fail_batch
+from typeflow._backends._base import BatchSizer, Emitter, RunEnv, fail_batch, rate_limiter
 from typeflow._errors import StageError, StageTimeout
 from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
@@ -65,6 +65,7 @@ class ThreadGroup:
         self._node = node
         self._inbox = inbox
         self._timeout = node.options.timeout if not node.kernel.is_async else None
+        self._limiter = rate_limiter(node)
         self._cond = threading.Condition()
         self._stopped = False
         self._slots = [_Slot(i, e) for i, e in enumerate(emitters)]
@@ -95,7 +96,8 @@ class ThreadGroup:
         node, inbox, emitter = self._node, self._inbox, slot.emitter
         kernel = node.kernel
         share = node.options.workers
-        sizer = BatchSizer(1 if self._timeout is not None else BATCH_LIMIT, BATCH_SECONDS)
+        one_at_a_time = self._timeout is not None or self._limiter is not None
+        sizer = BatchSizer(1 if one_at_a_time else BATCH_LIMIT, BATCH_SECONDS)
         clock = time.perf_counter
         ctx = WorkerContext(slot.index)
         replaced = False
@@ -109,6 +111,8 @@ class ThreadGroup:
                 emitter.emit(taken_over)
             while True:
                 batch = inbox.get_many(sizer.limit, share)
+                if self._limiter is not None:
+                    self._wait(self._limiter.reserve(len(batch)))
                 if self._timeout is None:
                     started = clock()
                     try:
@@ -129,6 +133,13 @@ class ThreadGroup:
             ctx.close()
             if not replaced:
                 emitter.done()
+
+    def _wait(self, seconds: float) -> None:
+        """Wait for a rate limit's slot; the run's end cuts the wait short."""
+        if seconds > 0:
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stopped, seconds):
+                    raise ChannelAborted
 
     def _timed(
         self, slot: _Slot, envelope: Envelope, attempt: int, ctx: WorkerContext
