@@ -5,14 +5,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Generic, TypeVar, overload
-
-from returns.result import Result
-from typing_extensions import Self
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from typeflow._errors import StageError, TypeflowError
 from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
 from typeflow._runtime._run import Run
+
+if TYPE_CHECKING:
+    from returns.result import Result
+    from typing_extensions import Self
+
 
 __all__ = ["Feed", "FeedClosed", "merge"]
 

@@ -16,15 +16,17 @@ Fork branches must make exactly one output per input (no ``flat_map``,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, overload
-
-from typing_extensions import TypeIs
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from typeflow._backends._split import SplitKernel
 from typeflow._errors import DefinitionError, short_repr
 from typeflow._options import StageOptions
 from typeflow._runtime._kernel import FnKernel, Node, StatefulKernel
 from typeflow._stage import Stage
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
 
 __all__ = ["SplitStage", "fork", "route"]
 

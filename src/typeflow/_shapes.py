@@ -10,9 +10,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
-from typing import Any, ClassVar, TypeVar, cast, final, overload
-
-from typing_extensions import TypeGuard, TypeIs
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast, final, overload
 
 from typeflow._backends._batcher import BatchKernel
 from typeflow._errors import DefinitionError
@@ -20,6 +18,10 @@ from typeflow._hints import element_hint, narrowed_hint
 from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
 from typeflow._runtime._kernel import Node, StatefulKernel
 from typeflow._stage import Stage, _check_arity, _FnStage  # pyright: ignore[reportPrivateUsage]
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeGuard, TypeIs
+
 
 __all__ = [
     "AsyncFlatMapStage",

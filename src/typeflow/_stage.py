@@ -15,12 +15,14 @@ import inspect
 from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, final, overload
 
-from typing_extensions import Never, TypeIs
-
 from typeflow._errors import CompositionError, DefinitionError, short_repr
 from typeflow._hints import Hint, check_composable, input_hint, output_hint
 from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
 from typeflow._runtime._kernel import FnKernel, Kind, Node
+
+if TYPE_CHECKING:
+    from typing_extensions import Never, TypeIs
+
 
 if TYPE_CHECKING:
     from typeflow._feed import Feed

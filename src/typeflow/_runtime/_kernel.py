@@ -9,16 +9,18 @@ batches to a kernel and outcomes away from it; they never look at items.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import pickle
 import sys
 from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
 from typeflow._errors import StageError
+
+if TYPE_CHECKING:
+    import asyncio
 from typeflow._options import StageOptions
 from typeflow._runtime import _retry as retry
 
@@ -100,6 +102,8 @@ class WorkerContext:
 
     def run_coroutine(self, coro: Coroutine[Any, Any, object]) -> object:
         if self._runner is None:
+            import asyncio
+
             self._runner = asyncio.Runner()
         return self._runner.run(coro)
 
@@ -278,6 +282,8 @@ class FnKernel(Kernel):
         return out
 
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
+        import asyncio
+
         out = Outcome()
         for key, item in batch:
             try:

@@ -9,7 +9,6 @@ same policy (:func:`delay`).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +86,8 @@ async def acall(
         if options.timeout is None:
             return await fn(item)
         try:
+            import asyncio
+
             async with asyncio.timeout(options.timeout):
                 return await fn(item)
         except TimeoutError as exc:

@@ -23,9 +23,9 @@ Layout of a run over stages ``s1 .. sn``::
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
+import importlib
 import itertools
 import threading
 import time
@@ -33,18 +33,20 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Final, Generic, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
-from returns.result import Failure, Result, Success
-from typing_extensions import Self
-
-from typeflow._backends import _batcher, _process, _split, _task, _thread
 from typeflow._backends._base import Outbox, WorkerBackend, WorkerGroup
 from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed
 from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
 from typeflow._runtime._kernel import Envelope, Key, Node, Outcome, SetupFailed, root_of
 from typeflow._runtime._signals import SignalGuard
 from typeflow._runtime._stats import Counters, RunStatistics, StageStatistics
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from returns.result import Result
+    from typing_extensions import Self
 
 __all__ = ["AsyncRun", "Run", "RunCore", "default_window"]
 
@@ -58,13 +60,20 @@ OK: Final = 0
 FAILED: Final = 1
 DELTA: Final = 2
 
-_BACKENDS: Final[dict[str, WorkerBackend]] = {
-    "thread": _thread,
-    "process": _process,
-    "task": _task,
-    "batcher": _batcher,
-    "split": _split,
+#: Where each kind of node runs (imported on first use: ``import typeflow`` stays light).
+_BACKENDS: Final[dict[str, str]] = {
+    "thread": "typeflow._backends._thread",
+    "process": "typeflow._backends._process",
+    "task": "typeflow._backends._task",
+    "batcher": "typeflow._backends._batcher",
+    "split": "typeflow._backends._split",
 }
+
+
+def _backend(kind: str) -> WorkerBackend:
+    module: WorkerBackend = cast(WorkerBackend, importlib.import_module(_BACKENDS[kind]))
+    return module
+
 
 #: The most outcomes the caller takes from the outbox at once.
 _COLLECT_LIMIT: Final = 1024
@@ -91,8 +100,19 @@ def default_window(nodes: tuple[Node, ...]) -> int:
 
 def _inbox(node: Node, producers: int) -> Channel[Envelope]:
     """A stage's input buffer; a process stage's is also bounded in bytes (large items)."""
-    max_bytes = _process.INBOX_BYTES if node.options.backend == "process" else None
+    max_bytes = None
+    if node.options.backend == "process":
+        from typeflow._backends import _process
+
+        max_bytes = _process.INBOX_BYTES
     return Channel(node.options.buffer, producers=producers, max_bytes=max_bytes)
+
+
+async def _to_thread(fn: Callable[[], object]) -> None:
+    """Run a blocking call (joining workers) off the caller's event loop."""
+    import asyncio
+
+    await asyncio.to_thread(fn)
 
 
 class _Emitter:
@@ -153,11 +173,15 @@ class _LoopThread:
     """An event loop running in its own thread, for task workers and async input."""
 
     def __init__(self) -> None:
+        import asyncio
+
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._main, name="typeflow:loop", daemon=True)
         self._thread.start()
 
     def _main(self) -> None:
+        import asyncio
+
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.run_forever()
@@ -251,6 +275,8 @@ class RunCore:
         try:
             self._groups += self._start_nodes(self.nodes, self.inboxes, self.outbox, self._emitters)
             if isinstance(items, AsyncIterable):
+                import asyncio
+
                 coro = self._feed_async(items)
                 if caller_loop:
                     loop = asyncio.get_running_loop()
@@ -289,13 +315,15 @@ class RunCore:
         try:
             # Process stages first: their workers can be forked while the caller's
             # thread is still the only one (see _backends._process).
+            from typeflow._backends import _process
+
             with _process.deferred_threads():
                 for i, node in enumerate(nodes):
                     if kinds[i] == "process":
                         started[i] = _process.start(node, inboxes[i], emitters_of[i], self)
             for i, node in enumerate(nodes):
                 if kinds[i] != "process":
-                    started[i] = _BACKENDS[kinds[i]].start(node, inboxes[i], emitters_of[i], self)
+                    started[i] = _backend(kinds[i]).start(node, inboxes[i], emitters_of[i], self)
         except BaseException:
             for group in started.values():  # e.g. forked workers whose pumps never started
                 group.cancel()
@@ -329,6 +357,8 @@ class RunCore:
             self._close_input()
 
     async def _feed_async(self, items: AsyncIterable[Any]) -> None:
+        import asyncio
+
         inbox, window = self.inboxes[0], self.window
         ticket = [None]
         seq = 0
@@ -549,6 +579,8 @@ class _Collector(Generic[Out]):
     def pop(self) -> Result[Out, StageError] | None:
         if not self._ready:
             return None
+        from returns.result import Failure, Success  # here, not at import: see _BACKENDS
+
         _, kind, payload = self._ready.popleft()
         if kind == OK:
             self.succeeded += 1
@@ -582,7 +614,7 @@ class _Collector(Generic[Out]):
         self._core.release_signals()
 
 
-class Run(Iterator[Result[Out, StageError]], Generic[Out]):
+class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
     """A running pipeline: an iterator of one ``Result`` per input item.
 
     The run starts on the first ``next()``.  Closing it -- ``close()``, leaving a
@@ -659,6 +691,8 @@ class Run(Iterator[Result[Out, StageError]], Generic[Out]):
 
         For pipelines run for their effects (writing files, rows, messages).
         """
+        from returns.result import Failure
+
         failures: list[StageError] = []
         for result in self:
             if isinstance(result, Failure):
@@ -699,7 +733,7 @@ class Run(Iterator[Result[Out, StageError]], Generic[Out]):
             self._core.shutdown()
 
 
-class AsyncRun(AsyncIterator[Result[Out, StageError]], Generic[Out]):
+class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
     """The async twin of :class:`Run`: ``async for result in pipeline.arun(items)``.
 
     Waiting for results never blocks the caller's event loop.  Close it with
@@ -746,16 +780,16 @@ class AsyncRun(AsyncIterator[Result[Out, StageError]], Generic[Out]):
             raise
 
     async def _finish(self) -> None:
-        await asyncio.to_thread(self._core.shutdown)
+        await _to_thread(self._core.shutdown)
         self._collector.finish()
 
     async def _shutdown(self) -> None:
         # Joining workers blocks: do it off the caller's event loop.
-        await asyncio.to_thread(self._core.shutdown)
+        await _to_thread(self._core.shutdown)
 
     async def aclose(self) -> None:
         """Stop the run now: every worker is stopped and joined."""
-        await asyncio.to_thread(self._collector.close)
+        await _to_thread(self._collector.close)
 
     def statistics(self) -> RunStatistics:
         """Per-stage counters so far: items in, succeeded, failed, retried, timed out,
