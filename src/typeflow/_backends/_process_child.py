@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ def child_main(
     # tears a stateful stage down before the process exits.  (This also replaces
     # the run's own handler, which a forked worker inherits.)
     signal.signal(signal.SIGTERM, _terminate)
+    sys.unraisablehook = _quiet_worker_exit
     for other in inherited:
         other.close()
     if kernel is None:
@@ -64,7 +66,7 @@ def child_main(
     conn.send_bytes(READY)  # the parent starts its clock for timeouts from here
     clock = time.perf_counter
     try:
-        while True:
+        while not _stopping:
             try:
                 message = wire.recv()
             except EOFError:  # the parent is gone
@@ -84,7 +86,19 @@ def child_main(
         conn.close()
 
 
+#: Set by SIGTERM.  The WorkerExit raised with it can land in a finalizer, which
+#: swallows it; the loop then stops at its next turn instead.
+_stopping = False
+
+
+def _quiet_worker_exit(unraisable: sys.UnraisableHookArgs) -> None:
+    if not isinstance(unraisable.exc_value, WorkerExit):
+        sys.__unraisablehook__(unraisable)
+
+
 def _terminate(signum: int, frame: object) -> None:
+    global _stopping
+    _stopping = True
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the teardown finish
     raise WorkerExit(128 + signum)
 
