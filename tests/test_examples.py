@@ -60,6 +60,11 @@ EXPECTED_OUTPUT: Final[dict[str, list[str]]] = {
         "after (1, 0)",
         "then the input's own exception: OSError: the order file became unreadable",
     ],
+    "analyses.py": [
+        "Ana Ruiz      10         2    +4",
+        "nobody     failed in 'lookup_author': no author 'nobody' in the directory",
+        "6 reviews, three analyses each, in",
+    ],
     "documents.py": [
         "277 paragraphs (7,933 words) of 60 documents indexed",
         "1 failure(s):",
