@@ -266,20 +266,22 @@ class FnKernel(Kernel):
         for key, item in batch:
             try:
                 value, attempts = call(item)
-            except retry.Exhausted as exhausted:
-                out.retries += exhausted.attempts - 1
-                error = StageError(
-                    self.name, item, exhausted.exception, attempts=exhausted.attempts
-                )
-                out.failed.append((key, error))
             except WorkerExit:
                 raise
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
-                out.failed.append((key, StageError(self.name, item, exc)))
+                self._failed(out, key, item, exc)
             else:
                 out.retries += attempts - 1
                 self._place(out, key, item, value)
         return out
+
+    def _failed(self, out: Outcome, key: Key, item: object, exc: BaseException) -> None:
+        if isinstance(exc, retry.Exhausted):
+            out.retries += exc.attempts - 1
+            error = StageError(self.name, item, exc.exception, attempts=exc.attempts)
+        else:
+            error = StageError(self.name, item, exc)
+        out.failed.append((key, error))
 
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         import asyncio
@@ -288,16 +290,10 @@ class FnKernel(Kernel):
         for key, item in batch:
             try:
                 value, attempts = await self._acall(item)
-            except retry.Exhausted as exhausted:
-                out.retries += exhausted.attempts - 1
-                error = StageError(
-                    self.name, item, exhausted.exception, attempts=exhausted.attempts
-                )
-                out.failed.append((key, error))
             except (asyncio.CancelledError, WorkerExit):
                 raise
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
-                out.failed.append((key, StageError(self.name, item, exc)))
+                self._failed(out, key, item, exc)
             else:
                 out.retries += attempts - 1
                 self._place(out, key, item, value)
