@@ -302,3 +302,27 @@ def test_the_rate_limiter_hands_out_evenly_spaced_slots() -> None:
 def test_rate_must_be_positive() -> None:
     with pytest.raises(DefinitionError, match="rate=0"):
         stage(rate=0)
+
+
+def test_a_thread_worker_survives_what_would_kill_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typeflow._runtime._kernel import FnKernel
+
+    original = FnKernel.process
+    calls = 0
+
+    def dies_once(self: FnKernel, batch: list[tuple[object, object]], ctx: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise SystemExit("a worker thread would end here")
+        return original(self, batch, ctx)  # type: ignore[arg-type] # the test's own stand-in
+
+    monkeypatch.setattr(FnKernel, "process", dies_once)
+    results = list(stage(workers=1)(plus_one).run(range(20), window=20))
+    assert len(results) == 20  # nothing lost, nothing hangs
+    failed = [r.failure() for r in results if isinstance(r, Failure)]
+    assert failed
+    assert all(isinstance(f.exception, SystemExit) for f in failed)
+    assert [r.unwrap() for r in results if isinstance(r, Success)] == [
+        x + 1 for x in range(20) if x not in {f.item for f in failed}
+    ]

@@ -117,7 +117,8 @@ class ThreadGroup:
                     started = clock()
                     try:
                         outcome = kernel.process(batch, ctx)
-                    except Exception as exc:  # noqa: BLE001 - not an item's error: fail the batch
+                    except BaseException as exc:  # noqa: BLE001 - even SystemExit: the batch
+                        # fails, and this thread stays (a worker thread never dies of it)
                         outcome = fail_batch(node, batch, exc)
                     sizer.record(len(batch), clock() - started)
                 else:
