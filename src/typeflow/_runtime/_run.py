@@ -497,13 +497,20 @@ class _Collector(Generic[Out]):
         "_groups",
         "_next_seq",
         "_pending",
+        "_failure",
         "_ready",
+        "_success",
         "completed",
         "failed",
         "succeeded",
     )
 
     def __init__(self, core: RunCore) -> None:
+        # returns is imported by the first run, not by ``import typeflow``.
+        from returns.result import Failure, Success
+
+        self._success = Success
+        self._failure = Failure
         self._core = core
         self.succeeded = 0
         self.failed = 0
@@ -579,14 +586,12 @@ class _Collector(Generic[Out]):
     def pop(self) -> Result[Out, StageError] | None:
         if not self._ready:
             return None
-        from returns.result import Failure, Success  # here, not at import: see _BACKENDS
-
         _, kind, payload = self._ready.popleft()
         if kind == OK:
             self.succeeded += 1
-            return Success(cast(Out, payload))
+            return self._success(cast(Out, payload))
         self.failed += 1
-        return Failure(cast(StageError, payload))
+        return self._failure(cast(StageError, payload))
 
     def close(self) -> None:
         """The caller closed the run: drop what it has not taken."""
