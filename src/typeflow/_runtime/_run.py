@@ -494,10 +494,10 @@ class _Collector(Generic[Out]):
     __slots__ = (
         "_core",
         "_done",
+        "_failure",
         "_groups",
         "_next_seq",
         "_pending",
-        "_failure",
         "_ready",
         "_success",
         "completed",
