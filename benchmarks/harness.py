@@ -133,15 +133,15 @@ def _pss_of(pid: int) -> int:
 def preload(case: Case, peer: str) -> None:
     """Import the peer's package (and NumPy for array items) before any timing."""
     if case.source == "arrays":
-        import numpy  # noqa: F401
+        import numpy  # noqa: F401 - imported here so that timing excludes it
     if peer == "typeflow":
-        import typeflow  # noqa: F401
+        import typeflow  # noqa: F401 - imported here so that timing excludes it
     elif peer == "pypeln":
         import_pypeln()
     elif peer == "joblib":
-        import joblib  # noqa: F401
+        import joblib  # noqa: F401 - imported here so that timing excludes it
     elif peer == "mpire":
-        import mpire  # noqa: F401
+        import mpire  # noqa: F401 - imported here so that timing excludes it
 
 
 def _timed(fn: Callable[[], object]) -> float:
