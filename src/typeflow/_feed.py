@@ -68,7 +68,7 @@ class Feed(Generic[In, Out]):
         self._lock = threading.Lock()
         run = start_run(_drain(self._channel))
         self._run = run
-        run._core.on_shutdown(self._channel.abort)  # pyright: ignore[reportPrivateUsage]
+        run._core.on_shutdown(self._channel.abort)  # pyright: ignore[reportPrivateUsage] - a feed is part of its run
         run.start()
 
     def put(self, item: In) -> None:
