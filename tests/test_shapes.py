@@ -420,3 +420,13 @@ def test_route_sends_each_item_to_one_branch(backend: Backend) -> None:
     run = routed.run(range(10))
     assert [r.unwrap() for r in run] == [0.0, 3.0, 1.0, 9.0, 2.0, 15.0, 3.0, 4.0]
     assert run.statistics().in_flight == 0
+
+
+def test_the_stages_inside_a_fork_have_statistics(backend: Backend) -> None:
+    run = fork(on(backend, length), on(backend, shout) | on(backend, fail_on_x)).run(["ab", "x"])
+    list(run)
+    by_name = {s.name: s for s in run.statistics().stages}
+    fork_name = "fork(length, shout | fail_on_x)"
+    assert by_name[f"{fork_name}[0]/length"].items_in == 2
+    assert by_name[f"{fork_name}[1]/shout"].succeeded == 2
+    assert by_name[f"{fork_name}[1]/fail_on_x"].failed == 1

@@ -147,10 +147,15 @@ class RunEnv(Protocol):
         ...
 
     def start_chain(
-        self, nodes: tuple[Node, ...], first: Channel[Envelope], outbox: Outbox
+        self,
+        nodes: tuple[Node, ...],
+        first: Channel[Envelope],
+        outbox: Outbox,
+        label: str = "",
     ) -> list[WorkerGroup]:
         """Start a chain of stages fed by ``first`` whose last stage emits into ``outbox``
-        (a branch of a fork); stopped with the run."""
+        (a branch of a fork); stopped with the run.  Its stages appear in the run's
+        statistics as ``label/stage``."""
         ...
 
 

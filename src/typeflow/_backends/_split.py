@@ -97,7 +97,9 @@ class SplitGroup:
         self._groups = [
             group
             for i, nodes in enumerate(branches)
-            for group in env.start_chain(nodes, self._firsts[i], _TaggedOutbox(self._join, i))
+            for group in env.start_chain(
+                nodes, self._firsts[i], _TaggedOutbox(self._join, i), f"{node.name}[{i}]"
+            )
         ]
         self._threads = [
             threading.Thread(target=self._split, name=f"typeflow:{node.name}:split", daemon=True),

@@ -169,6 +169,29 @@ class _Emitter:
         (self._outbox if self._next is None else self._next).producer_done()
 
 
+def _stage_statistics(
+    name: str, node: Node, inbox: Channel[Envelope], emitters: list[_Emitter]
+) -> StageStatistics:
+    total = Counters()
+    for emitter in emitters:
+        for field in Counters.__slots__:
+            setattr(total, field, getattr(total, field) + getattr(emitter.counters, field))
+    return StageStatistics(
+        name=name,
+        backend=node.options.backend,
+        workers=node.options.workers,
+        items_in=inbox.taken,
+        succeeded=total.succeeded,
+        failed=total.failed,
+        filtered=total.filtered,
+        retried=total.retried,
+        timed_out=total.timed_out,
+        crashed=total.crashed,
+        restarts=total.restarts,
+        queued=len(inbox),
+    )
+
+
 class _LoopThread:
     """An event loop running in its own thread, for task workers and async input."""
 
@@ -237,6 +260,10 @@ class RunCore:
         self.items_read = 0
         self.started_at = 0.0
         self._emitters: list[list[_Emitter]] = []
+        #: The chains inside forks and routes: label, stages, inboxes, emitters.
+        self._branches: list[
+            tuple[str, tuple[Node, ...], list[Channel[Envelope]], list[list[_Emitter]]]
+        ] = []
         self._groups: list[WorkerGroup] = []
         self._loop: _LoopThread | None = None
         self._loop_lock = threading.Lock()
@@ -332,14 +359,17 @@ class RunCore:
         return [started[i] for i in range(len(nodes))]
 
     def start_chain(
-        self, nodes: tuple[Node, ...], first: Channel[Envelope], outbox: Outbox
+        self, nodes: tuple[Node, ...], first: Channel[Envelope], outbox: Outbox, label: str = ""
     ) -> list[WorkerGroup]:
         inboxes = [first] + [
             _inbox(node, before.options.workers) for before, node in itertools.pairwise(nodes)
         ]
         for channel in inboxes[1:]:
             self.on_shutdown(channel.abort)
-        return self._start_nodes(nodes, inboxes, outbox)
+        emitters: list[list[_Emitter]] = []
+        groups = self._start_nodes(nodes, inboxes, outbox, emitters)
+        self._branches.append((label, nodes, inboxes, emitters))
+        return groups
 
     def _feed(self, items: Iterable[Any]) -> None:
         inbox, window = self.inboxes[0], self.window
@@ -403,29 +433,12 @@ class RunCore:
     def statistics(self, succeeded: int, failed: int, done: int) -> RunStatistics:
         """A snapshot; ``succeeded`` and ``failed`` are the results yielded so far,
         ``done`` the input items whose every outcome is known."""
-        stages: list[StageStatistics] = []
-        for node, inbox, emitters in zip(self.nodes, self.inboxes, self._emitters, strict=True):
-            total = Counters()
-            for emitter in emitters:
-                c = emitter.counters
-                for field in Counters.__slots__:
-                    setattr(total, field, getattr(total, field) + getattr(c, field))
-            stages.append(
-                StageStatistics(
-                    name=node.name,
-                    backend=node.options.backend,
-                    workers=node.options.workers,
-                    items_in=inbox.taken,
-                    succeeded=total.succeeded,
-                    failed=total.failed,
-                    filtered=total.filtered,
-                    retried=total.retried,
-                    timed_out=total.timed_out,
-                    crashed=total.crashed,
-                    restarts=total.restarts,
-                    queued=len(inbox),
-                )
-            )
+        chains = [("", self.nodes, self.inboxes, self._emitters), *self._branches]
+        stages = [
+            _stage_statistics(f"{label}/{node.name}" if label else node.name, node, inbox, emitters)
+            for label, nodes, inboxes, emitters_of in chains
+            for node, inbox, emitters in zip(nodes, inboxes, emitters_of, strict=True)
+        ]
         return RunStatistics(
             items_read=self.items_read,
             succeeded=succeeded,
