@@ -77,6 +77,8 @@ def _backend(kind: str) -> WorkerBackend:
 
 #: The most outcomes the caller takes from the outbox at once.
 _COLLECT_LIMIT: Final = 1024
+#: How many places in the window the feeder takes at once (when there is room).
+_WINDOW_CHUNK: Final = 64
 #: How long shutdown waits for workers to end before giving up on them.
 JOIN_TIMEOUT: Final = 5.0
 
@@ -373,10 +375,12 @@ class RunCore:
 
     def _feed(self, items: Iterable[Any]) -> None:
         inbox, window = self.inboxes[0], self.window
-        ticket = [None]
+        room = 0  # places in the window taken ahead, in bulk (one lock trip for many)
         try:
             for seq, item in enumerate(items):
-                window.put_many(ticket)
+                if not room:
+                    room = window.put_up_to(None, _WINDOW_CHUNK)
+                room -= 1
                 inbox.put_many([(seq, item)])
                 self.items_read = seq + 1
         except (ChannelAborted, ChannelClosed):
@@ -730,8 +734,9 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
         return self
 
     def statistics(self) -> RunStatistics:
-        """Per-stage counters so far: items in, succeeded, failed, retried, timed out,
-        crashed, workers restarted.  Safe to call at any time, also after the run."""
+        """Per-stage counters so far: items in, succeeded, failed, filtered, retried,
+        timed out, crashed, workers restarted.  Safe to call at any time, also after
+        the run."""
         c = self._collector
         return self._core.statistics(c.succeeded, c.failed, c.completed)
 
@@ -810,8 +815,9 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
         await _to_thread(self._collector.close)
 
     def statistics(self) -> RunStatistics:
-        """Per-stage counters so far: items in, succeeded, failed, retried, timed out,
-        crashed, workers restarted.  Safe to call at any time, also after the run."""
+        """Per-stage counters so far: items in, succeeded, failed, filtered, retried,
+        timed out, crashed, workers restarted.  Safe to call at any time, also after
+        the run."""
         c = self._collector
         return self._core.statistics(c.succeeded, c.failed, c.completed)
 
