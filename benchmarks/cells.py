@@ -81,6 +81,8 @@ def run_cell(
 def _spawn(argv: list[str], tmp: Path, timeout_s: float) -> str:
     """Run ``argv`` in a new process group; ``"hang"`` if it outlives ``timeout_s``."""
     env = {**os.environ, "PYTHONPATH": _pythonpath(), "PYTHONUNBUFFERED": "1"}
+    # Cache bytecode as on any machine after the first import (run.compile_bytecode).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     with open(tmp / "stdout", "wb") as out, open(tmp / "stderr", "wb") as err:
         proc = subprocess.Popen(
             argv,

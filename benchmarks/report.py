@@ -95,7 +95,8 @@ def markdown(reports: Sequence[CaseReport], meta: dict[str, Any]) -> str:
         "per cell, each in a fresh child process, round-robin.  ",
         f"Machine: {meta['machine']}  ",
         f"Load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']}  ",
-        f"Versions: {meta['versions']}",
+        f"Versions: {meta['versions']}  ",
+        f"Bytecode: {meta.get('bytecode', 'as installed')}",
         "",
         "Cells show the median over repeats. **typeflow/peer** is how many times better "
         "typeflow is than that peer on the case's ratio metric (> 1: typeflow leads). "

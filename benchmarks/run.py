@@ -166,6 +166,53 @@ def _calibration_note(result: dict[str, Any]) -> str:
     return f"{result['item_s'] * 1e6:.3g} µs/item at n={result['n']:,}"
 
 
+# --- bytecode ------------------------------------------------------------------------
+
+#: The packages the cells import (with what they pull in), compiled before timing.
+COMPILED = (
+    "typeflow",
+    "returns",
+    "typing_extensions",
+    "cloudpickle",
+    "tenacity",
+    "pypeln",
+    "stopit",
+    "mpire",
+    "tqdm",
+    "joblib",
+    "numpy",
+)
+
+
+def compile_bytecode() -> str:
+    """Compile every package the cells import to bytecode, as pip does when it installs.
+
+    uv does not compile at install, and a machine that sets
+    ``PYTHONDONTWRITEBYTECODE`` never caches what it compiles: every fresh child
+    would then compile each module from source on import, and the start-up
+    cells would time the compiler instead of the library.  The children are also
+    started without that variable (see ``cells._spawn``).
+    """
+    import compileall
+    import importlib.util
+
+    compiled = []
+    for name in COMPILED:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            continue
+        ok = True
+        for location in spec.submodule_search_locations or []:
+            ok &= bool(compileall.compile_dir(location, quiet=1, workers=os.cpu_count() or 1))
+        if spec.origin and not spec.submodule_search_locations:
+            ok &= bool(compileall.compile_file(spec.origin, quiet=1))
+        compiled.append(name if ok else f"{name} (partly)")
+    return "compiled before timing: " + ", ".join(compiled)
+
+
 # --- the round-robin run -----------------------------------------------------------------
 
 
@@ -336,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = build_cases(args.quick, tuple(_csv(args.only)) or WORKLOADS)
     meta = metadata(args, argv, repeats)
     t0 = time.perf_counter()
+    meta["bytecode"] = compile_bytecode()
     cells, skipped = plan(cases, args)
     cells, failed = calibrate(cells, args.timeout)
     runs = run_all(cells, repeats, args.timeout)

@@ -235,3 +235,38 @@ def test_put_up_to_reserves_as_many_places_as_there_is_room_for() -> None:
     assert window.take_nowait(4) == [None] * 4
     assert window.put_up_to(None, 64) == 4
     assert len(window) == 5
+
+
+# -- shipping stages to worker processes ----------------------------------------
+
+SHIP_BY_NAME = """
+import operator, sys
+from typeflow import stage
+
+# Functions of importable modules travel by name, with plain pickle: such a
+# run never imports cloudpickle (a good part of a short run's start-up).
+pipeline = stage(backend="process")(abs) | stage(backend="process", workers=2)(operator.neg)
+assert [r.unwrap() for r in pipeline.run([-1, 2])] == [-1, -2]
+assert "cloudpickle" not in sys.modules, "cloudpickle was imported for by-name stages"
+"""
+
+
+def test_importable_functions_ship_by_name_without_cloudpickle() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", SHIP_BY_NAME], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_lambdas_and_closures_still_ship_by_value() -> None:
+    offset = 10
+    shifted = stage(backend="process")(lambda x: x + offset)
+    assert [r.unwrap() for r in shifted.run([1, 2])] == [11, 12]
+
+    def closure(x: int) -> int:
+        return x * offset
+
+    assert [r.unwrap() for r in stage(backend="process")(closure).run([3])] == [30]

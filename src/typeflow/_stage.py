@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, final, o
 from typeflow._errors import CompositionError, DefinitionError, short_repr
 from typeflow._hints import Hint, check_composable, input_hint, output_hint
 from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
-from typeflow._runtime._kernel import FnKernel, Kind, Node
+from typeflow._runtime._kernel import FnKernel, Kind, Node, ship
 
 if TYPE_CHECKING:
     from typing_extensions import Never, TypeIs
@@ -440,10 +440,8 @@ def _function_name(fn: Callable[..., Any]) -> str:
 
 
 def _check_shippable(name: str, fn: Callable[..., Any]) -> None:
-    import cloudpickle
-
     try:
-        cloudpickle.dumps(fn)
+        ship(fn)
     except Exception as exc:
         raise DefinitionError(
             f"stage {name!r} uses backend='process', so its function is sent to worker "

@@ -83,7 +83,7 @@ from typeflow._errors import (
 )
 from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Failed, Node, Outcome
+from typeflow._runtime._kernel import Envelope, Failed, Node, Outcome, ship
 
 __all__ = [
     "BATCH_BYTES",
@@ -136,14 +136,29 @@ def _installed_packages() -> list[str]:
     return sorted(names)
 
 
+_START_METHODS: Final = ("forkserver", "spawn", "fork")
+
+
+def start_method() -> str:
+    """The start method for worker processes that are not forked directly."""
+    method = os.environ.get("TYPEFLOW_START_METHOD") or (
+        "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    )
+    if method not in _START_METHODS:
+        raise DefinitionError(
+            f"TYPEFLOW_START_METHOD={method!r} is not a start method; use "
+            "'forkserver', 'spawn' or 'fork'"
+        )
+    return method
+
+
 def mp_context() -> _Context:
-    """The multiprocessing context for worker processes (chosen once per process)."""
+    """The multiprocessing context for worker processes (chosen once per process,
+    when the first worker that is not forked directly starts)."""
     global _context
     with _context_lock:
         if _context is None:
-            method = os.environ.get("TYPEFLOW_START_METHOD") or (
-                "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            )
+            method = start_method()
             if method == "forkserver":
                 server = multiprocessing.get_context("forkserver")
                 server.set_forkserver_preload(
@@ -152,13 +167,8 @@ def mp_context() -> _Context:
                 _context = server
             elif method == "spawn":
                 _context = multiprocessing.get_context("spawn")
-            elif method == "fork":
-                _context = multiprocessing.get_context("fork")
             else:
-                raise DefinitionError(
-                    f"TYPEFLOW_START_METHOD={method!r} is not a start method; use "
-                    "'forkserver', 'spawn' or 'fork'"
-                )
+                _context = multiprocessing.get_context("fork")
         return _context
 
 
@@ -617,11 +627,9 @@ def _may_fork() -> bool:
 def start(
     node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter], env: RunEnv
 ) -> ProcessGroup:
-    import cloudpickle
-
-    mp_context()  # a bad TYPEFLOW_START_METHOD fails the run before it starts
+    start_method()  # a bad TYPEFLOW_START_METHOD fails the run before it starts
     try:
-        kernel_bytes = cloudpickle.dumps(node.kernel, protocol=5)
+        kernel_bytes = ship(node.kernel)
     except Exception as exc:
         raise DefinitionError(
             f"stage {node.name!r} cannot be sent to its worker processes "

@@ -389,6 +389,30 @@ def _stateful_from_bytes(
     return StatefulKernel(name, pickle.loads(data), is_async, options)
 
 
+def ship(obj: object) -> bytes:
+    """Pickle ``obj`` (a kernel, or a function at decoration) for a worker process.
+
+    Plain pickle when everything in it is importable by name, which is what
+    cloudpickle would do with it too, minus the import of cloudpickle (a good
+    part of a short run's start-up); cloudpickle for the rest: lambdas, closures,
+    local classes, and anything of the main script, which cloudpickle sends by
+    value (or our reducers by reference, see :func:`_main_reference`).  Once the
+    program has imported cloudpickle (and may have registered modules to send by
+    value) it is always cloudpickle.
+    """
+    if "cloudpickle" not in sys.modules:
+        try:
+            data = pickle.dumps(obj, protocol=5)
+        except Exception:  # noqa: BLE001 - not importable by name: cloudpickle below
+            pass
+        else:
+            if b"__main__" not in data:
+                return data
+    import cloudpickle
+
+    return cloudpickle.dumps(obj, protocol=5)
+
+
 def _main_reference(fn: Callable[..., Any], kernel: Kernel) -> tuple[str, str] | None:
     """Where to find ``kernel``'s stage by name, for a stage defined in the main script.
 

@@ -35,6 +35,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
+from returns.result import Failure, Result, Success
+
 from typeflow._backends._base import Outbox, WorkerBackend, WorkerGroup
 from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed
 from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
@@ -45,7 +47,6 @@ from typeflow._runtime._stats import Counters, RunStatistics, StageStatistics
 if TYPE_CHECKING:
     import asyncio
 
-    from returns.result import Result
     from typing_extensions import Self
 
 __all__ = ["AsyncRun", "Run", "RunCore", "default_window"]
@@ -342,14 +343,15 @@ class RunCore:
         kinds = [node.runner or node.options.backend for node in nodes]
         started: dict[int, WorkerGroup] = {}
         try:
-            # Process stages first: their workers can be forked while the caller's
-            # thread is still the only one (see _backends._process).
-            from typeflow._backends import _process
+            if "process" in kinds:
+                # Process stages first: their workers can be forked while the caller's
+                # thread is still the only one (see _backends._process).
+                from typeflow._backends import _process
 
-            with _process.deferred_threads():
-                for i, node in enumerate(nodes):
-                    if kinds[i] == "process":
-                        started[i] = _process.start(node, inboxes[i], emitters_of[i], self)
+                with _process.deferred_threads():
+                    for i, node in enumerate(nodes):
+                        if kinds[i] == "process":
+                            started[i] = _process.start(node, inboxes[i], emitters_of[i], self)
             for i, node in enumerate(nodes):
                 if kinds[i] != "process":
                     started[i] = _backend(kinds[i]).start(node, inboxes[i], emitters_of[i], self)
@@ -523,9 +525,6 @@ class _Collector(Generic[Out]):
     )
 
     def __init__(self, core: RunCore) -> None:
-        # returns is imported by the first run, not by ``import typeflow``.
-        from returns.result import Failure, Success
-
         self._success = Success
         self._failure = Failure
         self._core = core
@@ -713,8 +712,6 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
 
         For pipelines run for their effects (writing files, rows, messages).
         """
-        from returns.result import Failure
-
         failures: list[StageError] = []
         for result in self:
             if isinstance(result, Failure):
