@@ -88,7 +88,7 @@ def test_the_wire_carries_small_and_large_objects_with_out_of_band_buffers() -> 
         reader.start()
         assert left.send(message) == size
         reader.join()
-        seqs, items = cast(tuple[object, list[object]], received[0])
+        seqs, items = cast("tuple[object, list[object]]", received[0])
         assert seqs == (1, 2, (3, 0))
         assert items[0] == "x"
         assert items[1] == big
@@ -263,7 +263,8 @@ def test_importable_functions_ship_by_name_without_cloudpickle() -> None:
 
 def test_lambdas_and_closures_still_ship_by_value() -> None:
     offset = 10
-    shifted = stage(backend="process")(lambda x: x + offset)
+    shift: Callable[[int], int] = lambda x: x + offset  # noqa: E731 - a lambda on purpose
+    shifted = stage(backend="process")(shift)
     assert [r.unwrap() for r in shifted.run([1, 2])] == [11, 12]
 
     def closure(x: int) -> int:

@@ -116,7 +116,7 @@ def _is_exception_class(value: object) -> bool:
 
 def _check_retry_on(label: str, retry_on: object) -> None:
     types: tuple[object, ...] = (
-        cast(tuple[object, ...], retry_on) if isinstance(retry_on, tuple) else (retry_on,)
+        cast("tuple[object, ...]", retry_on) if isinstance(retry_on, tuple) else (retry_on,)
     )
     bad = [t for t in types if not _is_exception_class(t)]
     if bad or not isinstance(retry_on, tuple):

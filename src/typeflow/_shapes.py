@@ -70,7 +70,7 @@ class FlatMapStage(_FnStage[In, Out]):
         super().__init__(fn, options or StageOptions(), is_async=False, kind="flat")
 
     def __call__(self, item: In, /) -> Iterable[Out]:
-        return cast(Iterable[Out], self._fn(item))
+        return cast("Iterable[Out]", self._fn(item))
 
     def _out_hint(self) -> object:
         return element_hint(super()._out_hint())
@@ -88,7 +88,7 @@ class AsyncFlatMapStage(_FnStage[In, Out]):
         super().__init__(fn, options or StageOptions(), is_async=True, kind="flat")
 
     def __call__(self, item: In, /) -> AsyncIterator[Out]:
-        return cast(AsyncIterator[Out], self._fn(item))
+        return cast("AsyncIterator[Out]", self._fn(item))
 
     def _out_hint(self) -> object:
         return element_hint(super()._out_hint())
@@ -104,8 +104,8 @@ def _make_flat(fn: object, options: StageOptions) -> Stage[Any, Any]:
         )
     _check_arity(fn)
     if inspect.isasyncgenfunction(fn):
-        return AsyncFlatMapStage(cast(Callable[[Any], AsyncIterator[Any]], fn), options)
-    return FlatMapStage(cast(Callable[[Any], Iterable[Any]], fn), options)
+        return AsyncFlatMapStage(cast("Callable[[Any], AsyncIterator[Any]]", fn), options)
+    return FlatMapStage(cast("Callable[[Any], Iterable[Any]]", fn), options)
 
 
 @final

@@ -407,7 +407,7 @@ class FnStage(_FnStage[In, Out]):
         super().__init__(fn, options or StageOptions(), is_async=False)
 
     def __call__(self, item: In, /) -> Out:
-        return cast(Out, self._fn(item))
+        return cast("Out", self._fn(item))
 
 
 @final
@@ -427,7 +427,7 @@ class AsyncFnStage(_FnStage[In, Out]):
         super().__init__(fn, options or StageOptions(), is_async=True)
 
     def __call__(self, item: In, /) -> Coroutine[Any, Any, Out]:
-        return cast(Coroutine[Any, Any, Out], self._fn(item))
+        return cast("Coroutine[Any, Any, Out]", self._fn(item))
 
 
 def _function_name(fn: Callable[..., Any]) -> str:
@@ -463,8 +463,8 @@ def _make(fn: object, options: StageOptions) -> Stage[Any, Any]:
         )
     _check_arity(fn)
     if inspect.iscoroutinefunction(fn):
-        return AsyncFnStage(cast(Callable[[Any], Coroutine[Any, Any, Any]], fn), options)
-    return FnStage(cast(Callable[[Any], Any], fn), options)
+        return AsyncFnStage(cast("Callable[[Any], Coroutine[Any, Any, Any]]", fn), options)
+    return FnStage(cast("Callable[[Any], Any]", fn), options)
 
 
 def _check_arity(fn: Callable[..., Any]) -> None:
@@ -514,7 +514,7 @@ class AsyncStageDecorator:
         self.options = options
 
     def __call__(self, fn: Callable[[A], Coroutine[Any, Any, B]], /) -> AsyncFnStage[A, B]:
-        return cast(AsyncFnStage[A, B], _make(fn, self.options))
+        return cast("AsyncFnStage[A, B]", _make(fn, self.options))
 
     def __repr__(self) -> str:
         return f"stage({self.options})"

@@ -501,7 +501,7 @@ class _Pump:
         try:
             ready = wait([conn, proc.sentinel], self._timeout)
             if conn in ready:
-                return cast(Reply, wire.recv())
+                return cast("Reply", wire.recv())
             timed_out = not ready
         except (OSError, EOFError):
             pass

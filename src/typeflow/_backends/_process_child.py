@@ -73,7 +73,7 @@ def child_main(
                 break
             if message is None:
                 break
-            seqs, items = cast(tuple[tuple[Key, ...], tuple[object, ...]], message)
+            seqs, items = cast("tuple[tuple[Key, ...], tuple[object, ...]]", message)
             batch: list[Envelope] = list(zip(seqs, items, strict=True))
             started = clock()
             outcome = kernel.process(batch, ctx)

@@ -153,9 +153,9 @@ class SplitGroup:
                         if kind == _OK:
                             out.ok.append((key, payload))
                         elif kind == _FAILED:
-                            out.failed.append((key, cast(StageError, payload)))
+                            out.failed.append((key, cast("StageError", payload)))
                         else:
-                            out.deltas.append((cast(int, key), cast(int, payload)))
+                            out.deltas.append((cast("int", key), cast("int", payload)))
                         continue
                     row = slots.setdefault(key, [None] * width)
                     row[branch] = (kind, payload)

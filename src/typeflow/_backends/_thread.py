@@ -35,6 +35,9 @@ __all__ = ["BATCH_LIMIT", "BATCH_SECONDS", "ThreadGroup", "start"]
 BATCH_LIMIT = 256
 #: About how long the work of one batch should take, in seconds.
 BATCH_SECONDS = 0.002
+#: How many of a stage's threads start before ``start()`` returns; a launcher
+#: thread starts the others.
+_STARTED_AT_ONCE = 8
 
 
 @dataclass(eq=False)
@@ -70,15 +73,38 @@ class ThreadGroup:
         self._stopped = False
         self._slots = [_Slot(i, e) for i, e in enumerate(emitters)]
         self._watchdog: threading.Thread | None = None
+        self._launcher: threading.Thread | None = None
 
     def start(self) -> None:
-        for slot in self._slots:
+        # Starting a thread waits until it runs (about 0.1 ms here): a stage of
+        # hundreds of I/O workers would keep its first items waiting for all of
+        # them.  The first few start now, a launcher thread starts the others
+        # while they already work.
+        now, later = self._slots[:_STARTED_AT_ONCE], self._slots[_STARTED_AT_ONCE:]
+        for slot in now:
             self._launch(slot, None)
+        if later:
+            self._launcher = threading.Thread(
+                target=self._launch_all,
+                args=(later,),
+                name=f"typeflow:{self._node.name}:launcher",
+                daemon=True,
+            )
+            self._launcher.start()
         if self._timeout is not None:
             self._watchdog = threading.Thread(
                 target=self._watch, name=f"typeflow:{self._node.name}:watchdog", daemon=True
             )
             self._watchdog.start()
+
+    def _launch_all(self, slots: list[_Slot]) -> None:
+        for i, slot in enumerate(slots):
+            with self._cond:
+                if self._stopped:  # the run is over: these workers never start
+                    for unused in slots[i:]:
+                        unused.emitter.done()
+                    return
+                self._launch(slot, None)
 
     def _launch(self, slot: _Slot, first: tuple[_Call, BaseException] | None) -> None:
         thread = threading.Thread(
@@ -220,6 +246,8 @@ class ThreadGroup:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+        if self._launcher is not None:  # first: it may still be starting workers
+            self._launcher.join(max(0.0, deadline - time.monotonic()))
         threads = [s.thread for s in self._slots if s.thread is not None]
         if self._watchdog is not None:
             threads.append(self._watchdog)

@@ -46,7 +46,7 @@ def _weight(batch: Iterable[object]) -> int:
     total = 0
     for x in batch:
         if isinstance(x, tuple):
-            fields = cast(tuple[object, ...], x)
+            fields = cast("tuple[object, ...]", x)
             total += size(fields[-1]) if fields else size(fields)
         else:
             total += size(x)

@@ -137,7 +137,7 @@ class WorkerState:
     def teardown(self, ctx: WorkerContext) -> None:
         result = self.instance.teardown()
         if inspect.isawaitable(result):
-            ctx.run_coroutine(cast(Coroutine[Any, Any, object], result))
+            ctx.run_coroutine(cast("Coroutine[Any, Any, object]", result))
 
     async def ateardown(self) -> None:
         result = self.instance.teardown()
@@ -210,15 +210,15 @@ class FnKernel(Kernel):
         """The sync call, with its result made concrete (a generator is drained)."""
         value = self.fn(item)
         if self.kind == "flat":
-            return list(cast(Iterable[object], value))
+            return list(cast("Iterable[object]", value))
         return value
 
     async def _acall_once(self, item: object) -> object:
         if self.kind == "flat" and inspect.isasyncgenfunction(self.fn):
-            return [x async for x in cast(AsyncIterable[object], self.fn(item))]
+            return [x async for x in cast("AsyncIterable[object]", self.fn(item))]
         value = await self.fn(item)
         if self.kind == "flat":
-            return list(cast(Iterable[object], value))
+            return list(cast("Iterable[object]", value))
         return value
 
     async def _acall(self, item: object) -> tuple[object, int]:
@@ -234,7 +234,7 @@ class FnKernel(Kernel):
                 out.deltas.append((root_of(key), -1))
                 out.filtered += 1
         else:
-            values = cast(list[object], value)
+            values = cast("list[object]", value)
             out.ok.extend([(child_key(key, i), v) for i, v in enumerate(values)])
             if len(values) != 1:
                 out.deltas.append((root_of(key), len(values) - 1))
@@ -360,7 +360,7 @@ class StatefulKernel(Kernel):
             try:
                 result = instance.setup()
                 if inspect.isawaitable(result):
-                    ctx.run_coroutine(cast(Coroutine[Any, Any, object], result))
+                    ctx.run_coroutine(cast("Coroutine[Any, Any, object]", result))
             except Exception as exc:  # noqa: BLE001 - ends the run with this error
                 return self._failed_setup(batch, exc)
             ctx.state = WorkerState(

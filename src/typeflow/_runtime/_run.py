@@ -54,12 +54,32 @@ __all__ = ["AsyncRun", "Run", "RunCore", "default_window"]
 Out = TypeVar("Out", covariant=True)
 
 #: An outcome on its way to the caller: key, kind, and the value, the
-#: StageError or the change in the number of its root's outputs.
-Entry: TypeAlias = tuple[Key, int, object]
+#: StageError or the change in the number of its root's outputs; or, for kind
+#: OKS, the keys and the values of a whole batch of successes.
+Entry: TypeAlias = tuple[Any, int, Any]
 #: Entry kinds.
 OK: Final = 0
 FAILED: Final = 1
 DELTA: Final = 2
+OKS: Final = 3
+
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
+def _success(value: object) -> Result[Any, StageError]:
+    """``Success(value)`` at half the cost: what the returns constructor does,
+    minus its two Python-level ``__init__`` frames (one per item of every run;
+    ``tests/test_runtime.py`` checks the result is a true ``Success``)."""
+    result: Success[Any] = _new_object(Success)  # pyright: ignore[reportUnknownVariableType] - its parameter is Any
+    _set_attribute(result, "_inner_value", value)
+    return result
+
+
+def _result(entry: Entry) -> Result[Any, StageError]:
+    _, kind, payload = entry
+    return _success(payload) if kind == OK else Failure(cast("StageError", payload))
+
 
 #: Where each kind of node runs (imported on first use: ``import typeflow`` stays light).
 _BACKENDS: Final[dict[str, str]] = {
@@ -72,7 +92,7 @@ _BACKENDS: Final[dict[str, str]] = {
 
 
 def _backend(kind: str) -> WorkerBackend:
-    module: WorkerBackend = cast(WorkerBackend, importlib.import_module(_BACKENDS[kind]))
+    module: WorkerBackend = cast("WorkerBackend", importlib.import_module(_BACKENDS[kind]))
     return module
 
 
@@ -121,11 +141,16 @@ async def _to_thread(fn: Callable[[], object]) -> None:
 class _Emitter:
     """One worker's way out: successes onward, failures to the outbox, and its counters."""
 
-    __slots__ = ("_next", "_outbox", "counters")
+    __slots__ = ("_batched", "_next", "_outbox", "counters")
 
-    def __init__(self, next_inbox: Channel[Envelope] | None, outbox: Outbox) -> None:
+    def __init__(
+        self, next_inbox: Channel[Envelope] | None, outbox: Outbox, *, batched: bool = False
+    ) -> None:
         self._next = next_inbox
         self._outbox = outbox
+        #: The last stage of the main chain sends each batch's successes as one
+        #: OKS entry (the caller's collector reads those); branch chains one by one.
+        self._batched = batched and next_inbox is None
         self.counters = Counters()
 
     def _route(self, outcome: Outcome) -> tuple[list[Envelope], list[Entry]]:
@@ -147,7 +172,11 @@ class _Emitter:
                     counters.crashed += 1
                 entries.append((key, FAILED, err))
         if self._next is None:
-            entries.extend([(key, OK, value) for key, value in ok])
+            if self._batched and ok:
+                keys, values = zip(*ok, strict=True)
+                entries.append((keys, OKS, values))
+            else:
+                entries.extend([(key, OK, value) for key, value in ok])
             ok = []
         return ok, entries
 
@@ -331,9 +360,10 @@ class RunCore:
         outbox: Outbox,
         emitters_out: list[list[_Emitter]] | None = None,
     ) -> list[WorkerGroup]:
+        batched = outbox is self.outbox
         emitters_of = [
             [
-                _Emitter(inboxes[i + 1] if i + 1 < len(nodes) else None, outbox)
+                _Emitter(inboxes[i + 1] if i + 1 < len(nodes) else None, outbox, batched=batched)
                 for _ in range(node.options.workers)
             ]
             for i, node in enumerate(nodes)
@@ -495,6 +525,10 @@ class _Group:
         self.entries: list[Entry] = []
 
 
+#: Results on their way to the caller (their type is the run's output type).
+_Results: TypeAlias = list[Result[Any, StageError]]
+
+
 def _sort_key(entry: Entry) -> tuple[int, ...]:
     key = entry[0]
     return (key,) if isinstance(key, int) else key
@@ -508,32 +542,35 @@ class _Collector(Generic[Out]):
     DELTA entry (always sent before the outputs it counts).  A complete root
     gives its place in the window back; in an ordered run its outputs are
     released in input order, siblings in the order they were made.
+
+    The common case has a fast path: a batch of successes (an OKS entry) whose
+    keys are consecutive input positions, none of them awaiting more outputs,
+    is wrapped and released (or parked until its turn) as one run of results.
     """
 
     __slots__ = (
         "_core",
         "_done",
-        "_failure",
         "_groups",
         "_next_seq",
         "_pending",
         "_ready",
-        "_success",
         "completed",
         "failed",
         "succeeded",
     )
 
     def __init__(self, core: RunCore) -> None:
-        self._success = Success
-        self._failure = Failure
         self._core = core
         self.succeeded = 0
         self.failed = 0
         self.completed = 0
-        self._ready: deque[Entry] = deque()
+        #: Results ready for the caller, in the order they are to be yielded.
+        self._ready: deque[Result[Any, StageError]] = deque()
         self._groups: dict[int, _Group] = {}
-        self._pending: dict[int, list[Entry]] = {}
+        #: Ordered runs: complete roots waiting for their turn, by first root:
+        #: how many consecutive roots the results cover, and the results.
+        self._pending: dict[int, tuple[int, _Results]] = {}
         self._next_seq = 0
         self._done = False
 
@@ -542,7 +579,7 @@ class _Collector(Generic[Out]):
         for _, kind, payload in entries:
             if kind != FAILED:
                 continue
-            error = cast(StageError, payload)
+            error = cast("StageError", payload)
             if isinstance(error.exception, SetupFailed):  # a stage cannot work at all
                 core.shutdown()
                 original = error.exception.error
@@ -554,60 +591,86 @@ class _Collector(Generic[Out]):
                 raise error
         ordered = core.ordered
         groups = self._groups
-        complete: list[tuple[int, list[Entry]]] = []
+        # Complete roots: (first root, how many consecutive roots, their results).
+        complete: list[tuple[int, int, _Results]] = []
         for entry in entries:
             key, kind, payload = entry
-            if isinstance(key, int) and kind != DELTA and key not in groups:
-                complete.append((key, [entry]))  # the common case: one output per item
-                continue
-            root = root_of(key)
-            group = groups.get(root)
-            if group is None:
-                group = groups[root] = _Group()
-            if kind == DELTA:
-                group.outstanding += cast(int, payload)
+            if kind == OKS:
+                keys = cast("tuple[Key, ...]", key)
+                first = keys[0]
+                if (
+                    type(first) is int
+                    and keys == tuple(range(first, first + len(keys)))
+                    and (not groups or groups.keys().isdisjoint(keys))
+                ):
+                    results = list(map(_success, cast("tuple[object, ...]", payload)))
+                    complete.append((first, len(keys), results))
+                    continue
+                singles = [(k, OK, v) for k, v in zip(keys, payload, strict=True)]
             else:
-                group.outstanding -= 1
-                if ordered:
-                    group.entries.append(entry)
-                else:
-                    self._ready.append(entry)
-            if group.outstanding == 0:
-                del groups[root]
-                complete.append((root, sorted(group.entries, key=_sort_key)))
+                singles = [entry]
+            for single in singles:
+                self._accept_one(single, complete)
         if not complete:
             return
+        ready = self._ready
         if not ordered:
-            for _, done in complete:
-                self._ready.extend(done)
-            freed = len(complete)
+            freed = 0
+            for _, count, results in complete:
+                ready.extend(results)
+                freed += count
         else:
-            pending, ready = self._pending, self._ready
+            pending = self._pending
             nxt = self._next_seq
-            for root, done in complete:
-                if root == nxt and not pending:
-                    ready.extend(done)
-                    nxt += 1
+            for root, count, results in complete:
+                if root == nxt:
+                    ready.extend(results)
+                    nxt += count
                 else:
-                    pending[root] = done
+                    pending[root] = (count, results)
             while nxt in pending:
-                ready.extend(pending.pop(nxt))
-                nxt += 1
+                count, results = pending.pop(nxt)
+                ready.extend(results)
+                nxt += count
             freed = nxt - self._next_seq
             self._next_seq = nxt
         self.completed += freed
         if freed:  # give the places in the window back to the feeder
             core.window.take_nowait(freed)
 
+    def _accept_one(self, entry: Entry, complete: list[tuple[int, int, _Results]]) -> None:
+        key, kind, payload = entry
+        groups = self._groups
+        if isinstance(key, int) and kind != DELTA and key not in groups:
+            # One output for one input: complete.
+            complete.append((key, 1, [_result(entry)]))
+            return
+        root = root_of(key)
+        group = groups.get(root)
+        if group is None:
+            group = groups[root] = _Group()
+        if kind == DELTA:
+            group.outstanding += cast("int", payload)
+        elif self._core.ordered:
+            group.outstanding -= 1
+            group.entries.append(entry)
+        else:
+            group.outstanding -= 1
+            self._ready.append(_result(entry))
+        if group.outstanding == 0:
+            del groups[root]
+            done = sorted(group.entries, key=_sort_key)
+            complete.append((root, 1, [_result(e) for e in done]))
+
     def pop(self) -> Result[Out, StageError] | None:
         if not self._ready:
             return None
-        _, kind, payload = self._ready.popleft()
-        if kind == OK:
+        result = self._ready.popleft()
+        if type(result) is Failure:
+            self.failed += 1
+        else:
             self.succeeded += 1
-            return self._success(cast(Out, payload))
-        self.failed += 1
-        return self._failure(cast(StageError, payload))
+        return cast("Result[Out, StageError]", result)
 
     def close(self) -> None:
         """The caller closed the run: drop what it has not taken."""
