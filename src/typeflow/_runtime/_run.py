@@ -32,6 +32,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from itertools import repeat
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
@@ -62,6 +63,8 @@ OK: Final = 0
 FAILED: Final = 1
 DELTA: Final = 2
 OKS: Final = 3
+#: Results on their way to the caller (their type is the run's output type).
+_Results: TypeAlias = list[Result[Any, StageError]]
 
 _new_object = object.__new__
 _set_attribute = object.__setattr__
@@ -74,6 +77,13 @@ def _success(value: object) -> Result[Any, StageError]:
     result: Success[Any] = _new_object(Success)  # pyright: ignore[reportUnknownVariableType] - its parameter is Any
     _set_attribute(result, "_inner_value", value)
     return result
+
+
+def _successes(values: tuple[object, ...]) -> _Results:
+    """``[_success(v) for v in values]`` with the loops in C (most of a run's results)."""
+    results: _Results = list(map(_new_object, repeat(Success, len(values))))
+    deque(map(_set_attribute, results, repeat("_inner_value"), values), maxlen=0)
+    return results
 
 
 def _result(entry: Entry) -> Result[Any, StageError]:
@@ -525,10 +535,6 @@ class _Group:
         self.entries: list[Entry] = []
 
 
-#: Results on their way to the caller (their type is the run's output type).
-_Results: TypeAlias = list[Result[Any, StageError]]
-
-
 def _sort_key(entry: Entry) -> tuple[int, ...]:
     key = entry[0]
     return (key,) if isinstance(key, int) else key
@@ -551,19 +557,21 @@ class _Collector(Generic[Out]):
     __slots__ = (
         "_core",
         "_done",
+        "_failures_released",
         "_groups",
         "_next_seq",
         "_pending",
         "_ready",
+        "_released",
         "completed",
-        "failed",
-        "succeeded",
     )
 
     def __init__(self, core: RunCore) -> None:
         self._core = core
-        self.succeeded = 0
-        self.failed = 0
+        #: Results put into ``_ready`` so far, and how many of them are failures
+        #: (what was yielded is counted from these when asked, not per item).
+        self._released = 0
+        self._failures_released = 0
         self.completed = 0
         #: Results ready for the caller, in the order they are to be yielded.
         self._ready: deque[Result[Any, StageError]] = deque()
@@ -587,7 +595,8 @@ class _Collector(Generic[Out]):
                 raise original from None
             if core.fail_fast:
                 core.shutdown()
-                self.failed += 1
+                self._released += 1
+                self._failures_released += 1
                 raise error
         ordered = core.ordered
         groups = self._groups
@@ -603,7 +612,7 @@ class _Collector(Generic[Out]):
                     and keys == tuple(range(first, first + len(keys)))
                     and (not groups or groups.keys().isdisjoint(keys))
                 ):
-                    results = list(map(_success, cast("tuple[object, ...]", payload)))
+                    results = _successes(cast("tuple[object, ...]", payload))
                     complete.append((first, len(keys), results))
                     continue
                 singles = [(k, OK, v) for k, v in zip(keys, payload, strict=True)]
@@ -614,6 +623,7 @@ class _Collector(Generic[Out]):
         if not complete:
             return
         ready = self._ready
+        released = len(ready)
         if not ordered:
             freed = 0
             for _, count, results in complete:
@@ -634,6 +644,7 @@ class _Collector(Generic[Out]):
                 nxt += count
             freed = nxt - self._next_seq
             self._next_seq = nxt
+        self._released += len(ready) - released
         self.completed += freed
         if freed:  # give the places in the window back to the feeder
             core.window.take_nowait(freed)
@@ -641,6 +652,8 @@ class _Collector(Generic[Out]):
     def _accept_one(self, entry: Entry, complete: list[tuple[int, int, _Results]]) -> None:
         key, kind, payload = entry
         groups = self._groups
+        if kind == FAILED:
+            self._failures_released += 1
         if isinstance(key, int) and kind != DELTA and key not in groups:
             # One output for one input: complete.
             complete.append((key, 1, [_result(entry)]))
@@ -657,6 +670,7 @@ class _Collector(Generic[Out]):
         else:
             group.outstanding -= 1
             self._ready.append(_result(entry))
+            self._released += 1
         if group.outstanding == 0:
             del groups[root]
             done = sorted(group.entries, key=_sort_key)
@@ -665,12 +679,13 @@ class _Collector(Generic[Out]):
     def pop(self) -> Result[Out, StageError] | None:
         if not self._ready:
             return None
-        result = self._ready.popleft()
-        if type(result) is Failure:
-            self.failed += 1
-        else:
-            self.succeeded += 1
-        return cast("Result[Out, StageError]", result)
+        return cast("Result[Out, StageError]", self._ready.popleft())
+
+    def yielded(self) -> tuple[int, int]:
+        """How many successes and failures the caller has been given so far."""
+        waiting = list(self._ready)  # a copy: the caller's thread may be popping
+        failed = self._failures_released - sum(1 for r in waiting if type(r) is Failure)
+        return self._released - len(waiting) - failed, failed
 
     def close(self) -> None:
         """The caller closed the run: drop what it has not taken."""
@@ -722,9 +737,9 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
 
     def __next__(self) -> Result[Out, StageError]:
         collector = self._collector
-        result = collector.pop()
-        if result is not None:
-            return result
+        ready = collector._ready  # pyright: ignore[reportPrivateUsage] - the hot path, inlined
+        if ready:
+            return cast("Result[Out, StageError]", ready.popleft())
         if collector._done:  # pyright: ignore[reportPrivateUsage]
             raise StopIteration
         core = self._core
@@ -798,7 +813,7 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
         timed out, crashed, workers restarted.  Safe to call at any time, also after
         the run."""
         c = self._collector
-        return self._core.statistics(c.succeeded, c.failed, c.completed)
+        return self._core.statistics(*c.yielded(), c.completed)
 
     def __enter__(self) -> Self:
         return self
@@ -879,7 +894,7 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
         timed out, crashed, workers restarted.  Safe to call at any time, also after
         the run."""
         c = self._collector
-        return self._core.statistics(c.succeeded, c.failed, c.completed)
+        return self._core.statistics(*c.yielded(), c.completed)
 
     async def __aenter__(self) -> Self:
         return self
