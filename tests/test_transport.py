@@ -18,7 +18,7 @@ from returns.result import Failure, Success
 from typeflow import StageError, WorkerCrashed, stage
 from typeflow._backends._base import BatchSizer
 from typeflow._backends._wire import OUT_OF_BAND_MIN, Wire, encode
-from typeflow._runtime._channel import Channel
+from typeflow._runtime._channel import Channel, ChannelClosed
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -226,6 +226,22 @@ def test_without_a_byte_budget_only_the_count_bounds_a_channel() -> None:
     channel: Channel[tuple[int, bytes]] = Channel(2)
     channel.put_many([(0, bytes(8 << 20))])
     assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
+
+
+def test_put_one_item_is_weighed_and_waits_like_put_many() -> None:
+    channel: Channel[tuple[int, bytes]] = Channel(2, max_bytes=1 << 20)
+    channel.put((0, bytes(700 << 10)))
+    assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
+    channel.put((1, bytes(700 << 10)))  # over the byte budget now
+    assert not channel._has_room()  # pyright: ignore[reportPrivateUsage]
+    blocked = threading.Thread(target=channel.put, args=((2, b"z"),))
+    blocked.start()
+    assert [key for key, _ in channel.get_many(1)] == [0]
+    blocked.join()
+    assert [key for key, _ in channel.get_many(10)] == [1, 2]
+    channel.producer_done()
+    with pytest.raises(ChannelClosed):
+        channel.put((3, b""))
 
 
 def test_put_up_to_reserves_as_many_places_as_there_is_room_for() -> None:

@@ -53,6 +53,7 @@ import contextlib
 import multiprocessing
 import os
 import pickle
+import select
 import sys
 import threading
 import time
@@ -221,6 +222,7 @@ class _Pump:
         self._proc: BaseProcess | None = None
         self._conn: Connection | None = None
         self._wire: Wire | None = None
+        self._poller: select.poll | None = None
         self._forked: tuple[BaseProcess, Connection] | None = None
         self._sizer = BatchSizer(BATCH_LIMIT, BATCH_SECONDS, BATCH_BYTES)
         self.thread = threading.Thread(
@@ -306,6 +308,7 @@ class _Pump:
         with self._lock:
             proc, conn, wire = self._proc, self._conn, self._wire
             self._proc = self._conn = self._wire = None
+            self._poller = None
         if proc is None or conn is None:
             return None
         if not kill and wire is not None:
@@ -499,10 +502,10 @@ class _Pump:
             raise _Cancelled
         timed_out = False
         try:
-            ready = wait([conn, proc.sentinel], self._timeout)
-            if conn in ready:
+            # A reply already read along with the previous one needs no waiting.
+            if wire.has_message() or self._readable(conn, proc):
                 return cast("Reply", wire.recv())
-            timed_out = not ready
+            timed_out = True
         except (OSError, EOFError):
             pass
         if self._cancelled.is_set():
@@ -514,6 +517,24 @@ class _Pump:
             assert self._timeout is not None
             return StageTimeout(name, self._timeout)
         return WorkerCrashed(name, exitcode)
+
+    def _readable(self, conn: Connection, proc: BaseProcess) -> bool:
+        """Wait for the worker's socket: True once it is readable (a reply, or the end
+        of the socket), False when the stage's timeout passes first; ``EOFError``
+        when the worker died without closing it (a grandchild may hold it open)."""
+        poller = self._poller
+        if poller is None:  # one per worker process: registering costs more than polling
+            poller = self._poller = select.poll()
+            poller.register(conn.fileno(), select.POLLIN)
+            poller.register(proc.sentinel, select.POLLIN)
+        timeout = None if self._timeout is None else self._timeout * 1000
+        events = poller.poll(timeout)
+        if not events:
+            return False
+        fd = conn.fileno()
+        if any(ready == fd for ready, _ in events):
+            return True
+        raise EOFError  # only the sentinel: the worker is gone
 
     def _retry_alone(self, batch: list[Envelope], error: BaseException) -> Outcome:
         """The worker died (or timed out) holding ``batch``: run each item on its own."""

@@ -8,7 +8,10 @@ The pickle is protocol 5.  Buffers of :data:`OUT_OF_BAND_MIN` bytes or more
 (the data of NumPy arrays, ``bytearray``s, anything that offers a
 ``pickle.PickleBuffer``) are not copied into the pickle: they follow it, and the
 whole frame leaves in one ``sendmsg`` call straight from the objects' memory.
-The receiver reads the pickle and each buffer with ``recv_into`` directly into
+The receiver reads whatever has arrived into a receive buffer of
+:data:`RECV_BUFFER` bytes (so a small message, or two, costs one ``recv_into``
+call: every blocking call gives up the GIL and may wait to get it back), and
+reads the rest of a large pickle or buffer with ``recv_into`` directly into
 memory it allocates once per buffer, so a 1 MiB array is copied once by the
 kernel on each side and never through Python-level chunks (which is what
 ``multiprocessing.Connection.recv_bytes`` does, at about a tenth of the speed).
@@ -37,6 +40,8 @@ OUT_OF_BAND_MIN: Final = 16 * 1024
 SOCKET_BUFFER: Final = 4 * 1024 * 1024
 #: The most parts handed to one ``sendmsg`` call (below every system's IOV_MAX).
 _MAX_PARTS: Final = 512
+#: The receive buffer: messages up to this size are read in as few calls as can be.
+RECV_BUFFER: Final = 256 * 1024
 
 
 class Wire:
@@ -46,11 +51,13 @@ class Wire:
     ``conn`` can still be handed to ``multiprocessing.connection.wait``.
     """
 
-    __slots__ = ("_head", "_sock", "pipeline_bytes")
+    __slots__ = ("_buf", "_end", "_sock", "_start", "pipeline_bytes")
 
     def __init__(self, conn: Connection) -> None:
         self._sock = socket.socket(fileno=os.dup(conn.fileno()))
-        self._head = bytearray(_HEAD.size)
+        #: Received bytes not yet used are ``_buf[_start:_end]``.
+        self._buf = bytearray(RECV_BUFFER)
+        self._start = self._end = 0
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
@@ -93,21 +100,64 @@ class Wire:
 
     def recv(self) -> object:
         """Receive one message.  Raises ``EOFError`` if the other side is gone."""
-        head = self._head
-        self._read_into(memoryview(head))
-        count, length = _HEAD.unpack(head)
+        self._fill(_HEAD.size)
+        count, length = _HEAD.unpack_from(self._buf, self._start)
+        self._start += _HEAD.size
+        sizes: tuple[int, ...] = ()
         if count:
-            table = bytearray(8 * count)
-            self._read_into(memoryview(table))
-            sizes = struct.unpack(f"={count}Q", table)
+            self._fill(8 * count)
+            sizes = struct.unpack_from(f"={count}Q", self._buf, self._start)
+            self._start += 8 * count
+        if length <= len(self._buf):
+            self._fill(length)
+            with memoryview(self._buf) as view:
+                data: bytes | bytearray = view[self._start : self._start + length].tobytes()
+            self._start += length
         else:
-            sizes = ()
-        data = bytearray(length)
-        self._read_into(memoryview(data))
-        buffers = [bytearray(size) for size in sizes]
-        for buffer in buffers:
-            self._read_into(memoryview(buffer))
+            data = self._take_into(bytearray(length))
+        buffers = [self._take_into(bytearray(size)) for size in sizes]
         return pickle.loads(data, buffers=buffers)
+
+    def has_message(self) -> bool:
+        """Whether a whole message has already been received (``recv`` will not block)."""
+        available = self._end - self._start
+        if available < _HEAD.size:
+            return False
+        count: int
+        length: int
+        count, length = _HEAD.unpack_from(self._buf, self._start)
+        if available < _HEAD.size + 8 * count:
+            return False
+        sizes: tuple[int, ...] = struct.unpack_from(
+            f"={count}Q", self._buf, self._start + _HEAD.size
+        )
+        return available >= _HEAD.size + 8 * count + length + sum(sizes)
+
+    def _fill(self, n: int) -> None:
+        """Make sure ``n`` (at most the buffer's size) received bytes are buffered."""
+        if self._end - self._start >= n:
+            return
+        buf = self._buf
+        if self._start + n > len(buf):  # no room behind: move what is left to the front
+            left = self._end - self._start
+            buf[:left] = buf[self._start : self._end]
+            self._start, self._end = 0, left
+        recv_into = self._sock.recv_into
+        with memoryview(buf) as view:
+            while self._end - self._start < n:
+                got = recv_into(view[self._end :])
+                if not got:
+                    raise EOFError("the other end of the worker's socket is closed")
+                self._end += got
+
+    def _take_into(self, target: bytearray) -> bytearray:
+        """Fill ``target`` with the next bytes: the buffered ones, then straight from the socket."""
+        with memoryview(target) as view:
+            have = min(self._end - self._start, len(target))
+            view[:have] = self._buf[self._start : self._start + have]
+            self._start += have
+            self._read_into(view[have:])
+        return target
 
     def _read_into(self, view: memoryview) -> None:
         recv_into = self._sock.recv_into

@@ -416,14 +416,14 @@ class RunCore:
         return groups
 
     def _feed(self, items: Iterable[Any]) -> None:
-        inbox, window = self.inboxes[0], self.window
+        put, window = self.inboxes[0].put, self.window
         room = 0  # places in the window taken ahead, in bulk (one lock trip for many)
         try:
             for seq, item in enumerate(items):
                 if not room:
                     room = window.put_up_to(None, _WINDOW_CHUNK)
                 room -= 1
-                inbox.put_many([(seq, item)])
+                put((seq, item))
                 self.items_read = seq + 1
         except (ChannelAborted, ChannelClosed):
             pass
