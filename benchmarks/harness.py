@@ -9,15 +9,16 @@ are computed by the parent (``metrics.py``) so the raw JSON stays the source of 
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
-import threading
+import subprocess
+import sys
 import time
+from pathlib import Path
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-import psutil
 from peers import RUNNERS, import_pypeln, serial_loop
 from suite import Case
 from workloads import cpu_burn, ints
@@ -55,79 +56,49 @@ class SlowSink(Sink):
 class MemorySampler:
     """Peak RSS (psutil) and PSS (``/proc/PID/smaps_rollup``) of this process + children.
 
-    RSS summed over a forked tree counts the parent's pages once per child that maps
-    them, so the PSS sum, which splits shared pages between their users, is kept too.
-    The child list is refreshed every 10th sample, because walking the process table
-    costs about 1 ms.
+    The sampling runs in a separate process (``memory_sampler.py``), not in a
+    thread of the measured one: a thread would take the GIL from the peer under
+    test, and it would make the process multi-threaded, which changes what a
+    library may safely do (typeflow forks its first workers directly only while
+    the caller runs a single thread, as forking a threaded process is unsafe).
+    RSS summed over a forked tree counts the parent's pages once per child that
+    maps them, so the PSS sum, which splits shared pages between their users, is
+    kept too.  Start and stop are synchronised on the sampler's pipe: the run
+    starts after its first sample, and the result is its last one.
     """
 
     def __init__(self, pss: bool, interval_s: float) -> None:
-        self._pss = pss
-        self._interval = interval_s
-        self._me = psutil.Process()
-        self._procs: list[psutil.Process] = [self._me]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self.rss_start = self.rss_peak = 0
-        self.pss_start = self.pss_peak = 0
+        self._argv = [
+            sys.executable,
+            str(Path(__file__).with_name("memory_sampler.py")),
+            str(os.getpid()),
+            str(interval_s),
+            "pss" if pss else "rss",
+        ]
+        self._proc: subprocess.Popen[str] | None = None
+        self._result: dict[str, float] = {}
 
     def __enter__(self) -> MemorySampler:
-        self.rss_start = self.rss_peak = self._rss()
-        self.pss_start = self.pss_peak = self._pss_sum() if self._pss else 0
-        self._thread.start()
+        self._proc = subprocess.Popen(
+            self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self._proc.stdout is not None
+        ready = self._proc.stdout.readline()  # after its first (start) sample
+        if ready.strip() != "ready":
+            raise RuntimeError(f"the memory sampler did not start: {ready!r}")
         return self
 
     def __exit__(
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        tick = 0
-        while not self._stop.wait(self._interval):
-            if tick % 10 == 0:
-                self._refresh()
-            tick += 1
-            self.rss_peak = max(self.rss_peak, self._rss())
-            if self._pss:
-                self.pss_peak = max(self.pss_peak, self._pss_sum())
-
-    def _refresh(self) -> None:
-        try:
-            self._procs = [self._me, *self._me.children(recursive=True)]
-        except psutil.Error:
-            self._procs = [self._me]
-
-    def _rss(self) -> int:
-        total = 0
-        for proc in self._procs:
-            with contextlib.suppress(psutil.Error):
-                total += proc.memory_info().rss
-        return total
-
-    def _pss_sum(self) -> int:
-        return sum(_pss_of(proc.pid) for proc in self._procs)
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()  # the sampler takes a last sample and reports
+        self._result = json.loads(proc.stdout.read())
+        proc.wait()
 
     def result(self) -> dict[str, float]:
-        out: dict[str, float] = {
-            "rss_start": self.rss_start,
-            "rss_peak_growth": self.rss_peak - self.rss_start,
-        }
-        if self._pss:
-            out["pss_peak_growth"] = self.pss_peak - self.pss_start
-        return out
-
-
-def _pss_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        return self._result
 
 
 def preload(case: Case, peer: str) -> None:

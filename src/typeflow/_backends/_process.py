@@ -100,12 +100,12 @@ __all__ = [
 #: The most items sent to a worker process in one message.
 BATCH_LIMIT: Final = 1024
 #: About how long the work of one batch should take in the worker, in seconds.
-BATCH_SECONDS: Final = 0.005
+BATCH_SECONDS: Final = 0.002
 #: About how many bytes one batch should weigh on the wire (at least one item).
 BATCH_BYTES: Final = 1024 * 1024
 #: A byte budget for the inbox of a process stage (``Channel(max_bytes=...)``):
 #: large items (arrays, images) wait in front of the stage by size, not only by count.
-INBOX_BYTES: Final = 16 * 1024 * 1024
+INBOX_BYTES: Final = 8 * 1024 * 1024
 #: How many batches a worker process holds at once: one it works on, one waiting.
 _IN_FLIGHT: Final = 2
 
