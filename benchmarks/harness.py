@@ -93,8 +93,10 @@ class MemorySampler:
     ) -> None:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
-        proc.stdin.close()  # the sampler takes a last sample and reports
-        self._result = json.loads(proc.stdout.read())
+        proc.stdin.write("stop\n")  # the sampler takes a last sample and reports
+        proc.stdin.flush()
+        self._result = json.loads(proc.stdout.readline())
+        proc.stdin.close()
         proc.wait()
 
     def result(self) -> dict[str, float]:

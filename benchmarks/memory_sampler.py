@@ -2,8 +2,8 @@
 
 ``python memory_sampler.py PID INTERVAL_S pss|rss``: samples the RSS (and PSS)
 of process PID and all its descendants except itself every INTERVAL_S seconds.
-It prints ``ready`` after the first sample (the start values); when its stdin
-closes it takes a last sample and prints the start and peak values as JSON.
+It prints ``ready`` after the first sample (the start values); when it reads a
+``stop`` line it takes a last sample and prints the start and peak values as JSON.
 """
 
 from __future__ import annotations
@@ -49,7 +49,16 @@ def main(pid: int, interval_s: float, pss: bool) -> None:
         return rss, sum(_pss_of(p.pid) for p in procs) if pss else 0
 
     stop = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+
+    def wait_for_stop() -> None:
+        # A "stop" line, not the end of stdin: processes forked by the measured
+        # program inherit the write end of this pipe and may keep it open.
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        stop.set()
+
+    threading.Thread(target=wait_for_stop, daemon=True).start()
     rss_start, pss_start = sample()
     rss_peak, pss_peak = rss_start, pss_start
     print("ready", flush=True)
