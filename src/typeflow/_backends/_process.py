@@ -100,7 +100,7 @@ __all__ = [
 #: The most items sent to a worker process in one message.
 BATCH_LIMIT: Final = 1024
 #: About how long the work of one batch should take in the worker, in seconds.
-BATCH_SECONDS: Final = 0.002
+BATCH_SECONDS: Final = 0.005
 #: About how many bytes one batch should weigh on the wire (at least one item).
 BATCH_BYTES: Final = 1024 * 1024
 #: A byte budget for the inbox of a process stage (``Channel(max_bytes=...)``):
