@@ -401,8 +401,11 @@ class _Pump:
             if sent:
                 # Only quick items are worth a second batch: for slow ones the round
                 # trip hardly matters, and an idle worker should get the next item.
+                # Nor is the end of the input: what is left is shared out one batch
+                # per worker at a time, so that the workers finish together.
                 quick = 0.0 < sizer.per_item < BATCH_SECONDS
-                batch = inbox.take_nowait(sizer.limit, share) if quick else []
+                ending = inbox.closed and len(inbox) < 2 * share * sizer.limit
+                batch = inbox.take_nowait(sizer.limit, share) if quick and not ending else []
                 if not batch:
                     self._collect(sent)
                     continue
