@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import pytest
@@ -102,12 +102,15 @@ def build(chain: list[Step]) -> Stage[int, int]:
     items=st.lists(st.integers(-1000, 1000), max_size=120),
     ordered=st.booleans(),
     window=st.one_of(st.none(), st.integers(1, 50)),
+    lazy=st.booleans(),
 )
 def test_random_pipelines_match_the_sequential_composition(
-    chain: list[Step], items: list[int], ordered: bool, window: int | None
+    chain: list[Step], items: list[int], ordered: bool, window: int | None, lazy: bool
 ) -> None:
     expected = [sequential(chain, x) for x in items]
-    got = [observed(r) for r in build(chain).run(items, ordered=ordered, window=window)]
+    # A list is fed in chunks, any other iterable one item at a time: both are drawn.
+    source: Iterable[int] = iter(items) if lazy else items
+    got = [observed(r) for r in build(chain).run(source, ordered=ordered, window=window)]
     # Every input yields exactly one outcome, failures included...
     assert len(got) == len(items)
     # ...equal to the sequential composition: as a sequence when ordered,
@@ -213,14 +216,15 @@ def _call(fn: Callable[[int], int], v: int) -> int:
     chain=st.lists(shapes, min_size=1, max_size=3),
     items=st.lists(st.integers(-200, 200), max_size=60),
     ordered=st.booleans(),
+    lazy=st.booleans(),
 )
 def test_random_shaped_pipelines_match_the_sequential_reference(
-    chain: list[Shape], items: list[int], ordered: bool
+    chain: list[Shape], items: list[int], ordered: bool, lazy: bool
 ) -> None:
     pipeline = shape_stage(chain[0])
     for shape in chain[1:]:
         pipeline = pipeline | shape_stage(shape)
-    run = pipeline.run(items, ordered=ordered)
+    run = pipeline.run(iter(items) if lazy else items, ordered=ordered)
     got = [observed(r) for r in run]
     expected = [o for x in items for o in reference(chain, x)]
     # Every input is accounted for: its outputs and failures come out, and the

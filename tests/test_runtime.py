@@ -8,7 +8,7 @@ import os
 import threading
 import traceback
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import pytest
 from returns.result import Failure, Result, Success
@@ -394,3 +394,48 @@ def test_the_fast_success_is_a_true_success() -> None:
     assert made.unwrap() is value
     assert made.map(id) == Success(id(value))
     assert str(made) == str(Success(value))
+
+
+def increment(x: int) -> int:
+    return x + 1
+
+
+def as_range(xs: list[int]) -> Sequence[int]:
+    return range(len(xs))
+
+
+IN_MEMORY: list[Callable[[list[int]], Sequence[int]]] = [list, tuple, as_range]
+
+
+@pytest.mark.parametrize("make", IN_MEMORY, ids=["list", "tuple", "range"])
+def test_in_memory_inputs_are_fed_in_chunks_with_exact_accounting(
+    backend: Backend, make: Callable[[list[int]], Sequence[int]]
+) -> None:
+    # More items than the window, a window that is not a multiple of the chunk:
+    # the feeder gives back the places it took and did not use.
+    items = make(list(range(3000)))
+    run = on(backend, increment).run(items, window=100)
+    assert [r.unwrap() for r in run] == [x + 1 for x in items]
+    stats = run.statistics()
+    assert stats.items_read == stats.done == 3000
+    assert stats.in_flight == 0
+
+
+def test_a_heavy_chunk_respects_the_byte_budget_of_a_process_stage() -> None:
+    from typeflow._runtime._channel import Channel
+
+    channel: Channel[tuple[int, bytes]] = Channel(1000, max_bytes=1 << 20)
+    big = [(i, bytes(200 << 10)) for i in range(8)]  # 1.6 MiB in all: over an eighth
+    done = threading.Event()
+
+    def put() -> None:
+        channel.put_chunk(big)
+        done.set()
+
+    threading.Thread(target=put, daemon=True).start()
+    taken: list[int] = []
+    while len(taken) < 8:
+        taken += [key for key, _ in channel.get_many(100)]
+        assert len(channel) <= 6  # one item at a time: the budget holds
+    assert done.wait(5)
+    assert taken == list(range(8))

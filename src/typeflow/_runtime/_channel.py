@@ -353,6 +353,19 @@ class Channel(Generic[T]):
                 return
         self.put_many([item])
 
+    def put_chunk(self, batch: list[T]) -> None:
+        """:meth:`put_many`, except that a batch weighing more than an eighth of the
+        byte budget goes in one item at a time, so that the budget still holds.
+
+        Raises:
+            ChannelAborted: the run was cancelled.
+        """
+        if self._weighed and _weight(batch) > self._max_bytes // 8:
+            for item in batch:
+                self.put(item)
+        else:
+            self.put_many(batch)
+
     def put_up_to(self, item: T, count: int) -> int:
         """Add between 1 and ``count`` copies of ``item``: as many as there is room for.
 

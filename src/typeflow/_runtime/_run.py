@@ -355,8 +355,15 @@ class RunCore:
                     future = asyncio.run_coroutine_threadsafe(coro, self.event_loop())
                     self._cancel_async_feed = future.cancel
             else:
+                # Items already in memory cannot keep the feeder waiting: they go in
+                # chunks (one lock trip for many).  Any other iterable may block
+                # between items, so its items go in one by one, each at once.
+                in_memory = isinstance(items, list | tuple | range)
                 self._feeder = threading.Thread(
-                    target=self._feed, args=(items,), name="typeflow:feeder", daemon=True
+                    target=self._feed_chunks if in_memory else self._feed,
+                    args=(items,),
+                    name="typeflow:feeder",
+                    daemon=True,
                 )
                 self._feeder.start()
         except BaseException:
@@ -425,6 +432,29 @@ class RunCore:
                 room -= 1
                 put((seq, item))
                 self.items_read = seq + 1
+        except (ChannelAborted, ChannelClosed):
+            pass
+        except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
+            self.input_error = exc
+        finally:
+            self._close_input()
+
+    def _feed_chunks(self, items: Iterable[Any]) -> None:
+        put_chunk, window = self.inboxes[0].put_chunk, self.window
+        it = iter(items)
+        seq = 0
+        try:
+            while True:
+                room = window.put_up_to(None, _WINDOW_CHUNK)
+                chunk = list(itertools.islice(it, room))
+                if len(chunk) < room:  # the end: give back the places not used
+                    window.take_nowait(room - len(chunk))
+                if chunk:
+                    put_chunk(list(zip(range(seq, seq + len(chunk)), chunk, strict=True)))
+                    seq += len(chunk)
+                    self.items_read = seq
+                if len(chunk) < room:
+                    break
         except (ChannelAborted, ChannelClosed):
             pass
         except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
