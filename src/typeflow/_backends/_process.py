@@ -112,6 +112,10 @@ BATCH_BYTES: Final = 1024 * 1024
 INBOX_BYTES: Final = 8 * 1024 * 1024
 #: How many batches a worker process holds at once: one it works on, one waiting.
 _IN_FLIGHT: Final = 2
+#: A second batch is sent ahead only if it would hold this many items (or a full
+#: batch): a smaller one costs the parent as much as a big one, and collecting the
+#: reply first lets the inbox fill up for a bigger batch.
+_SECOND_BATCH_MIN: Final = 64
 
 _Context: TypeAlias = ForkServerContext | SpawnContext | ForkContext
 _context: _Context | None = None
@@ -405,7 +409,10 @@ class _Pump:
                 # per worker at a time, so that the workers finish together.
                 quick = 0.0 < sizer.per_item < BATCH_SECONDS
                 ending = inbox.closed and len(inbox) < 2 * share * sizer.limit
-                batch = inbox.take_nowait(sizer.limit, share) if quick and not ending else []
+                worth = len(inbox) >= min(sizer.limit, _SECOND_BATCH_MIN) * share
+                batch = (
+                    inbox.take_nowait(sizer.limit, share) if quick and worth and not ending else []
+                )
                 if not batch:
                     self._collect(sent)
                     continue
