@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     import asyncio
@@ -47,7 +47,7 @@ def _weight(batch: Iterable[Any]) -> int:
     return sum(map(sys.getsizeof, map(_value_of, batch)))
 
 
-_value_of = itemgetter(-1)
+_value_of: Callable[[Any], object] = itemgetter(-1)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop:
@@ -347,7 +347,7 @@ class Channel(Generic[T]):
             ):
                 items.append(item)
                 if self._weighed:
-                    self._bytes += sys.getsizeof(cast("tuple[object, ...]", item)[-1])
+                    self._bytes += sys.getsizeof(_value_of(item))
                 if self._getters:
                     self._getters.popleft().wake()
                 return

@@ -769,7 +769,7 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
         collector = self._collector
         ready = collector._ready  # pyright: ignore[reportPrivateUsage] - the hot path, inlined
         if ready:
-            return cast("Result[Out, StageError]", ready.popleft())
+            return ready.popleft()  # no cast(): a call per item
         if collector._done:  # pyright: ignore[reportPrivateUsage]
             raise StopIteration
         core = self._core
