@@ -31,7 +31,14 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+)
 from itertools import repeat
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
@@ -425,25 +432,19 @@ class RunCore:
     def _feed(self, items: Iterable[Any]) -> None:
         put, window = self.inboxes[0].put, self.window
         room = 0  # places in the window taken ahead, in bulk (one lock trip for many)
-        try:
+        with self._reading_input():
             for seq, item in enumerate(items):
                 if not room:
                     room = window.put_up_to(None, _WINDOW_CHUNK)
                 room -= 1
                 put((seq, item))
                 self.items_read = seq + 1
-        except (ChannelAborted, ChannelClosed):
-            pass
-        except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
-            self.input_error = exc
-        finally:
-            self._close_input()
 
     def _feed_chunks(self, items: Iterable[Any]) -> None:
         put_chunk, window = self.inboxes[0].put_chunk, self.window
         it = iter(items)
         seq = 0
-        try:
+        with self._reading_input():
             while True:
                 room = window.put_up_to(None, _WINDOW_CHUNK)
                 chunk = list(itertools.islice(it, room))
@@ -455,12 +456,6 @@ class RunCore:
                     self.items_read = seq
                 if len(chunk) < room:
                     break
-        except (ChannelAborted, ChannelClosed):
-            pass
-        except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
-            self.input_error = exc
-        finally:
-            self._close_input()
 
     async def _feed_async(self, items: AsyncIterable[Any]) -> None:
         import asyncio
@@ -468,13 +463,21 @@ class RunCore:
         inbox, window = self.inboxes[0], self.window
         ticket = [None]
         seq = 0
-        try:
+        with self._reading_input(asyncio.CancelledError):
             async for item in items:
                 await window.aput_many(ticket)
                 await inbox.aput_many([(seq, item)])
                 seq += 1
                 self.items_read = seq
-        except (ChannelAborted, ChannelClosed, asyncio.CancelledError):
+
+    @contextlib.contextmanager
+    def _reading_input(self, *stops: type[BaseException]) -> Generator[None, None, None]:
+        """Around a feeder: its end, the run's end (or ``stops``) and an error of the
+        input all close the input; the error is kept to be raised to the caller."""
+        quiet: tuple[type[BaseException], ...] = (ChannelAborted, ChannelClosed, *stops)
+        try:
+            yield
+        except quiet:
             pass
         except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
             self.input_error = exc
