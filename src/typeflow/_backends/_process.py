@@ -250,7 +250,7 @@ class _Pump:
         inherited.append(parent)
         proc = ctx.Process(
             target=child_main,
-            args=(child, None, self._index, list(inherited), self._node.kernel),
+            args=(child, None, self._index, list(inherited), self._node.kernel, False),
             name=f"typeflow:{self._node.name}:{self._index}",
             daemon=True,
         )
@@ -282,23 +282,27 @@ class _Pump:
                     parent.close()
                     raise _Cancelled
                 self._proc, self._conn = proc, parent
-        else:
-            ctx = mp_context()
-            parent, child = ctx.Pipe(duplex=True)
-            proc = ctx.Process(
-                target=child_main,
-                args=(child, self._kernel_bytes, self._index),
-                name=f"typeflow:{self._node.name}:{self._index}",
-                daemon=True,
-            )
-            with self._lock:
-                if self._cancelled.is_set():
-                    parent.close()
-                    child.close()
-                    raise _Cancelled
-                proc.start()
-                self._proc, self._conn = proc, parent
-            child.close()
+            # A forked worker is up as soon as it exists (it imports nothing and
+            # gets its kernel as is), so it sends no READY and the first batch
+            # goes out at once; if it died, the first reply tells.
+            self._wire = Wire(parent)
+            return
+        ctx = mp_context()
+        parent, child = ctx.Pipe(duplex=True)
+        proc = ctx.Process(
+            target=child_main,
+            args=(child, self._kernel_bytes, self._index),
+            name=f"typeflow:{self._node.name}:{self._index}",
+            daemon=True,
+        )
+        with self._lock:
+            if self._cancelled.is_set():
+                parent.close()
+                child.close()
+                raise _Cancelled
+            proc.start()
+            self._proc, self._conn = proc, parent
+        child.close()
         # Wait until the worker is up, so that start-up never counts against a timeout.
         try:
             if parent in wait([parent, proc.sentinel]) and parent.recv_bytes() == READY:

@@ -40,13 +40,15 @@ def child_main(
     index: int,
     inherited: Sequence[Connection] = (),
     kernel: Kernel | None = None,
+    handshake: bool = True,
 ) -> None:
     """Serve batches on ``conn`` until told to stop or the parent goes away.
 
     A worker forked straight from the parent gets its ``kernel`` as is and
     closes the parent's ends of the worker sockets it ``inherited`` (so that
     each worker sees its socket close when the parent dies); the others get
-    ``kernel_bytes``.
+    ``kernel_bytes`` and say READY once they have unpickled it (a forked worker
+    has nothing to wait for: ``handshake`` is False).
     """
     # Ctrl-C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -63,7 +65,8 @@ def child_main(
     assert kernel is not None
     ctx = WorkerContext(index)
     wire = Wire(conn)
-    conn.send_bytes(READY)  # the parent starts its clock for timeouts from here
+    if handshake:
+        conn.send_bytes(READY)  # the parent starts its clock for timeouts from here
     clock = time.perf_counter
     try:
         while not _stopping:
