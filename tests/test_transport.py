@@ -47,6 +47,20 @@ def test_slow_items_are_taken_one_at_a_time() -> None:
     assert sizer.limit == 1
 
 
+def test_quick_items_are_taken_by_the_dozen_slow_ones_are_shared_out() -> None:
+    sizer = BatchSizer(cap=256, target=0.002)
+    sizer.record(100, 100 * 1e-7)  # 0.1 µs an item: 64 of them are worth one hand-off
+    assert sizer.least(64, 0.0005) == 64
+    sizer.record(1, 0.001)  # now about 0.5 ms an item: share them out
+    assert sizer.least(64, 0.0005) == 1
+    channel: Channel[int] = Channel(1000)
+    channel.put_many(list(range(100)))
+    assert len(channel.get_many(256, share=8)) == 13  # the fair share: ceil(100 / 8)
+    assert len(channel.get_many(256, share=8, least=64)) == 64  # at least 64
+    assert len(channel.get_many(10, share=8, least=64)) == 10  # never past the limit
+    assert len(channel.get_many(256, share=8, least=64)) == 13  # what is left
+
+
 def test_a_byte_budget_bounds_batches_of_big_items() -> None:
     sizer = BatchSizer(cap=1024, target=0.005, max_bytes=1 << 20)
     for _ in range(12):

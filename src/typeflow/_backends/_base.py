@@ -82,6 +82,12 @@ class BatchSizer:
         #: The most items to take next time.
         self.limit = 1
 
+    def least(self, count: int, seconds: float) -> int:
+        """The fewest items to take when more wait than the fair share: ``count``
+        if so many items take under ``seconds`` (splitting them among workers
+        costs more hand-offs than it saves), else 1 (slow items are shared out)."""
+        return count if self._per_item * count < seconds else 1
+
     @property
     def per_item(self) -> float:
         """The running average of seconds per item (0.0 before the first batch)."""

@@ -112,6 +112,10 @@ BATCH_BYTES: Final = 1024 * 1024
 INBOX_BYTES: Final = 8 * 1024 * 1024
 #: How many batches a worker process holds at once: one it works on, one waiting.
 _IN_FLIGHT: Final = 2
+#: The fewest quick items (under 1 ms for all of them) a pump takes when more
+#: wait: its fair share may be less; slow items are always shared out fairly.
+_LEAST: Final = 64
+_LEAST_SECONDS: Final = 0.001
 #: A second batch is sent ahead only if it would hold this many items (or a full
 #: batch): a smaller one costs the parent as much as a big one, and collecting the
 #: reply first lets the inbox fill up for a bigger batch.
@@ -421,7 +425,8 @@ class _Pump:
                     self._collect(sent)
                     continue
             else:
-                batch = inbox.get_many(sizer.limit, share)
+                least = sizer.least(_LEAST, _LEAST_SECONDS)
+                batch = inbox.get_many(sizer.limit, share, least=least)
             seqs, items = zip(*batch, strict=True)
             try:
                 parts, nbytes = encode((seqs, items))

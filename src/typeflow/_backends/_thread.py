@@ -35,6 +35,10 @@ __all__ = ["BATCH_LIMIT", "BATCH_SECONDS", "ThreadGroup", "start"]
 BATCH_LIMIT = 256
 #: About how long the work of one batch should take, in seconds.
 BATCH_SECONDS = 0.002
+#: The fewest quick items (under 0.5 ms for all of them) a worker takes when more
+#: wait: its fair share may be less, and a few items are not worth two hand-offs.
+_LEAST = 64
+_LEAST_SECONDS = 0.0005
 #: How many of a stage's threads start before ``start()`` returns; a launcher
 #: thread starts the others.
 _STARTED_AT_ONCE = 8
@@ -136,7 +140,8 @@ class ThreadGroup:
                     return
                 emitter.emit(taken_over)
             while True:
-                batch = inbox.get_many(sizer.limit, share)
+                least = sizer.least(_LEAST, _LEAST_SECONDS)
+                batch = inbox.get_many(sizer.limit, share, least=least)
                 if self._limiter is not None:
                     self._wait(self._limiter.reserve(len(batch)))
                 if self._timeout is None:

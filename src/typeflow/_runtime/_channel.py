@@ -201,11 +201,13 @@ class Channel(Generic[T]):
         while self._putters:
             self._putters.popleft().wake()
 
-    def _take(self, limit: int, share: int) -> list[T]:
+    def _take(self, limit: int, share: int, least: int = 1) -> list[T]:
         items = self._items
         n = len(items)
         if share > 1:
-            n = -(-n // share)  # ceil: leave something for the other consumers
+            # ceil: leave something for the other consumers, but take at least
+            # ``least`` (a few items are not worth two hand-offs)
+            n = max(-(-n // share), min(n, least))
         n = min(n, limit)
         if n == len(items):
             batch = list(items)
@@ -262,7 +264,9 @@ class Channel(Generic[T]):
 
     # -- blocking API (threads) ----------------------------------------------
 
-    def get_many(self, limit: int, share: int = 1, deadline: float | None = None) -> list[T]:
+    def get_many(
+        self, limit: int, share: int = 1, deadline: float | None = None, least: int = 1
+    ) -> list[T]:
         """Take between 1 and ``limit`` items, waiting for the first one.
 
         ``share`` is the number of consumers: when several items wait, take only
@@ -277,7 +281,7 @@ class Channel(Generic[T]):
         while True:
             with self._lock:
                 if self._check_get():
-                    return self._take(limit, share)
+                    return self._take(limit, share, least)
                 waiter = _ThreadWaiter()
                 self._getters.append(waiter)
             try:
@@ -291,7 +295,7 @@ class Channel(Generic[T]):
                 with self._lock:
                     self._forget(self._getters, waiter, True)
                     if self._check_get():
-                        return self._take(limit, share)
+                        return self._take(limit, share, least)
                 raise TimeoutError
 
     def put_many(self, batch: list[T]) -> None:
