@@ -2,8 +2,8 @@
 
 Each worker process has its own duplex socket; a pump thread in the parent
 takes batches from the stage's inbox, sends them, and waits for the replies
-*or* the process's death on the same ``wait`` call -- no polling, no shared
-queue lock, no feeder thread.  Batches travel as pickle protocol 5 with large
+*or* the process's death on the same ``poll`` call -- no polling loop, no
+shared queue lock, no feeder thread.  Batches travel as pickle protocol 5 with large
 buffers out of band, read straight into place (:mod:`typeflow._backends._wire`).
 
 * **Adaptive batches.**  A batch is about :data:`BATCH_SECONDS` of the worker's
@@ -16,8 +16,11 @@ buffers out of band, read straight into place (:mod:`typeflow._backends._wire`).
   one already waits in its socket, so the round trip (about 0.2 ms on a busy
   VM) is hidden.  The pump takes that second batch only for quick items (less
   than :data:`BATCH_SECONDS` each: a slow item should go to an idle worker,
-  not wait behind another one), only if it is already in the inbox, and sends
-  it early only if it fits into the socket's buffer
+  not wait behind another one), only if it is already in the inbox and big
+  (:data:`_SECOND_BATCH_MIN` items, or a full batch: a small one costs the
+  parent as much, and collecting the reply first lets the inbox fill up), not
+  at the end of the input (what is left is shared out so that the workers
+  finish together), and sends it early only if it fits into the socket's buffer
   (:attr:`Wire.pipeline_bytes`): the worker may be blocked sending a big reply
   that the pump reads only after its own send returns, and a send that fits
   never blocks.  Under a ``timeout`` the pump sends one item at a time, so
@@ -41,7 +44,9 @@ arranges by starting process stages first, see :func:`deferred_threads`).  That
 is what ``multiprocessing.Pool`` does by default on Linux, and it makes a
 short run start in milliseconds.  A forked worker closes the parent's ends of
 the worker sockets it inherited (so that each worker sees end-of-file when the
-parent dies), resets SIGTERM and ignores SIGINT.  Threads started by C
+parent dies), resets SIGTERM and ignores SIGINT; it has nothing to load, so it
+sends no READY and gets its first batch at once (a worker started any other way
+says READY once it has unpickled its kernel, and a timeout counts from there).  Threads started by C
 libraries are invisible to that check, as they are to ``Pool``.  Set
 ``TYPEFLOW_START_METHOD`` (``forkserver``, ``spawn`` or ``fork``) to use one
 method for every worker, the first ones included.
