@@ -17,7 +17,7 @@ from returns.result import Failure, Success
 
 from typeflow import StageError, WorkerCrashed, stage
 from typeflow._backends._base import BatchSizer
-from typeflow._backends._wire import OUT_OF_BAND_MIN, Wire, encode
+from typeflow._backends._wire import OUT_OF_BAND_MIN, RECV_BUFFER, Wire, encode
 from typeflow._runtime._channel import Channel, ChannelClosed
 
 pytestmark = pytest.mark.timeout(120)
@@ -126,6 +126,43 @@ def test_the_wire_carries_more_buffers_than_one_sendmsg_takes() -> None:
         left.send(message)
         reader.join()
         assert received[0] == message
+    finally:
+        left.close()
+        right.close()
+
+
+def test_the_wire_keeps_what_it_read_past_a_message_for_the_next() -> None:
+    left, right = _pair()
+    try:
+        for i in range(3):  # small messages: one recv call may read them all
+            left.send(("small", i))
+        big = list(range(RECV_BUFFER // 2))  # a pickle larger than the receive buffer
+        reader_got: list[object] = []
+        reader = threading.Thread(
+            target=lambda: reader_got.extend(right.recv() for _ in range(5)), daemon=True
+        )
+        reader.start()
+        left.send(big)
+        left.send(("after", None))
+        reader.join(30)
+        assert reader_got == [("small", 0), ("small", 1), ("small", 2), big, ("after", None)]
+        assert not right.has_message()
+        left.send("next")
+        assert right.recv() == "next"
+    finally:
+        left.close()
+        right.close()
+
+
+def test_a_message_already_received_is_known_to_be_there() -> None:
+    left, right = _pair()
+    try:
+        left.send("one")
+        left.send("two")
+        assert right.recv() == "one"  # the first read takes both (they are small)
+        assert right.has_message()
+        assert right.recv() == "two"
+        assert not right.has_message()
     finally:
         left.close()
         right.close()

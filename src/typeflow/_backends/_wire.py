@@ -31,7 +31,7 @@ import struct
 from multiprocessing.connection import Connection
 from typing import Final
 
-__all__ = ["OUT_OF_BAND_MIN", "SOCKET_BUFFER", "Wire"]
+__all__ = ["OUT_OF_BAND_MIN", "RECV_BUFFER", "SOCKET_BUFFER", "Wire"]
 
 _HEAD: Final = struct.Struct("=IQ")
 #: Buffers smaller than this travel inside the pickle (a frame per buffer costs more).
@@ -105,18 +105,20 @@ class Wire:
         self._start += _HEAD.size
         sizes: tuple[int, ...] = ()
         if count:
-            self._fill(8 * count)
-            sizes = struct.unpack_from(f"={count}Q", self._buf, self._start)
-            self._start += 8 * count
-        if length <= len(self._buf):
-            self._fill(length)
-            with memoryview(self._buf) as view:
-                data: bytes | bytearray = view[self._start : self._start + length].tobytes()
-            self._start += length
-        else:
-            data = self._take_into(bytearray(length))
+            sizes = struct.unpack(f"={count}Q", self._take(8 * count))
+        data = self._take(length)
         buffers = [self._take_into(bytearray(size)) for size in sizes]
         return pickle.loads(data, buffers=buffers)
+
+    def _take(self, n: int) -> bytes | bytearray:
+        """The next ``n`` bytes: from the receive buffer when they fit in it."""
+        if n > len(self._buf):
+            return self._take_into(bytearray(n))
+        self._fill(n)
+        with memoryview(self._buf) as view:
+            data = view[self._start : self._start + n].tobytes()
+        self._start += n
+        return data
 
     def has_message(self) -> bool:
         """Whether a whole message has already been received (``recv`` will not block)."""
