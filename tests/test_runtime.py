@@ -439,3 +439,13 @@ def test_a_heavy_chunk_respects_the_byte_budget_of_a_process_stage() -> None:
         assert len(channel) <= 6  # one item at a time: the budget holds
     assert done.wait(5)
     assert taken == list(range(8))
+
+
+def test_a_stage_of_many_threads_starts_them_while_the_first_ones_work() -> None:
+    # Beyond the first few, a launcher thread starts the workers: every item is
+    # still processed, and a run closed while it launches leaves no thread behind.
+    many = stage(workers=40)(increment)
+    assert [r.unwrap() for r in many.run(range(500))] == list(range(1, 501))
+    run = many.run(itertools.count())
+    assert [r.unwrap() for r in run.take(3)] == [1, 2, 3]
+    assert leftovers() == ([], [])
