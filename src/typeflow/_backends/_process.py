@@ -117,10 +117,12 @@ BATCH_BYTES: Final = 1024 * 1024
 INBOX_BYTES: Final = 8 * 1024 * 1024
 #: How many batches a worker process holds at once: one it works on, one waiting.
 _IN_FLIGHT: Final = 2
-#: The fewest quick items (under 1 ms for all of them) a pump takes when more
-#: wait: its fair share may be less; slow items are always shared out fairly.
-_LEAST: Final = 64
-_LEAST_SECONDS: Final = 0.001
+#: Quick items (a full batch of them under 5 ms of work) are not shared out: a
+#: pump takes all that wait, up to its limit, since every batch costs the parent
+#: as much whatever its size (one pump with big batches keeps up with more
+#: workers than many pumps with small ones).  Slow items are shared out fairly.
+_LEAST: Final = BATCH_LIMIT
+_LEAST_SECONDS: Final = 0.005
 #: A second batch is sent ahead only if it would hold this many items (or a full
 #: batch): a smaller one costs the parent as much as a big one, and collecting the
 #: reply first lets the inbox fill up for a bigger batch.
