@@ -579,7 +579,8 @@ def stage(
         fn: the function (bare form).  ``async def`` functions are awaited.
         workers: how many workers run the function at once.
         backend: ``"thread"`` (default), ``"process"`` (CPU-bound work; the
-            function is shipped with cloudpickle) or ``"task"`` (``async def``
+            function is shipped by name, or with cloudpickle when it cannot be
+            imported) or ``"task"`` (``async def``
             only: asyncio tasks on the run's event loop).  An ``async def``
             function on a thread or process worker runs on an event loop owned
             by that worker.
