@@ -405,13 +405,13 @@ class Channel(Generic[T]):
 
     # -- async API (tasks) ---------------------------------------------------
 
-    async def aget_many(self, limit: int, share: int = 1) -> list[T]:
+    async def aget_many(self, limit: int, share: int = 1, least: int = 1) -> list[T]:
         """The awaitable twin of :meth:`get_many`."""
         loop = _running_loop()
         while True:
             with self._lock:
                 if self._check_get():
-                    return self._take(limit, share)
+                    return self._take(limit, share, least)
                 waiter = _TaskWaiter(loop)
                 self._getters.append(waiter)
             try:
