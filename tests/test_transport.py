@@ -3,9 +3,13 @@ process workers, forked first workers.  No timing is asserted anywhere."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import os
 import pickle
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -18,7 +22,8 @@ from returns.result import Failure, Success
 from typeflow import StageError, WorkerCrashed, stage
 from typeflow._backends._base import BatchSizer
 from typeflow._backends._wire import OUT_OF_BAND_MIN, RECV_BUFFER, Wire, encode
-from typeflow._runtime._channel import Channel, ChannelClosed
+from typeflow._runtime import _channel
+from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -302,6 +307,106 @@ def test_put_up_to_reserves_as_many_places_as_there_is_room_for() -> None:
     assert window.take_nowait(4) == [None] * 4
     assert window.put_up_to(None, 64) == 4
     assert len(window) == 5
+
+
+def _take_all(channel: Channel[int], got: list[int]) -> None:
+    try:
+        while True:
+            got.extend(channel.get_many(7, share=3))
+    except EndOfChannel:
+        pass
+
+
+def test_a_sole_producer_without_the_lock_loses_no_item_and_wakes_every_consumer() -> None:
+    # put_solo appends without the lock; consumers register, then look again.
+    # A tiny switch interval makes the threads interleave between any two bytecodes.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        channel: Channel[int] = Channel(5)
+        got: list[list[int]] = [[], [], []]
+        consumers = [threading.Thread(target=_take_all, args=(channel, g)) for g in got]
+        for consumer in consumers:
+            consumer.start()
+        for i in range(20_000):
+            channel.put_solo(i)
+            if i % 97 == 0:
+                os.sched_yield()  # let the consumers run dry and wait
+        channel.producer_done()
+        for consumer in consumers:
+            consumer.join()
+    finally:
+        sys.setswitchinterval(previous)
+    assert sorted(itertools.chain.from_iterable(got)) == list(range(20_000))
+
+
+def test_a_put_between_a_consumers_look_and_its_sleep_is_not_missed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The one interleaving that could lose a wake-up, made certain: the sole
+    # producer's put lands after the consumer found the channel empty and before
+    # it registered as waiting, so the put sees nobody to wake.
+    # The consumer must take the item without going to sleep at all.
+    channel: Channel[int] = Channel(5)
+    slept: list[str] = []
+
+    class LateWaiter(_channel._ThreadWaiter):  # pyright: ignore[reportPrivateUsage]
+        def __init__(self) -> None:
+            super().__init__()
+            channel.put_solo(7)
+
+        def wait(self, timeout: float | None = None) -> bool:
+            slept.append("thread")
+            return False  # as if the deadline had passed: get_many looks once more
+
+    monkeypatch.setattr(_channel, "_ThreadWaiter", LateWaiter)
+    assert channel.get_many(10) == [7]
+
+    class LateTaskWaiter(_channel._TaskWaiter):  # pyright: ignore[reportPrivateUsage]
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            super().__init__(loop)
+            channel.put_solo(8)
+
+        async def wait(self) -> None:
+            slept.append("task")
+
+    monkeypatch.setattr(_channel, "_TaskWaiter", LateTaskWaiter)
+    assert asyncio.run(channel.aget_many(10)) == [8]
+    assert slept == []
+
+
+def test_a_sole_producer_wakes_a_waiting_task() -> None:
+    channel: Channel[int] = Channel(3)
+
+    async def consume() -> list[int]:
+        got: list[int] = []
+        with contextlib.suppress(EndOfChannel):
+            while True:
+                got.extend(await channel.aget_many(10))
+        return got
+
+    def produce() -> None:
+        for i in range(2_000):
+            channel.put_solo(i)  # blocks (the locked path) while the channel is full
+        channel.producer_done()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    assert asyncio.run(consume()) == list(range(2_000))
+    producer.join()
+
+
+def test_a_sole_producer_learns_of_a_drain_and_keeps_the_item() -> None:
+    channel: Channel[int] = Channel(3)
+    channel.put_solo(0)
+    channel.producer_done()  # a drain: the input is closed while items wait
+    with pytest.raises(ChannelClosed):
+        channel.put_solo(1)
+    assert channel.get_many(10) == [0]
+    aborted: Channel[int] = Channel(3)
+    aborted.abort()
+    with pytest.raises(ChannelAborted):
+        aborted.put_solo(0)
 
 
 # -- shipping stages to worker processes ----------------------------------------

@@ -33,6 +33,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import repeat
+from operator import call as _call
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -209,11 +211,9 @@ class Channel(Generic[T]):
             # ``least`` (a few items are not worth two hand-offs)
             n = max(-(-n // share), min(n, least))
         n = min(n, limit)
-        if n == len(items):
-            batch = list(items)
-            items.clear()
-        else:
-            batch = [items.popleft() for _ in range(n)]
+        # One popleft per item (a C loop), never list() then clear(): a sole
+        # producer appends without the lock (see put_solo) and may do so between.
+        batch = list(map(_call, repeat(items.popleft, n)))
         self.taken += n
         if self._max_bytes != sys.maxsize:
             self._bytes = max(0, self._bytes - _weight(batch)) if items else 0
@@ -284,6 +284,9 @@ class Channel(Generic[T]):
                     return self._take(limit, share, least)
                 waiter = _ThreadWaiter()
                 self._getters.append(waiter)
+                if self._items:  # a put_solo came in meanwhile: it may not have seen us
+                    self._getters.pop()
+                    return self._take(limit, share, least)
             try:
                 timeout = None if deadline is None else deadline - time.monotonic()
                 woken = waiter.wait(timeout)
@@ -359,6 +362,46 @@ class Channel(Generic[T]):
                 return
         self.put_many([item])
 
+    def put_solo(self, item: T) -> None:
+        """:meth:`put` for the channel's only producer (a run's feeder): in the common
+        case -- room, no byte budget -- without taking the lock, a third of the cost.
+
+        Safe because the interpreter runs one bytecode at a time and each deque
+        operation is atomic: the item is appended before the waiting consumers are
+        looked at, and a consumer registers as waiting before it looks at the items
+        once more (see :meth:`get_many`), so one of the two always sees the other.
+        Only consumers take items, so the capacity holds with a single producer.
+
+        Raises:
+            ChannelClosed: the channel was closed (a drain) before the item got in.
+            ChannelAborted: the run was cancelled.
+        """
+        items = self._items
+        if (
+            len(items) < self._capacity
+            and not self._weighed
+            and self._producers > 0
+            and not self._aborted
+        ):
+            items.append(item)
+            if self._getters or self._producers <= 0 or self._aborted:
+                self._after_solo_put(item)
+            return
+        self.put(item)
+
+    def _after_solo_put(self, item: T) -> None:
+        with self._lock:
+            if self._producers <= 0 or self._aborted:
+                # Closed or cancelled while the item went in: take it back unless a
+                # consumer already has it (then it is processed like any other).
+                items = self._items
+                if items and items[-1] is item:
+                    items.pop()
+                    raise ChannelAborted if self._aborted else ChannelClosed
+                return
+            if self._getters:
+                self._getters.popleft().wake()
+
     def put_chunk(self, batch: list[T]) -> None:
         """:meth:`put_many`, except that a batch weighing more than an eighth of the
         byte budget goes in one item at a time, so that the budget still holds.
@@ -414,6 +457,9 @@ class Channel(Generic[T]):
                     return self._take(limit, share, least)
                 waiter = _TaskWaiter(loop)
                 self._getters.append(waiter)
+                if self._items:  # a put_solo came in meanwhile: it may not have seen us
+                    self._getters.pop()
+                    return self._take(limit, share, least)
             try:
                 await waiter.wait()
             except BaseException:

@@ -447,7 +447,7 @@ class RunCore:
         return groups
 
     def _feed(self, items: Iterable[Any]) -> None:
-        put, window = self.inboxes[0].put, self.window
+        put, window = self.inboxes[0].put_solo, self.window
         room = 0  # places in the window taken ahead, in bulk (one lock trip for many)
         with self._reading_input():
             for seq, item in enumerate(items):
