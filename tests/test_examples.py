@@ -42,7 +42,7 @@ PYTHON_BLOCK: Final = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOT
 EXPECTED_OUTPUT: Final[dict[str, list[str]]] = {
     "quickstart.py": [
         "pipeline: read | analyse | enrich",
-        "<stage 'analyse': 2 process worker(s), buffer 256>",
+        "<stage 'analyse': 2 process worker(s), buffer 1024>",
         "3 files failed; each failure names its stage and keeps its exception:",
         "legacy-notes.txt             read     UnicodeDecodeError: 'utf-8' codec can't decode",
         "empty-draft.txt              analyse  ValueError: empty-draft.txt has no words to analyse",

@@ -19,8 +19,11 @@ Backend = Literal["thread", "process", "task"]
 
 BACKENDS: Final[tuple[Backend, ...]] = get_args(Backend)
 
-#: Default size, in items, of each stage's input buffer.
-DEFAULT_BUFFER: Final = 256
+#: Default size, in items, of each stage's input buffer.  Large enough that the
+#: workers take items by the hundred: under the GIL a channel fills while its
+#: producer runs and empties while its consumers do, and every such round costs
+#: each side a sleep and a wake-up (256 items cost 25-40 % more per item here).
+DEFAULT_BUFFER: Final = 1024
 
 
 def is_backend(value: str) -> TypeIs[Backend]:
