@@ -572,7 +572,7 @@ class _Pump:
             outcome = Outcome()
             for envelope in batch:
                 more = self._roundtrip([envelope])
-                outcome.ok += more.ok
+                outcome.ok += more.envelopes()
                 outcome.failed += more.failed
                 outcome.retries += more.retries
             return outcome

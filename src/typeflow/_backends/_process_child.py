@@ -77,9 +77,8 @@ def child_main(
             if message is None:
                 break
             seqs, items = cast("tuple[tuple[Key, ...], tuple[object, ...]]", message)
-            batch: list[Envelope] = list(zip(seqs, items, strict=True))
             started = clock()
-            outcome = kernel.process(batch, ctx)
+            outcome = kernel.process_columns(seqs, items, ctx)
             _reply(wire, kernel.name, outcome, clock() - started)
     except WorkerExit:
         pass  # told to stop: the teardown below is all that is left to do
@@ -119,7 +118,7 @@ def _reply(wire: Wire, stage: str, outcome: Outcome, seconds: float) -> None:
     except Exception:  # noqa: BLE001 - some result does not pickle: find which
         pass
     kept: list[Envelope] = []
-    for seq, value in outcome.ok:
+    for seq, value in outcome.envelopes():
         try:
             pickle.dumps(value, protocol=5)
         except Exception as exc:  # noqa: BLE001 - reported as this item's failure
@@ -131,7 +130,7 @@ def _reply(wire: Wire, stage: str, outcome: Outcome, seconds: float) -> None:
             raw.append((seq, problem, "", 1))
         else:
             kept.append((seq, value))
-    outcome.ok = kept
+    outcome.ok, outcome.keys, outcome.values = kept, (), []
     wire.send((outcome, raw, seconds))
 
 

@@ -72,6 +72,11 @@ class Outcome:
             that made three.  The caller counts a root's outputs with them.
         filtered: how many items were dropped on purpose (a filter said no, or
             a one-to-many call made nothing).
+        keys, values: the common case in column form, cheaper to make, to
+            pickle and to pass on than pairs: every item of the batch made one
+            output, ``values[i]`` from the item keyed ``keys[i]`` (the batch's
+            keys, in order).  Empty otherwise; a kernel fills either these or
+            ``ok``, never both.
     """
 
     ok: list[Envelope] = field(default_factory=list[Envelope])
@@ -79,6 +84,14 @@ class Outcome:
     retries: int = 0
     deltas: list[tuple[int, int]] = field(default_factory=list[tuple[int, int]])
     filtered: int = 0
+    keys: tuple[Key, ...] = ()
+    values: list[object] = field(default_factory=list[object])
+
+    def envelopes(self) -> list[Envelope]:
+        """Every output that goes on, as envelopes, whichever form it is in."""
+        if not self.values:
+            return self.ok
+        return [*self.ok, *zip(self.keys, self.values, strict=True)]
 
 
 class WorkerExit(BaseException):
@@ -157,6 +170,13 @@ class Kernel:
     def process(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         """Run the batch in a thread or process worker."""
         raise NotImplementedError
+
+    def process_columns(
+        self, keys: tuple[Key, ...], items: tuple[object, ...], ctx: WorkerContext
+    ) -> Outcome:
+        """:meth:`process` for a batch that comes as its keys and its items apart
+        (as it reaches a process worker)."""
+        return self.process(list(zip(keys, items, strict=True)), ctx)
 
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         """Run the batch in an asyncio task worker."""
@@ -249,17 +269,46 @@ class FnKernel(Kernel):
             return self._each(batch, lambda item: retry.call(self._call, item, self.options))
         if self.kind != "map":
             return self._each(batch, lambda item: (self._call(item), 1))
+        keys, items = zip(*batch, strict=True)
+        return self._map_columns(keys, items)
+
+    def process_columns(
+        self, keys: tuple[Key, ...], items: tuple[object, ...], ctx: WorkerContext
+    ) -> Outcome:
+        if self.is_async or self.options.retries or self.kind != "map":
+            return super().process_columns(keys, items, ctx)
+        return self._map_columns(keys, items)
+
+    def _map_columns(self, keys: tuple[Key, ...], items: tuple[object, ...]) -> Outcome:
+        """The common case: a plain map, no retries.  Outputs in column form until
+        (unless) an item fails; from there on item by item."""
         fn = self.fn
         out = Outcome()
-        ok, failed = out.ok, out.failed
-        for key, item in batch:
+        values: list[object] = []
+        append = values.append
+        try:
+            for item in items:
+                append(fn(item))
+        except WorkerExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
+            done = len(values)
+            out.ok = list(zip(keys, values, strict=False))
+            out.failed.append((keys[done], StageError(self.name, items[done], exc)))
+            self._map_rows(out, zip(keys[done + 1 :], items[done + 1 :], strict=True))
+            return out
+        out.keys, out.values = keys, values
+        return out
+
+    def _map_rows(self, out: Outcome, envelopes: Iterable[Envelope]) -> None:
+        fn, ok, failed = self.fn, out.ok, out.failed
+        for key, item in envelopes:
             try:
                 ok.append((key, fn(item)))
             except WorkerExit:
                 raise
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
                 failed.append((key, StageError(self.name, item, exc)))
-        return out
 
     def _each(self, batch: list[Envelope], call: Callable[[object], Any]) -> Outcome:
         out = Outcome()
@@ -288,15 +337,29 @@ class FnKernel(Kernel):
 
         out = Outcome()
         if self.kind == "map" and not self.options.retries and self.options.timeout is None:
-            # The common case, without the retry and timeout wrappers' frames.
+            # The common case, without the retry and timeout wrappers' frames, in
+            # column form until (unless) an item fails.
             fn, ok, failed = self.fn, out.ok, out.failed
-            for key, item in batch:
+            values: list[object] = []
+            append = values.append
+            keys, items = zip(*batch, strict=True)
+            for i, item in enumerate(items):
                 try:
-                    ok.append((key, await fn(item)))
+                    value = await fn(item)
                 except (asyncio.CancelledError, WorkerExit):
                     raise
                 except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
-                    failed.append((key, StageError(self.name, item, exc)))
+                    if values:
+                        ok.extend(zip(keys, values, strict=False))
+                        values = []
+                    failed.append((keys[i], StageError(self.name, item, exc)))
+                else:
+                    if failed:
+                        ok.append((keys[i], value))
+                    else:
+                        append(value)
+            if not failed:
+                out.keys, out.values = keys, values
             return out
         for key, item in batch:
             try:

@@ -188,9 +188,9 @@ class _Emitter:
         self.counters = Counters()
 
     def _route(self, outcome: Outcome) -> tuple[list[Envelope], list[Entry]]:
-        ok, failed, deltas = outcome.ok, outcome.failed, outcome.deltas
+        ok, failed, deltas, values = outcome.ok, outcome.failed, outcome.deltas, outcome.values
         counters = self.counters
-        counters.succeeded += len(ok)
+        counters.succeeded += len(ok) + len(values)
         counters.retried += outcome.retries
         entries: list[Entry] = []
         if deltas:
@@ -206,12 +206,17 @@ class _Emitter:
                     counters.crashed += 1
                 entries.append((key, FAILED, err))
         if self._next is None:
-            if self._batched and ok:
-                keys, values = zip(*ok, strict=True)
-                entries.append((keys, OKS, values))
+            if self._batched:
+                if ok:
+                    keys, oks = zip(*ok, strict=True)
+                    entries.append((keys, OKS, oks))
+                if values:
+                    entries.append((outcome.keys, OKS, values))
             else:
-                entries.extend([(key, OK, value) for key, value in ok])
+                entries.extend([(key, OK, value) for key, value in outcome.envelopes()])
             ok = []
+        elif values:
+            ok = outcome.envelopes()
         return ok, entries
 
     def emit(self, outcome: Outcome) -> None:
