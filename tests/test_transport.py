@@ -284,13 +284,15 @@ def test_without_a_byte_budget_only_the_count_bounds_a_channel() -> None:
     assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
 
 
-def test_put_one_item_is_weighed_and_waits_like_put_many() -> None:
+@pytest.mark.parametrize("method", ["put", "put_solo"])
+def test_put_one_item_is_weighed_and_waits_like_put_many(method: str) -> None:
     channel: Channel[tuple[int, bytes]] = Channel(2, max_bytes=1 << 20)
-    channel.put((0, bytes(700 << 10)))
+    put: Callable[[tuple[int, bytes]], None] = getattr(channel, method)
+    put((0, bytes(700 << 10)))
     assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
-    channel.put((1, bytes(700 << 10)))  # over the byte budget now
+    put((1, bytes(700 << 10)))  # over the byte budget now
     assert not channel._has_room()  # pyright: ignore[reportPrivateUsage]
-    blocked = threading.Thread(target=channel.put, args=((2, b"z"),))
+    blocked = threading.Thread(target=put, args=((2, b"z"),))
     blocked.start()
     assert [key for key, _ in channel.get_many(1)] == [0]
     blocked.join()

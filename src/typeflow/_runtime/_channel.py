@@ -135,7 +135,8 @@ class Channel(Generic[T]):
 
     __slots__ = (
         "_aborted",
-        "_bytes",
+        "_bytes_in",
+        "_bytes_out",
         "_capacity",
         "_getters",
         "_items",
@@ -156,7 +157,10 @@ class Channel(Generic[T]):
         # Without a byte budget nothing is weighed and the byte test always passes.
         self._max_bytes = sys.maxsize if max_bytes is None else max_bytes
         self._weighed = max_bytes is not None
-        self._bytes = 0
+        # Bytes put and bytes taken, apart: producers write the one, consumers the
+        # other, so that a sole producer needs no lock to count (see put_solo).
+        self._bytes_in = 0
+        self._bytes_out = 0
         self._items: deque[T] = deque()
         self._lock = threading.Lock()
         self._producers = producers
@@ -192,7 +196,7 @@ class Channel(Generic[T]):
         with self._lock:
             self._aborted = True
             self._items.clear()
-            self._bytes = 0
+            self._bytes_out = self._bytes_in
             self._wake_all()
 
     # -- internals (call with the lock held) ---------------------------------
@@ -216,7 +220,8 @@ class Channel(Generic[T]):
         batch = list(map(_call, repeat(items.popleft, n)))
         self.taken += n
         if self._max_bytes != sys.maxsize:
-            self._bytes = max(0, self._bytes - _weight(batch)) if items else 0
+            # Empty: start afresh (a value may have changed size since it was weighed).
+            self._bytes_out = self._bytes_out + _weight(batch) if items else self._bytes_in
         if self._putters and self._has_room():
             self._putters.popleft().wake()
         if items and self._getters:
@@ -226,14 +231,16 @@ class Channel(Generic[T]):
     def _give(self, batch: list[T]) -> None:
         self._items.extend(batch)
         if self._max_bytes != sys.maxsize:
-            self._bytes += _weight(batch)
+            self._bytes_in += _weight(batch)
         if self._getters:
             self._getters.popleft().wake()
         if self._putters and self._has_room():
             self._putters.popleft().wake()
 
     def _has_room(self) -> bool:
-        return len(self._items) < self._capacity and self._bytes < self._max_bytes
+        return (
+            len(self._items) < self._capacity and self._bytes_in - self._bytes_out < self._max_bytes
+        )
 
     def _check_get(self) -> bool:
         """True when a get can proceed now; raises when it never will."""
@@ -311,13 +318,13 @@ class Channel(Generic[T]):
             items = self._items
             if (
                 len(items) < self._capacity
-                and self._bytes < self._max_bytes
+                and self._bytes_in - self._bytes_out < self._max_bytes
                 and self._producers > 0
                 and not self._aborted
             ):
                 items.extend(batch)
                 if self._max_bytes != sys.maxsize:
-                    self._bytes += _weight(batch)
+                    self._bytes_in += _weight(batch)
                 if self._getters:
                     self._getters.popleft().wake()
                 if self._putters and self._has_room():
@@ -350,13 +357,13 @@ class Channel(Generic[T]):
             items = self._items
             if (
                 len(items) < self._capacity
-                and self._bytes < self._max_bytes
+                and self._bytes_in - self._bytes_out < self._max_bytes
                 and self._producers > 0
                 and not self._aborted
             ):
                 items.append(item)
                 if self._weighed:
-                    self._bytes += sys.getsizeof(_value_of(item))
+                    self._bytes_in += sys.getsizeof(_value_of(item))
                 if self._getters:
                     self._getters.popleft().wake()
                 return
@@ -364,7 +371,7 @@ class Channel(Generic[T]):
 
     def put_solo(self, item: T) -> None:
         """:meth:`put` for the channel's only producer (a run's feeder): in the common
-        case -- room, no byte budget -- without taking the lock, a third of the cost.
+        case -- there is room -- without taking the lock, a third of the cost.
 
         Safe because the interpreter runs one bytecode at a time and each deque
         operation is atomic: the item is appended before the waiting consumers are
@@ -379,17 +386,22 @@ class Channel(Generic[T]):
         items = self._items
         if (
             len(items) < self._capacity
-            and not self._weighed
+            and self._bytes_in - self._bytes_out < self._max_bytes
             and self._producers > 0
             and not self._aborted
         ):
+            weight = sys.getsizeof(_value_of(item)) if self._weighed else 0
+            # Counted before it is appended: a consumer that empties the channel
+            # in between can then only undercount (for a while), never overcount
+            # (an empty channel that looked full would never make room).
+            self._bytes_in += weight
             items.append(item)
             if self._getters or self._producers <= 0 or self._aborted:
-                self._after_solo_put(item)
+                self._after_solo_put(item, weight)
             return
         self.put(item)
 
-    def _after_solo_put(self, item: T) -> None:
+    def _after_solo_put(self, item: T, weight: int) -> None:
         with self._lock:
             if self._producers <= 0 or self._aborted:
                 # Closed or cancelled while the item went in: take it back unless a
@@ -397,6 +409,7 @@ class Channel(Generic[T]):
                 items = self._items
                 if items and items[-1] is item:
                     items.pop()
+                    self._bytes_in -= weight
                     raise ChannelAborted if self._aborted else ChannelClosed
                 return
             if self._getters:
