@@ -414,7 +414,7 @@ def test_a_sole_producer_learns_of_a_drain_and_keeps_the_item() -> None:
 # -- shipping stages to worker processes ----------------------------------------
 
 SHIP_BY_NAME = """
-import operator, sys
+import operator, os, sys
 from typeflow import stage
 
 # Functions of importable modules travel by name, with plain pickle: such a
@@ -422,10 +422,14 @@ from typeflow import stage
 pipeline = stage(backend="process")(abs) | stage(backend="process", workers=2)(operator.neg)
 assert [r.unwrap() for r in pipeline.run([-1, 2])] == [-1, -2]
 assert "cloudpickle" not in sys.modules, "cloudpickle was imported for by-name stages"
+# Forked workers talk over a plain socket pair and are joined on their sentinel:
+# multiprocessing.connection (and the tempfile, shutil, ... it imports) is not needed.
+if sys.platform == "linux" and not os.environ.get("TYPEFLOW_START_METHOD"):
+    assert "multiprocessing.connection" not in sys.modules, "forked workers need no Connection"
 """
 
 
-def test_importable_functions_ship_by_name_without_cloudpickle() -> None:
+def test_importable_functions_ship_by_name_without_cloudpickle_or_connections() -> None:
     import subprocess
     import sys
 

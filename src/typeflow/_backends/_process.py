@@ -59,12 +59,12 @@ import multiprocessing
 import os
 import pickle
 import select
+import socket
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Generator, Sequence
-from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
 from typing import Final, TypeAlias, cast
@@ -78,7 +78,7 @@ from typeflow._backends._base import (
     rate_limiter,
 )
 from typeflow._backends._process_child import READY, RawFailure, Reply, child_main
-from typeflow._backends._wire import Wire, encode
+from typeflow._backends._wire import Endpoint, Wire, encode
 from typeflow._errors import (
     DefinitionError,
     RemoteTraceback,
@@ -239,10 +239,10 @@ class _Pump:
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._proc: BaseProcess | None = None
-        self._conn: Connection | None = None
+        self._conn: Endpoint | None = None
         self._wire: Wire | None = None
         self._poller: select.poll | None = None
-        self._forked: tuple[BaseProcess, Connection] | None = None
+        self._forked: tuple[BaseProcess, Endpoint] | None = None
         self._sizer = BatchSizer(BATCH_LIMIT, BATCH_SECONDS, BATCH_BYTES)
         self.thread = threading.Thread(
             target=self._main, name=f"typeflow:{node.name}:{index}", daemon=True
@@ -250,14 +250,16 @@ class _Pump:
 
     # -- worker process ------------------------------------------------------
 
-    def fork_now(self, inherited: list[Connection]) -> None:
+    def fork_now(self, inherited: list[Endpoint]) -> None:
         """Fork this pump's first worker from the calling thread (the only thread alive).
 
         ``inherited`` holds the parent's ends of the sockets of the workers
         forked before this one: the new worker closes them (and its own).
         """
         ctx = multiprocessing.get_context("fork")
-        parent, child = ctx.Pipe(duplex=True)
+        # A plain socket pair: a forked worker needs nothing that pickles, and
+        # multiprocessing.connection costs a run 5-7 ms of imports (tempfile...).
+        parent, child = socket.socketpair()
         inherited.append(parent)
         proc = ctx.Process(
             target=child_main,
@@ -298,6 +300,8 @@ class _Pump:
             # goes out at once; if it died, the first reply tells.
             self._wire = Wire(parent)
             return
+        from multiprocessing.connection import wait
+
         ctx = mp_context()
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(
@@ -342,10 +346,10 @@ class _Pump:
             # SIGKILL follows if the worker is still there a second later.
             with contextlib.suppress(OSError):
                 proc.terminate()
-        proc.join(1.0)
+        _join(proc, 1.0)
         if proc.is_alive():
             proc.kill()
-        proc.join(1.0)
+        _join(proc, 1.0)
         if wire is not None:
             wire.close()
         conn.close()
@@ -381,7 +385,7 @@ class _Pump:
         forked, self._forked = self._forked, None
         if forked is not None:
             forked[0].kill()
-            forked[0].join(1.0)
+            _join(forked[0], 1.0)
             forked[1].close()
 
     def _one_by_one(self) -> None:
@@ -548,7 +552,7 @@ class _Pump:
             return StageTimeout(name, self._timeout)
         return WorkerCrashed(name, exitcode)
 
-    def _readable(self, conn: Connection, proc: BaseProcess) -> bool:
+    def _readable(self, conn: Endpoint, proc: BaseProcess) -> bool:
         """Wait for the worker's socket: True once it is readable (a reply, or the end
         of the socket), False when the stage's timeout passes first; ``EOFError``
         when the worker died without closing it (a grandchild may hold it open)."""
@@ -666,6 +670,18 @@ def deferred_threads() -> Generator[None, None, None]:
         thread.start()
 
 
+def _join(proc: BaseProcess, timeout: float) -> None:
+    """``proc.join(timeout)``, without the import of multiprocessing.connection that
+    a join with a timeout makes (5-7 ms, a good part of a short run): the
+    process's sentinel is waited on here, then the exited process is reaped."""
+    if proc.exitcode is None:
+        poller = select.poll()
+        poller.register(proc.sentinel, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            return
+    proc.join()
+
+
 def _may_fork() -> bool:
     """Whether the first workers may be forked straight from the calling thread."""
     return (
@@ -692,7 +708,7 @@ def start(
     group = ProcessGroup(pumps)
     try:
         if _may_fork():
-            inherited: list[Connection] = []
+            inherited: list[Endpoint] = []
             for pump in pumps:
                 pump.fork_now(inherited)
         pending: list[threading.Thread] | None = getattr(_deferred, "pending", None)

@@ -15,10 +15,9 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
-from multiprocessing.connection import Connection
 from typing import cast
 
-from typeflow._backends._wire import Wire
+from typeflow._backends._wire import Endpoint, Wire
 from typeflow._runtime._kernel import Envelope, Kernel, Key, Outcome, WorkerContext, WorkerExit
 
 __all__ = ["READY", "RawFailure", "Reply", "child_main"]
@@ -35,10 +34,10 @@ Reply = tuple[Outcome, list[RawFailure], float]
 
 
 def child_main(
-    conn: Connection,
+    conn: Endpoint,
     kernel_bytes: bytes | None,
     index: int,
-    inherited: Sequence[Connection] = (),
+    inherited: Sequence[Endpoint] = (),
     kernel: Kernel | None = None,
     handshake: bool = True,
 ) -> None:
@@ -66,6 +65,10 @@ def child_main(
     ctx = WorkerContext(index)
     wire = Wire(conn)
     if handshake:
+        # Started by spawn or the forkserver: ``conn`` is a multiprocessing Connection.
+        from multiprocessing.connection import Connection
+
+        assert isinstance(conn, Connection)
         conn.send_bytes(READY)  # the parent starts its clock for timeouts from here
     clock = time.perf_counter
     try:

@@ -28,10 +28,9 @@ import os
 import pickle
 import socket
 import struct
-from multiprocessing.connection import Connection
-from typing import Final
+from typing import Final, Protocol
 
-__all__ = ["OUT_OF_BAND_MIN", "RECV_BUFFER", "SOCKET_BUFFER", "Wire"]
+__all__ = ["OUT_OF_BAND_MIN", "RECV_BUFFER", "SOCKET_BUFFER", "Endpoint", "Wire"]
 
 _HEAD: Final = struct.Struct("=IQ")
 #: Buffers smaller than this travel inside the pickle (a frame per buffer costs more).
@@ -44,16 +43,25 @@ _MAX_PARTS: Final = 512
 RECV_BUFFER: Final = 256 * 1024
 
 
+class Endpoint(Protocol):
+    """One end of a worker's socket: a ``socket.socket`` (forked workers), or a
+    ``multiprocessing.connection.Connection`` (workers started otherwise)."""
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
 class Wire:
     """One end of a worker's socket, for framed messages.
 
     It shares the socket of ``conn`` (through a duplicate descriptor), so
-    ``conn`` can still be handed to ``multiprocessing.connection.wait``.
+    ``conn`` can still be waited on and closed on its own.
     """
 
     __slots__ = ("_buf", "_end", "_sock", "_start", "pipeline_bytes")
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Endpoint) -> None:
         self._sock = socket.socket(fileno=os.dup(conn.fileno()))
         #: Received bytes not yet used are ``_buf[_start:_end]``.
         self._buf = bytearray(RECV_BUFFER)
