@@ -302,6 +302,19 @@ def test_put_one_item_is_weighed_and_waits_like_put_many(method: str) -> None:
         channel.put((3, b""))
 
 
+def test_pour_puts_every_envelope_with_a_place_in_the_window_and_counts_them() -> None:
+    channel: Channel[tuple[int, str]] = Channel(100)
+    window: Channel[None] = Channel(10)
+    channel.pour(enumerate("abcdef"), window, 4)
+    assert channel.get_many(100) == list(enumerate("abcdef"))
+    assert channel.poured == 6
+    assert len(window) == 8  # two chunks of 4 places taken for 6 items
+    channel.producer_done()  # a drain: the next item is not let in, nor counted
+    with pytest.raises(ChannelClosed):
+        channel.pour(enumerate("g"), window, 4)
+    assert channel.poured == 6
+
+
 def test_put_up_to_reserves_as_many_places_as_there_is_room_for() -> None:
     window: Channel[None] = Channel(5)
     assert window.put_up_to(None, 3) == 3

@@ -145,6 +145,7 @@ class Channel(Generic[T]):
         "_producers",
         "_putters",
         "_weighed",
+        "poured",
         "taken",
     )
 
@@ -169,6 +170,8 @@ class Channel(Generic[T]):
         self._putters: deque[_Waiter] = deque()
         #: How many items consumers have taken so far.
         self.taken = 0
+        #: How many items :meth:`pour` has put so far.
+        self.poured = 0
 
     # -- state ---------------------------------------------------------------
 
@@ -400,6 +403,35 @@ class Channel(Generic[T]):
                 self._after_solo_put(item, weight)
             return
         self.put(item)
+
+    def pour(self, envelopes: Iterable[T], window: Channel[None], chunk: int) -> None:
+        """Put each of ``envelopes`` in turn as :meth:`put_solo` does, each once it has
+        a place in ``window`` (taken ``chunk`` places at a time): a run's feeder,
+        with put_solo's common case inlined (the call was a fifth of the feeder's
+        cost).  :attr:`poured` counts the items put so far.
+
+        Raises:
+            ChannelClosed: the channel was closed (a drain).
+            ChannelAborted: the run was cancelled.
+        """
+        items, capacity = self._items, self._capacity
+        room = 0
+        for envelope in envelopes:
+            if not room:
+                room = window.put_up_to(None, chunk)
+            room -= 1
+            if (
+                len(items) < capacity
+                and not self._weighed
+                and self._producers > 0
+                and not self._aborted
+            ):
+                items.append(envelope)
+                if self._getters or self._producers <= 0 or self._aborted:
+                    self._after_solo_put(envelope, 0)
+            else:
+                self.put_solo(envelope)
+            self.poured += 1
 
     def _after_solo_put(self, item: T, weight: int) -> None:
         with self._lock:

@@ -328,7 +328,7 @@ class RunCore:
         )
         self.window: Channel[None] = Channel(self.window_size)
         self.input_error: BaseException | None = None
-        self.items_read = 0
+        self._items_read = 0  # by the feeders other than _feed (which pours)
         self.started_at = 0.0
         self._emitters: list[list[_Emitter]] = []
         #: The chains inside forks and routes: label, stages, inboxes, emitters.
@@ -452,15 +452,16 @@ class RunCore:
         return groups
 
     def _feed(self, items: Iterable[Any]) -> None:
-        put, window = self.inboxes[0].put_solo, self.window
-        room = 0  # places in the window taken ahead, in bulk (one lock trip for many)
+        # enumerate's pairs are the envelopes (seq, item) themselves; the window's
+        # places are taken in bulk (one lock trip for many).
+        inbox = self.inboxes[0]
         with self._reading_input():
-            for seq, item in enumerate(items):
-                if not room:
-                    room = window.put_up_to(None, _WINDOW_CHUNK)
-                room -= 1
-                put((seq, item))
-                self.items_read = seq + 1
+            inbox.pour(enumerate(items), self.window, _WINDOW_CHUNK)
+
+    @property
+    def items_read(self) -> int:
+        """How many items have been taken from the input and put into the pipeline."""
+        return self._items_read + self.inboxes[0].poured
 
     def _feed_chunks(self, items: Iterable[Any]) -> None:
         put_chunk, window = self.inboxes[0].put_chunk, self.window
@@ -475,7 +476,7 @@ class RunCore:
                 if chunk:
                     put_chunk(list(zip(range(seq, seq + len(chunk)), chunk, strict=True)))
                     seq += len(chunk)
-                    self.items_read = seq
+                    self._items_read = seq
                 if len(chunk) < room:
                     break
 
@@ -490,7 +491,7 @@ class RunCore:
                 await window.aput_many(ticket)
                 await inbox.aput_many([(seq, item)])
                 seq += 1
-                self.items_read = seq
+                self._items_read = seq
 
     @contextlib.contextmanager
     def _reading_input(self, *stops: type[BaseException]) -> Generator[None, None, None]:
