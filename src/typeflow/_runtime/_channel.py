@@ -414,7 +414,8 @@ class Channel(Generic[T]):
             ChannelClosed: the channel was closed (a drain).
             ChannelAborted: the run was cancelled.
         """
-        items, capacity = self._items, self._capacity
+        items, capacity, max_bytes = self._items, self._capacity, self._max_bytes
+        weigh = sys.getsizeof if self._weighed else None
         room = 0
         for envelope in envelopes:
             if not room:
@@ -422,15 +423,19 @@ class Channel(Generic[T]):
             room -= 1
             if (
                 len(items) < capacity
-                and not self._weighed
+                and (weigh is None or self._bytes_in - self._bytes_out < max_bytes)
                 and self._producers > 0
                 and not self._aborted
             ):
+                weight = 0
+                if weigh is not None:  # as in put_solo: counted first, then appended
+                    weight = weigh(_value_of(envelope))
+                    self._bytes_in += weight
                 items.append(envelope)
                 if self._getters or self._producers <= 0 or self._aborted:
-                    self._after_solo_put(envelope, 0)
+                    self._after_solo_put(envelope, weight)
             else:
-                self.put_solo(envelope)
+                self.put_solo(envelope)  # waits for room
             self.poured += 1
 
     def _after_solo_put(self, item: T, weight: int) -> None:
