@@ -109,6 +109,13 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _reply(wire: Wire, stage: str, outcome: Outcome, seconds: float) -> None:
+    keys = outcome.keys
+    if outcome.values and type(first := keys[0]) is int and type(last := keys[-1]) is int:
+        # Consecutive positions (the common case) travel as a range: a smaller
+        # pickle, and nothing left for the parent's collector to check.
+        consecutive = range(first, last + 1)
+        if len(consecutive) == len(keys) and tuple(consecutive) == keys:
+            outcome.keys = consecutive
     # Failures travel apart: their exceptions may not pickle, and their tracebacks
     # must be turned into text first.
     raw = [_raw_failure(seq, err.exception, err.attempts) for seq, err in outcome.failed]

@@ -13,7 +13,7 @@ import importlib
 import inspect
 import pickle
 import sys
-from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
@@ -75,7 +75,7 @@ class Outcome:
         keys, values: the common case in column form, cheaper to make, to
             pickle and to pass on than pairs: every item of the batch made one
             output, ``values[i]`` from the item keyed ``keys[i]`` (the batch's
-            keys, in order).  Empty otherwise; a kernel fills either these or
+            keys, in order; a ``range`` when they are consecutive positions).  Empty otherwise; a kernel fills either these or
             ``ok``, never both.
     """
 
@@ -84,7 +84,7 @@ class Outcome:
     retries: int = 0
     deltas: list[tuple[int, int]] = field(default_factory=list[tuple[int, int]])
     filtered: int = 0
-    keys: tuple[Key, ...] = ()
+    keys: Sequence[Key] = ()
     values: list[object] = field(default_factory=list[object])
 
     def envelopes(self) -> list[Envelope]:

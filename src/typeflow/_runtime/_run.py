@@ -38,6 +38,7 @@ from collections.abc import (
     Generator,
     Iterable,
     Iterator,
+    Sequence,
 )
 from itertools import repeat
 from types import MemberDescriptorType, TracebackType
@@ -661,13 +662,14 @@ class _Collector(Generic[Out]):
         for entry in entries:
             key, kind, payload = entry
             if kind == OKS:
-                keys = cast("tuple[Key, ...]", key)
+                keys = cast("Sequence[Key]", key)
                 first = keys[0]
                 if (
-                    type(first) is int
-                    and keys == tuple(range(first, first + len(keys)))
-                    and (not groups or groups.keys().isdisjoint(keys))
-                ):
+                    # a range: consecutive positions, found so in the worker process
+                    (type(keys) is range and keys.step == 1)
+                    or (type(first) is int and keys == tuple(range(first, first + len(keys))))
+                ) and (not groups or groups.keys().isdisjoint(keys)):
+                    assert type(first) is int
                     results = _successes(cast("tuple[object, ...]", payload))
                     complete.append((first, len(keys), results))
                     continue
