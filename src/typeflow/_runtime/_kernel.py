@@ -75,8 +75,8 @@ class Outcome:
         keys, values: the common case in column form, cheaper to make, to
             pickle and to pass on than pairs: every item of the batch made one
             output, ``values[i]`` from the item keyed ``keys[i]`` (the batch's
-            keys, in order; a ``range`` when they are consecutive positions).  Empty otherwise; a kernel fills either these or
-            ``ok``, never both.
+            keys, in order; a ``range`` when they are consecutive positions).
+            Empty otherwise; a kernel fills either these or ``ok``, never both.
     """
 
     ok: list[Envelope] = field(default_factory=list[Envelope])
