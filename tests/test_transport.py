@@ -136,6 +136,22 @@ def test_the_wire_carries_more_buffers_than_one_sendmsg_takes() -> None:
         right.close()
 
 
+def test_a_worker_sends_consecutive_keys_back_as_a_range() -> None:
+    from typeflow._backends._process_child import Reply, _reply  # pyright: ignore[reportPrivateUsage]
+    from typeflow._runtime._kernel import Key, Outcome
+
+    left, right = socket.socketpair()
+    sender, receiver = Wire(left), Wire(right)
+    sent: list[tuple[Key, ...]] = [(5, 6, 7), (5, 7, 6), ((5, 0), (5, 1))]
+    for keys in sent:
+        _reply(sender, "stage", Outcome(keys=keys, values=list(range(len(keys)))), 0.0)
+    got = [cast("Reply", receiver.recv())[0].keys for _ in sent]
+    assert got == [range(5, 8), (5, 7, 6), ((5, 0), (5, 1))]
+    for wire, end in ((sender, left), (receiver, right)):
+        wire.close()
+        end.close()
+
+
 def test_the_wire_keeps_what_it_read_past_a_message_for_the_next() -> None:
     left, right = _pair()
     try:
