@@ -24,6 +24,7 @@ from typeflow._backends._base import BatchSizer
 from typeflow._backends._wire import OUT_OF_BAND_MIN, RECV_BUFFER, Wire, encode
 from typeflow._runtime import _channel
 from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
+from typeflow._runtime._kernel import Key
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,7 +139,7 @@ def test_the_wire_carries_more_buffers_than_one_sendmsg_takes() -> None:
 
 def test_a_worker_sends_consecutive_keys_back_as_a_range() -> None:
     from typeflow._backends._process_child import Reply, _reply  # pyright: ignore[reportPrivateUsage]
-    from typeflow._runtime._kernel import Key, Outcome
+    from typeflow._runtime._kernel import Outcome
 
     left, right = socket.socketpair()
     sender, receiver = Wire(left), Wire(right)
@@ -150,6 +151,20 @@ def test_a_worker_sends_consecutive_keys_back_as_a_range() -> None:
     for wire, end in ((sender, left), (receiver, right)):
         wire.close()
         end.close()
+
+
+def test_outputs_of_an_in_order_batch_get_their_keys_as_a_range() -> None:
+    from typeflow._backends._base import mark_in_order
+    from typeflow._runtime._kernel import Outcome
+
+    batch: list[tuple[Key, object]] = [(7, "a"), (8, "b"), (9, "c")]
+    columns = Outcome(keys=(7, 8, 9), values=["A", "B", "C"])
+    mark_in_order(columns, batch)
+    assert columns.keys == range(7, 10)
+    assert columns.envelopes() == [(7, "A"), (8, "B"), (9, "C")]
+    rows = Outcome(ok=[(7, "A"), (9, "C")])  # an item filtered out: no column form
+    mark_in_order(rows, batch)
+    assert rows.keys == ()
 
 
 def test_the_wire_keeps_what_it_read_past_a_message_for_the_next() -> None:

@@ -22,7 +22,16 @@ from typeflow._runtime._kernel import Envelope, Key, Node, Outcome
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["BatchSizer", "Emitter", "RunEnv", "WorkerBackend", "WorkerGroup", "fail_batch"]
+__all__ = [
+    "BatchSizer",
+    "Emitter",
+    "RunEnv",
+    "WorkerBackend",
+    "WorkerGroup",
+    "fail_batch",
+    "keys_in_order",
+    "mark_in_order",
+]
 
 
 class RateLimiter:
@@ -109,6 +118,22 @@ class BatchSizer:
             if self._bytes > 0.0:
                 limit = min(limit, int(self._max_bytes / self._bytes))
         self.limit = max(1, limit)
+
+
+def keys_in_order(batch: list[Envelope]) -> range:
+    """The keys of a batch taken from an in-order channel (``Channel.in_order``):
+    consecutive positions, as a range (it pickles small and needs no checking)."""
+    first = batch[0][0]
+    assert type(first) is int
+    return range(first, first + len(batch))
+
+
+def mark_in_order(outcome: Outcome, batch: list[Envelope]) -> None:
+    """The batch came from an in-order channel: outputs in column form (one per
+    item, in order) get their keys as a range, which the caller's collector
+    takes as consecutive without checking them one by one."""
+    if outcome.values:
+        outcome.keys = keys_in_order(batch)
 
 
 def fail_batch(node: Node, batch: list[Envelope], exc: BaseException) -> Outcome:

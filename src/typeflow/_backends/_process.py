@@ -75,6 +75,7 @@ from typeflow._backends._base import (
     RateLimiter,
     RunEnv,
     fail_batch,
+    keys_in_order,
     rate_limiter,
 )
 from typeflow._backends._process_child import READY, RawFailure, Reply, child_main
@@ -416,6 +417,7 @@ class _Pump:
         the socket's buffer, so that the two sides never block each other.
         """
         inbox, share, sizer = self._inbox, self._options.workers, self._sizer
+        in_order = inbox.in_order
         sent: deque[_Sent] = deque()
         while True:
             if len(sent) >= _IN_FLIGHT:
@@ -440,7 +442,7 @@ class _Pump:
                 batch = inbox.get_many(sizer.limit, share, least=least)
             seqs, items = zip(*batch, strict=True)
             try:
-                parts, nbytes = encode((seqs, items))
+                parts, nbytes = encode((keys_in_order(batch) if in_order else seqs, items))
             except Exception:  # noqa: BLE001 - an item does not pickle: the careful path
                 while sent:
                     self._collect(sent)

@@ -110,7 +110,12 @@ def _terminate(signum: int, frame: object) -> None:
 
 def _reply(wire: Wire, stage: str, outcome: Outcome, seconds: float) -> None:
     keys = outcome.keys
-    if outcome.values and type(first := keys[0]) is int and type(last := keys[-1]) is int:
+    if (
+        outcome.values
+        and type(keys) is not range  # sent as a range already: it goes back as it is
+        and type(first := keys[0]) is int
+        and type(last := keys[-1]) is int
+    ):
         # Consecutive positions (the common case) travel as a range: a smaller
         # pickle, and nothing left for the parent's collector to check.
         consecutive = range(first, last + 1)

@@ -19,6 +19,7 @@ from typeflow._backends._base import (
     RateLimiter,
     RunEnv,
     fail_batch,
+    mark_in_order,
     rate_limiter,
 )
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
@@ -64,7 +65,7 @@ async def _work(
     limiter: RateLimiter | None,
 ) -> None:
     kernel = node.kernel
-    share = node.options.workers
+    share, in_order = node.options.workers, inbox.in_order
     ctx = WorkerContext(index)
     sizer = BatchSizer(1 if limiter is not None else BATCH_LIMIT, BATCH_SECONDS)
     clock = time.perf_counter
@@ -77,6 +78,8 @@ async def _work(
             started = clock()
             try:
                 outcome = await kernel.aprocess(batch, ctx)
+                if in_order:
+                    mark_in_order(outcome, batch)
             except Exception as exc:  # noqa: BLE001 - not an item's error: fail the batch
                 outcome = fail_batch(node, batch, exc)
             sizer.record(len(batch), clock() - started)

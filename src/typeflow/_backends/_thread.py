@@ -23,7 +23,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from typeflow._backends._base import BatchSizer, Emitter, RunEnv, fail_batch, rate_limiter
+from typeflow._backends._base import (
+    BatchSizer,
+    Emitter,
+    RunEnv,
+    fail_batch,
+    mark_in_order,
+    rate_limiter,
+)
 from typeflow._errors import StageError, StageTimeout
 from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
@@ -125,7 +132,7 @@ class ThreadGroup:
     def _work(self, slot: _Slot, first: tuple[_Call, BaseException] | None) -> None:
         node, inbox, emitter = self._node, self._inbox, slot.emitter
         kernel = node.kernel
-        share = node.options.workers
+        share, in_order = node.options.workers, inbox.in_order
         one_at_a_time = self._timeout is not None or self._limiter is not None
         sizer = BatchSizer(1 if one_at_a_time else BATCH_LIMIT, BATCH_SECONDS)
         clock = time.perf_counter
@@ -148,6 +155,8 @@ class ThreadGroup:
                     started = clock()
                     try:
                         outcome = kernel.process(batch, ctx)
+                        if in_order:
+                            mark_in_order(outcome, batch)
                     except BaseException as exc:  # noqa: BLE001 - even SystemExit: the batch
                         # fails, and this thread stays (a worker thread never dies of it)
                         outcome = fail_batch(node, batch, exc)

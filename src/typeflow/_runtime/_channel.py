@@ -145,6 +145,7 @@ class Channel(Generic[T]):
         "_producers",
         "_putters",
         "_weighed",
+        "in_order",
         "poured",
         "taken",
     )
@@ -172,6 +173,10 @@ class Channel(Generic[T]):
         self.taken = 0
         #: How many items :meth:`pour` has put so far.
         self.poured = 0
+        #: Set on a run's first buffer: its items are envelopes put in the order
+        #: of their keys, consecutive positions, by its one producer, so every
+        #: batch taken from it holds consecutive positions.
+        self.in_order = False
 
     # -- state ---------------------------------------------------------------
 

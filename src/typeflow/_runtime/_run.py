@@ -324,6 +324,7 @@ class RunCore:
         self.inboxes: list[Channel[Envelope]] = [
             _inbox(n, p) for n, p in zip(nodes, producers, strict=False)
         ]
+        self.inboxes[0].in_order = True  # fed by the feeder alone, in input order
         self.outbox: Channel[Entry] = Channel(
             max(_COLLECT_LIMIT, nodes[-1].options.buffer), producers=producers[-1]
         )
