@@ -142,6 +142,7 @@ class Channel(Generic[T]):
         "_items",
         "_lock",
         "_max_bytes",
+        "_open",
         "_producers",
         "_putters",
         "_weighed",
@@ -167,6 +168,8 @@ class Channel(Generic[T]):
         self._lock = threading.Lock()
         self._producers = producers
         self._aborted = False
+        #: Producers remain and the channel is not aborted (one test for pour).
+        self._open = producers > 0
         self._getters: deque[_Waiter] = deque()
         self._putters: deque[_Waiter] = deque()
         #: How many items consumers have taken so far.
@@ -197,12 +200,14 @@ class Channel(Generic[T]):
         with self._lock:
             self._producers -= 1
             if self._producers == 0:
+                self._open = False
                 self._wake_all()
 
     def abort(self) -> None:
         """Drop every item and fail every present and future put or get."""
         with self._lock:
             self._aborted = True
+            self._open = False
             self._items.clear()
             self._bytes_out = self._bytes_in
             self._wake_all()
@@ -426,18 +431,17 @@ class Channel(Generic[T]):
             if not room:
                 room = window.put_up_to(None, chunk)
             room -= 1
-            if (
-                len(items) < capacity
-                and (weigh is None or self._bytes_in - self._bytes_out < max_bytes)
-                and self._producers > 0
-                and not self._aborted
+            # A closed or cancelled channel is noticed after the append (and the
+            # item taken back), which a put must look for anyway.
+            if len(items) < capacity and (
+                weigh is None or self._bytes_in - self._bytes_out < max_bytes
             ):
                 weight = 0
                 if weigh is not None:  # as in put_solo: counted first, then appended
                     weight = weigh(_value_of(envelope))
                     self._bytes_in += weight
                 items.append(envelope)
-                if self._getters or self._producers <= 0 or self._aborted:
+                if self._getters or not self._open:
                     self._after_solo_put(envelope, weight)
             else:
                 self.put_solo(envelope)  # waits for room
