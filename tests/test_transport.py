@@ -346,6 +346,15 @@ def test_pour_puts_every_envelope_with_a_place_in_the_window_and_counts_them() -
     assert channel.poured == 6
 
 
+def test_a_sized_channel_counts_a_get_s_limit_in_what_its_items_stand_for() -> None:
+    # The caller's outbox: an entry may carry one result or a batch of them.
+    channel: Channel[list[int]] = Channel(10, size_of=len)
+    channel.put_many([[1, 2, 3], [4], [5, 6], [7, 8, 9, 10]])
+    assert channel.get_many(4) == [[1, 2, 3], [4]]  # 4 results reached
+    assert channel.get_many(1) == [[5, 6]]  # at least one entry, however big
+    assert channel.get_many(100) == [[7, 8, 9, 10]]
+
+
 def test_put_up_to_reserves_as_many_places_as_there_is_room_for() -> None:
     window: Channel[None] = Channel(5)
     assert window.put_up_to(None, 3) == 3

@@ -131,6 +131,11 @@ class Channel(Generic[T]):
         capacity: how many items the channel holds before ``put_many`` waits.
         producers: how many producers will call :meth:`producer_done`; the
             channel closes when all of them have.
+        max_bytes: also wait while the items weigh this much (see above).
+        size_of: how much each item counts towards a get's ``limit`` (default:
+            1).  The caller's outbox counts the results an entry carries, so
+            that the caller takes a few hundred results at a time, however
+            they are grouped into entries.
     """
 
     __slots__ = (
@@ -145,18 +150,26 @@ class Channel(Generic[T]):
         "_open",
         "_producers",
         "_putters",
+        "_size_of",
         "_weighed",
         "in_order",
         "poured",
         "taken",
     )
 
-    def __init__(self, capacity: int, producers: int = 1, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        producers: int = 1,
+        max_bytes: int | None = None,
+        size_of: Callable[[T], int] | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"channel capacity must be at least 1, not {capacity!r}")
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"channel max_bytes must be at least 1, not {max_bytes!r}")
         self._capacity = capacity
+        self._size_of = size_of
         # Without a byte budget nothing is weighed and the byte test always passes.
         self._max_bytes = sys.maxsize if max_bytes is None else max_bytes
         self._weighed = max_bytes is not None
@@ -228,6 +241,8 @@ class Channel(Generic[T]):
             # ``least`` (a few items are not worth two hand-offs)
             n = max(-(-n // share), min(n, least))
         n = min(n, limit)
+        if self._size_of is not None:
+            n = self._count_up_to(limit)
         # One popleft per item (a C loop), never list() then clear(): a sole
         # producer appends without the lock (see put_solo) and may do so between.
         batch = list(map(_call, repeat(items.popleft, n)))
@@ -240,6 +255,19 @@ class Channel(Generic[T]):
         if items and self._getters:
             self._getters.popleft().wake()
         return batch
+
+    def _count_up_to(self, limit: int) -> int:
+        """How many items from the front add up to ``limit`` by ``size_of`` (at least
+        one).  Only for channels whose producers all take the lock."""
+        size_of = self._size_of
+        assert size_of is not None
+        total = n = 0
+        for item in self._items:
+            total += size_of(item)
+            n += 1
+            if total >= limit:
+                break
+        return max(n, 1)
 
     def _give(self, batch: list[T]) -> None:
         self._items.extend(batch)
