@@ -223,7 +223,15 @@ class _Emitter:
                     keys, oks = zip(*ok, strict=True)
                     entries.append((keys, OKS, oks))
                 if values:
-                    entries.append((outcome.keys, OKS, values))
+                    batch_keys = outcome.keys
+                    if len(values) <= _COLLECT_RESULTS:
+                        entries.append((batch_keys, OKS, values))
+                    else:  # the caller takes about _COLLECT_RESULTS at a time
+                        step = _COLLECT_RESULTS
+                        entries.extend(
+                            (batch_keys[i : i + step], OKS, values[i : i + step])
+                            for i in range(0, len(values), step)
+                        )
             else:
                 entries.extend([(key, OK, value) for key, value in outcome.envelopes()])
             ok = []
