@@ -360,8 +360,7 @@ class Channel(Generic[T]):
             if (
                 len(items) < self._capacity
                 and self._bytes_in - self._bytes_out < self._max_bytes
-                and self._producers > 0
-                and not self._aborted
+                and self._open
             ):
                 items.extend(batch)
                 if self._max_bytes != sys.maxsize:
@@ -399,8 +398,7 @@ class Channel(Generic[T]):
             if (
                 len(items) < self._capacity
                 and self._bytes_in - self._bytes_out < self._max_bytes
-                and self._producers > 0
-                and not self._aborted
+                and self._open
             ):
                 items.append(item)
                 if self._weighed:
@@ -428,8 +426,7 @@ class Channel(Generic[T]):
         if (
             len(items) < self._capacity
             and self._bytes_in - self._bytes_out < self._max_bytes
-            and self._producers > 0
-            and not self._aborted
+            and self._open
         ):
             weight = sys.getsizeof(_value_of(item)) if self._weighed else 0
             # Counted before it is appended: a consumer that empties the channel
@@ -437,7 +434,7 @@ class Channel(Generic[T]):
             # (an empty channel that looked full would never make room).
             self._bytes_in += weight
             items.append(item)
-            if self._getters or self._producers <= 0 or self._aborted:
+            if self._getters or not self._open:
                 self._after_solo_put(item, weight)
             return
         self.put(item)
