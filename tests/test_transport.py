@@ -138,15 +138,17 @@ def test_the_wire_carries_more_buffers_than_one_sendmsg_takes() -> None:
 
 
 def test_a_worker_sends_consecutive_keys_back_as_a_range() -> None:
-    from typeflow._backends._process_child import Reply, _reply  # pyright: ignore[reportPrivateUsage]
+    from typeflow._backends import _process_child
+
+    reply = _process_child._reply  # pyright: ignore[reportPrivateUsage] - the unit under test
     from typeflow._runtime._kernel import Outcome
 
     left, right = socket.socketpair()
     sender, receiver = Wire(left), Wire(right)
     sent: list[tuple[Key, ...]] = [(5, 6, 7), (5, 7, 6), ((5, 0), (5, 1))]
     for keys in sent:
-        _reply(sender, "stage", Outcome(keys=keys, values=list(range(len(keys)))), 0.0)
-    got = [cast("Reply", receiver.recv())[0].keys for _ in sent]
+        reply(sender, "stage", Outcome(keys=keys, values=list(range(len(keys)))), 0.0)
+    got = [cast("_process_child.Reply", receiver.recv())[0].keys for _ in sent]
     assert got == [range(5, 8), (5, 7, 6), ((5, 0), (5, 1))]
     for wire, end in ((sender, left), (receiver, right)):
         wire.close()
@@ -298,21 +300,21 @@ def test_two_process_stages_in_a_row() -> None:
 def test_a_byte_budget_bounds_a_channel_by_size_as_well_as_by_count() -> None:
     channel: Channel[tuple[int, bytes]] = Channel(100, max_bytes=1 << 20)
     channel.put_many([(0, bytes(600 << 10))])
-    assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
+    assert channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
     channel.put_many([(1, bytes(600 << 10)), (2, b"x")])  # admitted whole while there is room
-    assert not channel._has_room()  # pyright: ignore[reportPrivateUsage]
+    assert not channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
     blocked = threading.Thread(target=channel.put_many, args=([(3, b"y")],))
     blocked.start()
     assert [key for key, _ in channel.get_many(2)] == [0, 1]
     blocked.join()
     assert [key for key, _ in channel.get_many(10)] == [2, 3]
-    assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
+    assert channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
 
 
 def test_without_a_byte_budget_only_the_count_bounds_a_channel() -> None:
     channel: Channel[tuple[int, bytes]] = Channel(2)
     channel.put_many([(0, bytes(8 << 20))])
-    assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
+    assert channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
 
 
 @pytest.mark.parametrize("method", ["put", "put_solo"])
@@ -320,9 +322,9 @@ def test_put_one_item_is_weighed_and_waits_like_put_many(method: str) -> None:
     channel: Channel[tuple[int, bytes]] = Channel(2, max_bytes=1 << 20)
     put: Callable[[tuple[int, bytes]], None] = getattr(channel, method)
     put((0, bytes(700 << 10)))
-    assert channel._has_room()  # pyright: ignore[reportPrivateUsage]
+    assert channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
     put((1, bytes(700 << 10)))  # over the byte budget now
-    assert not channel._has_room()  # pyright: ignore[reportPrivateUsage]
+    assert not channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
     blocked = threading.Thread(target=put, args=((2, b"z"),))
     blocked.start()
     assert [key for key, _ in channel.get_many(1)] == [0]
