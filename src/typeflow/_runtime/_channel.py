@@ -135,7 +135,8 @@ class Channel(Generic[T]):
         size_of: how much each item counts towards a get's ``limit`` (default:
             1).  The caller's outbox counts the results an entry carries, so
             that the caller takes a few hundred results at a time, however
-            they are grouped into entries.
+            they are grouped into entries.  Not with :meth:`put_solo` or
+            :meth:`pour` (a get then reads the items while a put may append).
     """
 
     __slots__ = (
