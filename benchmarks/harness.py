@@ -14,8 +14,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -92,7 +92,9 @@ class MemorySampler:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         proc = self._proc
-        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        assert proc is not None
+        assert proc.stdin is not None
+        assert proc.stdout is not None
         proc.stdin.write("stop\n")  # the sampler takes a last sample and reports
         proc.stdin.flush()
         self._result = json.loads(proc.stdout.readline())

@@ -8,6 +8,7 @@ It prints ``ready`` after the first sample (the start values); when it reads a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -42,10 +43,8 @@ def main(pid: int, interval_s: float, pss: bool) -> None:
     def sample() -> tuple[int, int]:
         rss = 0
         for proc in procs:
-            try:
+            with contextlib.suppress(psutil.Error):  # it ended meanwhile
                 rss += proc.memory_info().rss
-            except psutil.Error:
-                pass
         return rss, sum(_pss_of(p.pid) for p in procs) if pss else 0
 
     stop = threading.Event()

@@ -1,0 +1,70 @@
+"""Per-item cost of one pipeline, with what it costs the parent process.
+
+A quick probe for one change at a time, next to the full benchmark
+(``run.py``): it runs ``x+1`` through ``--stages`` chained stages of 2 workers
+over a generator of ``--n`` items, three times, and prints for each run the
+wall time per item, the parent's CPU time per item, the voluntary context
+switches per thousand items (each is a sleep and a wake-up) and how often the
+garbage collector ran.  To compare two versions, run it alternately against
+each checkout, one after the other, several times (this machine moves by
+±10-30 % between runs)::
+
+    uv run python benchmarks/probe.py thread
+    PYTHONPATH=<other checkout>/src uv run python benchmarks/probe.py thread
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import operator
+import resource
+import time
+from collections.abc import Iterator
+
+from workloads import ainc, inc
+
+import typeflow
+
+
+def _items(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("backend", choices=["thread", "process", "task"])
+    parser.add_argument("--n", type=int, default=300_000, help="items per run")
+    parser.add_argument("--stages", type=int, default=1, help="chained stages")
+    parser.add_argument("--buffer", type=int, default=None, help="each stage's buffer")
+    args = parser.parse_args()
+    options: dict[str, int] = {} if args.buffer is None else {"buffer": args.buffer}
+    if args.backend == "task":
+        stages = [typeflow.stage(workers=2, backend="task", **options)(ainc)] * args.stages
+    else:
+        stages = [typeflow.stage(workers=2, backend=args.backend, **options)(inc)] * args.stages
+    pipeline = functools.reduce(operator.or_, stages)
+    list(pipeline.run(range(100)))  # start-up costs out of the way
+    n = args.n
+    for _ in range(3):
+        gc_before = [g["collections"] for g in gc.get_stats()]
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        for result in pipeline.run(_items(n)):
+            result.unwrap()
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
+        switches = after.ru_nvcsw - used.ru_nvcsw
+        collections = [g["collections"] - b for g, b in zip(gc.get_stats(), gc_before, strict=True)]
+        print(
+            f"{args.backend} x{args.stages}: {1e6 * wall / n:.2f} µs/item, "
+            f"parent CPU {1e6 * cpu / n:.2f} µs/item, "
+            f"{1000 * switches / n:.1f} sleeps per 1000 items, "
+            f"collections by generation {collections}"
+        )
+
+
+if __name__ == "__main__":
+    main()
