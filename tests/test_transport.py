@@ -407,7 +407,7 @@ def test_a_put_between_a_consumers_look_and_its_sleep_is_not_missed(
     channel: Channel[int] = Channel(5)
     slept: list[str] = []
 
-    class LateWaiter(_channel._ThreadWaiter):  # pyright: ignore[reportPrivateUsage]
+    class LateWaiter(_channel._ThreadWaiter):  # pyright: ignore[reportPrivateUsage] - the race under test
         def __init__(self) -> None:
             super().__init__()
             channel.put_solo(7)
@@ -419,7 +419,7 @@ def test_a_put_between_a_consumers_look_and_its_sleep_is_not_missed(
     monkeypatch.setattr(_channel, "_ThreadWaiter", LateWaiter)
     assert channel.get_many(10) == [7]
 
-    class LateTaskWaiter(_channel._TaskWaiter):  # pyright: ignore[reportPrivateUsage]
+    class LateTaskWaiter(_channel._TaskWaiter):  # pyright: ignore[reportPrivateUsage] - the race under test
         def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
             super().__init__(loop)
             channel.put_solo(8)
