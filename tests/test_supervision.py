@@ -307,17 +307,17 @@ def test_rate_must_be_positive() -> None:
 def test_a_thread_worker_survives_what_would_kill_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from typeflow._runtime._kernel import FnKernel
 
-    original = FnKernel.process
+    original = FnKernel.process_columns
     calls = 0
 
-    def dies_once(self: FnKernel, batch: list[tuple[object, object]], ctx: object) -> object:
+    def dies_once(self: FnKernel, keys: object, items: object, ctx: object) -> object:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise SystemExit("a worker thread would end here")
-        return original(self, batch, ctx)  # type: ignore[arg-type] # the test's own stand-in
+        return original(self, keys, items, ctx)  # type: ignore[arg-type] # the test's own stand-in
 
-    monkeypatch.setattr(FnKernel, "process", dies_once)
+    monkeypatch.setattr(FnKernel, "process_columns", dies_once)
     results = list(stage(workers=1)(plus_one).run(range(20), window=20))
     assert len(results) == 20  # nothing lost, nothing hangs
     failed = [r.failure() for r in results if isinstance(r, Failure)]

@@ -155,18 +155,51 @@ def test_a_worker_sends_consecutive_keys_back_as_a_range() -> None:
         end.close()
 
 
-def test_outputs_of_an_in_order_batch_get_their_keys_as_a_range() -> None:
-    from typeflow._backends._base import mark_in_order
-    from typeflow._runtime._kernel import Outcome
+def test_a_numbered_channel_numbers_its_items_on_the_way_out() -> None:
+    # A run's first buffer: bare items in, envelopes (position, item) or columns out.
+    channel: Channel[tuple[Key, object]] = Channel(100, numbered=True)
+    window: Channel[None] = Channel(100)
+    channel.pour("abc", window, 4)
+    channel.put_values(["d", "e", "f", "g"])
+    assert channel.get_many(2) == [(0, "a"), (1, "b")]
+    assert channel.get_columns(3) == (range(2, 5), ["c", "d", "e"])
+    assert channel.take_columns_nowait(10) == (range(5, 7), ["f", "g"])
+    assert channel.take_columns_nowait(10) == ((), [])
+    assert channel.taken == 7
 
-    batch: list[tuple[Key, object]] = [(7, "a"), (8, "b"), (9, "c")]
-    columns = Outcome(keys=(7, 8, 9), values=["A", "B", "C"])
-    mark_in_order(columns, batch)
-    assert columns.keys == range(7, 10)
-    assert columns.envelopes() == [(7, "A"), (8, "B"), (9, "C")]
-    rows = Outcome(ok=[(7, "A"), (9, "C")])  # an item filtered out: no column form
-    mark_in_order(rows, batch)
-    assert rows.keys == ()
+
+def test_columns_of_an_unnumbered_channel_split_its_envelopes() -> None:
+    channel: Channel[tuple[Key, object]] = Channel(100)
+    channel.put_many([((3, 0), "x"), ((3, 1), "y"), (5, "z")])
+    assert channel.get_columns(2) == (((3, 0), (3, 1)), ["x", "y"])
+    assert channel.take_nowait(10) == [(5, "z")]
+
+
+def test_a_numbered_channel_weighs_its_bare_items() -> None:
+    channel: Channel[tuple[Key, object]] = Channel(100, max_bytes=1 << 20, numbered=True)
+    channel.put_values([bytes(700 << 10)])
+    assert channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
+    channel.put_values([bytes(700 << 10)])
+    assert not channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
+    keys, items = channel.get_columns(10)
+    assert keys == range(2)
+    assert [len(cast("bytes", item)) for item in items] == [700 << 10] * 2
+    assert channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
+
+
+def _double(x: int) -> int:
+    return 2 * x
+
+
+def test_a_thread_stage_passes_the_first_buffer_s_keys_on_as_a_range() -> None:
+    from typeflow._runtime._kernel import WorkerContext
+
+    node = stage(backend="thread")(_double)._nodes()[0]  # pyright: ignore[reportPrivateUsage] - the stage's kernel is internal
+    channel: Channel[tuple[Key, object]] = Channel(100, numbered=True)
+    channel.put_values([1, 2, 3])
+    outcome = node.kernel.process_columns(*channel.get_columns(10), WorkerContext(0))
+    assert outcome.keys == range(3)
+    assert outcome.envelopes() == [(0, 2), (1, 4), (2, 6)]
 
 
 def test_the_wire_keeps_what_it_read_past_a_message_for_the_next() -> None:
@@ -335,16 +368,16 @@ def test_put_one_item_is_weighed_and_waits_like_put_many(method: str) -> None:
         channel.put((3, b""))
 
 
-def test_pour_puts_every_envelope_with_a_place_in_the_window_and_counts_them() -> None:
-    channel: Channel[tuple[int, str]] = Channel(100)
+def test_pour_puts_every_item_with_a_place_in_the_window_and_counts_them() -> None:
+    channel: Channel[tuple[Key, object]] = Channel(100, numbered=True)
     window: Channel[None] = Channel(10)
-    channel.pour(enumerate("abcdef"), window, 4)
+    channel.pour("abcdef", window, 4)
     assert channel.get_many(100) == list(enumerate("abcdef"))
     assert channel.poured == 6
     assert len(window) == 8  # two chunks of 4 places taken for 6 items
     channel.producer_done()  # a drain: the next item is not let in, nor counted
     with pytest.raises(ChannelClosed):
-        channel.pour(enumerate("g"), window, 4)
+        channel.pour("g", window, 4)
     assert channel.poured == 6
 
 

@@ -29,8 +29,7 @@ __all__ = [
     "WorkerBackend",
     "WorkerGroup",
     "fail_batch",
-    "keys_in_order",
-    "mark_in_order",
+    "rows",
 ]
 
 
@@ -120,20 +119,10 @@ class BatchSizer:
         self.limit = max(1, limit)
 
 
-def keys_in_order(batch: list[Envelope]) -> range:
-    """The keys of a batch taken from an in-order channel (``Channel.in_order``):
-    consecutive positions, as a range (it pickles small and needs no checking)."""
-    first = batch[0][0]
-    assert type(first) is int
-    return range(first, first + len(batch))
-
-
-def mark_in_order(outcome: Outcome, batch: list[Envelope]) -> None:
-    """The batch came from an in-order channel: outputs in column form (one per
-    item, in order) get their keys as a range, which the caller's collector
-    takes as consecutive without checking them one by one."""
-    if outcome.values:
-        outcome.keys = keys_in_order(batch)
+def rows(keys: Sequence[Key], items: Sequence[object]) -> list[Envelope]:
+    """A batch taken as columns (``Channel.get_columns``), as envelopes again: for
+    the rare paths (a failed batch, a call under a deadline, a retry)."""
+    return list(zip(keys, items, strict=True))
 
 
 def fail_batch(node: Node, batch: list[Envelope], exc: BaseException) -> Outcome:

@@ -75,8 +75,8 @@ from typeflow._backends._base import (
     RateLimiter,
     RunEnv,
     fail_batch,
-    keys_in_order,
     rate_limiter,
+    rows,
 )
 from typeflow._backends._process_child import READY, RawFailure, Reply, child_main
 from typeflow._backends._wire import Endpoint, Wire, encode
@@ -90,7 +90,7 @@ from typeflow._errors import (
 )
 from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Failed, Node, Outcome, ship
+from typeflow._runtime._kernel import Envelope, Failed, Key, Node, Outcome, ship
 
 __all__ = [
     "BATCH_BYTES",
@@ -206,13 +206,19 @@ class _Unpicklable(Exception):
 
 
 class _Sent:
-    """A batch on its way to (or inside) the worker process."""
+    """A batch on its way to (or inside) the worker process, as it was taken."""
 
-    __slots__ = ("batch", "nbytes")
+    __slots__ = ("items", "keys", "nbytes")
 
-    def __init__(self, batch: list[Envelope], nbytes: int) -> None:
-        self.batch = batch
+    def __init__(self, keys: Sequence[Key], items: Sequence[object], nbytes: int) -> None:
+        self.keys = keys
+        self.items = items
         self.nbytes = nbytes
+
+    @property
+    def batch(self) -> list[Envelope]:
+        """As envelopes (for the rare paths: a failure, a crash)."""
+        return rows(self.keys, self.items)
 
 
 class _Pump:
@@ -417,8 +423,9 @@ class _Pump:
         the socket's buffer, so that the two sides never block each other.
         """
         inbox, share, sizer = self._inbox, self._options.workers, self._sizer
-        in_order = inbox.in_order
         sent: deque[_Sent] = deque()
+        keys: Sequence[Key]
+        items: Sequence[object]
         while True:
             if len(sent) >= _IN_FLIGHT:
                 self._collect(sent)
@@ -431,22 +438,23 @@ class _Pump:
                 quick = 0.0 < sizer.per_item < BATCH_SECONDS
                 ending = inbox.closed and len(inbox) < 2 * share * sizer.limit
                 worth = len(inbox) >= min(sizer.limit, _SECOND_BATCH_MIN) * share
-                batch = (
-                    inbox.take_nowait(sizer.limit, share) if quick and worth and not ending else []
+                keys, items = (
+                    inbox.take_columns_nowait(sizer.limit, share)
+                    if quick and worth and not ending
+                    else ((), ())
                 )
-                if not batch:
+                if not items:
                     self._collect(sent)
                     continue
             else:
                 least = sizer.least(_LEAST, _LEAST_SECONDS)
-                batch = inbox.get_many(sizer.limit, share, least=least)
-            seqs, items = zip(*batch, strict=True)
+                keys, items = inbox.get_columns(sizer.limit, share, least=least)
             try:
-                parts, nbytes = encode((keys_in_order(batch) if in_order else seqs, items))
+                parts, nbytes = encode((keys, items))
             except Exception:  # noqa: BLE001 - an item does not pickle: the careful path
                 while sent:
                     self._collect(sent)
-                self._emitter.emit(self._guarded(batch))
+                self._emitter.emit(self._guarded(rows(keys, items)))
                 continue
             while sent and nbytes > self._pipeline_bytes():
                 self._collect(sent)
@@ -456,12 +464,12 @@ class _Pump:
                 except (_Cancelled, ChannelAborted):
                     raise
                 except Exception as exc:  # noqa: BLE001 - the worker cannot start
-                    self._emitter.emit(fail_batch(self._node, batch, exc))
+                    self._emitter.emit(fail_batch(self._node, rows(keys, items), exc))
                     continue
             wire = self._wire
             if wire is None:
                 raise _Cancelled
-            sent.append(_Sent(batch, nbytes))
+            sent.append(_Sent(keys, items, nbytes))
             with contextlib.suppress(OSError):  # the worker is gone: the next _collect sees it
                 wire.send_parts(parts, nbytes)
 
@@ -483,8 +491,8 @@ class _Pump:
             return
         done = sent.popleft()
         outcome, raw, seconds = reply
-        outcome.failed = self._failures(done.batch, raw)
-        self._sizer.record(len(done.batch), seconds, done.nbytes)
+        outcome.failed = self._failures(done.batch, raw) if raw else []
+        self._sizer.record(len(done.items), seconds, done.nbytes)
         self._emitter.emit(outcome)
 
     def _guarded_alone(self, batch: list[Envelope], error: BaseException) -> Outcome:

@@ -79,7 +79,7 @@ def child_main(
                 break
             if message is None:
                 break
-            seqs, items = cast("tuple[tuple[Key, ...], tuple[object, ...]]", message)
+            seqs, items = cast("tuple[Sequence[Key], Sequence[object]]", message)
             started = clock()
             outcome = kernel.process_columns(seqs, items, ctx)
             _reply(wire, kernel.name, outcome, clock() - started)

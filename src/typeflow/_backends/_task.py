@@ -19,8 +19,8 @@ from typeflow._backends._base import (
     RateLimiter,
     RunEnv,
     fail_batch,
-    mark_in_order,
     rate_limiter,
+    rows,
 )
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
 from typeflow._runtime._kernel import Envelope, Node, WorkerContext
@@ -65,24 +65,22 @@ async def _work(
     limiter: RateLimiter | None,
 ) -> None:
     kernel = node.kernel
-    share, in_order = node.options.workers, inbox.in_order
+    share = node.options.workers
     ctx = WorkerContext(index)
     sizer = BatchSizer(1 if limiter is not None else BATCH_LIMIT, BATCH_SECONDS)
     clock = time.perf_counter
     try:
         while True:
             least = sizer.least(_LEAST, _LEAST_SECONDS)
-            batch = await inbox.aget_many(sizer.limit, share, least=least)
-            if limiter is not None and (delay := limiter.reserve(len(batch))) > 0:
+            keys, items = await inbox.aget_columns(sizer.limit, share, least=least)
+            if limiter is not None and (delay := limiter.reserve(len(items))) > 0:
                 await asyncio.sleep(delay)  # a rate limit's slot (cancellable)
             started = clock()
             try:
-                outcome = await kernel.aprocess(batch, ctx)
-                if in_order:
-                    mark_in_order(outcome, batch)
+                outcome = await kernel.aprocess_columns(keys, items, ctx)
             except Exception as exc:  # noqa: BLE001 - not an item's error: fail the batch
-                outcome = fail_batch(node, batch, exc)
-            sizer.record(len(batch), clock() - started)
+                outcome = fail_batch(node, rows(keys, items), exc)
+            sizer.record(len(items), clock() - started)
             await emitter.aemit(outcome)
     except (EndOfChannel, ChannelAborted):
         pass

@@ -28,8 +28,8 @@ from typeflow._backends._base import (
     Emitter,
     RunEnv,
     fail_batch,
-    mark_in_order,
     rate_limiter,
+    rows,
 )
 from typeflow._errors import StageError, StageTimeout
 from typeflow._runtime import _retry as retry
@@ -132,7 +132,7 @@ class ThreadGroup:
     def _work(self, slot: _Slot, first: tuple[_Call, BaseException] | None) -> None:
         node, inbox, emitter = self._node, self._inbox, slot.emitter
         kernel = node.kernel
-        share, in_order = node.options.workers, inbox.in_order
+        share = node.options.workers
         one_at_a_time = self._timeout is not None or self._limiter is not None
         sizer = BatchSizer(1 if one_at_a_time else BATCH_LIMIT, BATCH_SECONDS)
         clock = time.perf_counter
@@ -148,21 +148,19 @@ class ThreadGroup:
                 emitter.emit(taken_over)
             while True:
                 least = sizer.least(_LEAST, _LEAST_SECONDS)
-                batch = inbox.get_many(sizer.limit, share, least=least)
+                keys, items = inbox.get_columns(sizer.limit, share, least=least)
                 if self._limiter is not None:
-                    self._wait(self._limiter.reserve(len(batch)))
+                    self._wait(self._limiter.reserve(len(items)))
                 if self._timeout is None:
                     started = clock()
                     try:
-                        outcome = kernel.process(batch, ctx)
-                        if in_order:
-                            mark_in_order(outcome, batch)
+                        outcome = kernel.process_columns(keys, items, ctx)
                     except BaseException as exc:  # noqa: BLE001 - even SystemExit: the batch
                         # fails, and this thread stays (a worker thread never dies of it)
-                        outcome = fail_batch(node, batch, exc)
-                    sizer.record(len(batch), clock() - started)
+                        outcome = fail_batch(node, rows(keys, items), exc)
+                    sizer.record(len(items), clock() - started)
                 else:
-                    result = self._timed(slot, batch[0], 1, ctx)
+                    result = self._timed(slot, (keys[0], items[0]), 1, ctx)
                     if result is None:
                         replaced = True
                         return

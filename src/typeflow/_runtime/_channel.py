@@ -16,6 +16,12 @@ last.  Threads block; tasks await; either may sit on either end.
 * **Batched.**  ``get_many`` takes every item that is there, up to a limit and a
   fair share for the other consumers, in one lock round trip: items travel in
   batches whenever the consumer is busy, one by one when input trickles in.
+* **Numbered.**  A run's first buffer (``numbered=True``) holds the input
+  items as they are: an item's key is its position in the input, which is how
+  many items were taken before it, so the envelope ``(key, item)`` is made only
+  where a consumer asks for one (:meth:`get_many`).  The hot consumers take a
+  batch as columns instead (:meth:`get_columns`): a ``range`` of keys and a
+  list of items, with no tuple per item at all.
 * **Explicit end of stream.**  Producers register up front; when the last one
   calls :meth:`producer_done` the channel is closed and consumers get
   :class:`EndOfChannel` once it is empty.  No value is reserved as a sentinel.
@@ -32,24 +38,30 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import call as _call
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 
 if TYPE_CHECKING:
     import asyncio
 
 
-def _weight(batch: Iterable[Any]) -> int:
-    """The bytes a batch of envelopes ``(key, value)`` holds, roughly: ``sys.getsizeof``
-    of each value (NumPy arrays and bytes report their data; containers only
-    themselves).  Loops in C: every item of a process stage is weighed twice."""
-    return sum(map(sys.getsizeof, map(_value_of, batch)))
+def _weight(values: Iterable[object]) -> int:
+    """The bytes ``values`` hold, roughly: ``sys.getsizeof`` of each (NumPy arrays
+    and bytes report their data; containers only themselves).  Loops in C: every
+    item of a process stage is weighed twice."""
+    return sum(map(sys.getsizeof, values))
 
 
 _value_of: Callable[[Any], object] = itemgetter(-1)
+_key_of: Callable[[Any], object] = itemgetter(0)
+
+
+#: A batch as its keys and its values apart (see :meth:`Channel.get_columns`).
+Columns: TypeAlias = tuple[Sequence[Any], Sequence[Any]]
+R = TypeVar("R")
 
 
 def _running_loop() -> asyncio.AbstractEventLoop:
@@ -61,7 +73,7 @@ def _running_loop() -> asyncio.AbstractEventLoop:
 
 T = TypeVar("T")
 
-__all__ = ["Channel", "ChannelAborted", "ChannelClosed", "EndOfChannel"]
+__all__ = ["Channel", "ChannelAborted", "ChannelClosed", "Columns", "EndOfChannel"]
 
 
 class EndOfChannel(Exception):
@@ -132,6 +144,10 @@ class Channel(Generic[T]):
         producers: how many producers will call :meth:`producer_done`; the
             channel closes when all of them have.
         max_bytes: also wait while the items weigh this much (see above).
+        numbered: a run's first buffer (see above): it holds bare items, put by
+            one producer with :meth:`pour`, :meth:`put_values` or
+            :meth:`aput_values`, and gives them out as envelopes ``(position,
+            item)``, positions counted from 0.
         size_of: how much each item counts towards a get's ``limit`` (default:
             1).  The caller's outbox counts the results an entry carries, so
             that the caller takes a few hundred results at a time, however
@@ -153,7 +169,7 @@ class Channel(Generic[T]):
         "_putters",
         "_size_of",
         "_weighed",
-        "in_order",
+        "numbered",
         "poured",
         "taken",
     )
@@ -164,6 +180,8 @@ class Channel(Generic[T]):
         producers: int = 1,
         max_bytes: int | None = None,
         size_of: Callable[[T], int] | None = None,
+        *,
+        numbered: bool = False,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"channel capacity must be at least 1, not {capacity!r}")
@@ -178,7 +196,9 @@ class Channel(Generic[T]):
         # other, so that a sole producer needs no lock to count (see put_solo).
         self._bytes_in = 0
         self._bytes_out = 0
-        self._items: deque[T] = deque()
+        # Bare items in a numbered channel (their envelopes are made on the way
+        # out), the T themselves in any other.
+        self._items: deque[Any] = deque()
         self._lock = threading.Lock()
         self._producers = producers
         self._aborted = False
@@ -190,10 +210,9 @@ class Channel(Generic[T]):
         self.taken = 0
         #: How many items :meth:`pour` has put so far.
         self.poured = 0
-        #: Set on a run's first buffer: its items are envelopes put in the order
-        #: of their keys, consecutive positions, by its one producer, so every
+        #: A run's first buffer: bare items, numbered on the way out, so every
         #: batch taken from it holds consecutive positions.
-        self.in_order = False
+        self.numbered = numbered
 
     # -- state ---------------------------------------------------------------
 
@@ -234,7 +253,11 @@ class Channel(Generic[T]):
         while self._putters:
             self._putters.popleft().wake()
 
-    def _take(self, limit: int, share: int, least: int = 1) -> list[T]:
+    def _weigh(self, batch: Iterable[Any]) -> int:
+        return _weight(batch if self.numbered else map(_value_of, batch))
+
+    def _take(self, limit: int, share: int, least: int = 1) -> list[Any]:
+        """Take a batch off the front (as stored: bare items in a numbered channel)."""
         items = self._items
         n = len(items)
         if share > 1:
@@ -250,7 +273,7 @@ class Channel(Generic[T]):
         self.taken += n
         if self._max_bytes != sys.maxsize:
             # Empty: start afresh (a value may have changed size since it was weighed).
-            self._bytes_out = self._bytes_out + _weight(batch) if items else self._bytes_in
+            self._bytes_out = self._bytes_out + self._weigh(batch) if items else self._bytes_in
         if self._putters and self._has_room():
             self._putters.popleft().wake()
         if items and self._getters:
@@ -270,10 +293,26 @@ class Channel(Generic[T]):
                 break
         return max(n, 1)
 
-    def _give(self, batch: list[T]) -> None:
+    def _rows(self, batch: list[Any]) -> list[T]:
+        """A batch just taken, as the items it stands for (lock held: the envelopes of
+        a numbered channel's items are numbered by :attr:`taken`)."""
+        if not self.numbered:
+            return batch
+        end = self.taken
+        envelopes: list[Any] = list(zip(range(end - len(batch), end), batch, strict=True))
+        return envelopes
+
+    def _columns(self, batch: list[Any]) -> Columns:
+        """A batch of envelopes just taken, as its keys and its values apart (lock held)."""
+        if self.numbered:
+            end = self.taken
+            return range(end - len(batch), end), batch
+        return tuple(map(_key_of, batch)), list(map(_value_of, batch))
+
+    def _give(self, batch: list[Any]) -> None:
         self._items.extend(batch)
         if self._max_bytes != sys.maxsize:
-            self._bytes_in += _weight(batch)
+            self._bytes_in += self._weigh(batch)
         if self._getters:
             self._getters.popleft().wake()
         if self._putters and self._has_room():
@@ -327,15 +366,33 @@ class Channel(Generic[T]):
             ChannelAborted: the run was cancelled.
             TimeoutError: the deadline passed with nothing to take.
         """
+        return self._get(self._rows, limit, share, deadline, least)
+
+    def get_columns(
+        self, limit: int, share: int = 1, deadline: float | None = None, least: int = 1
+    ) -> Columns:
+        """:meth:`get_many` for a channel of envelopes, as the batch's keys and its
+        values apart: from a numbered channel a ``range`` and the items as they
+        are (no envelope made at all), from any other two new sequences."""
+        return self._get(self._columns, limit, share, deadline, least)
+
+    def _get(
+        self,
+        shape: Callable[[list[Any]], R],
+        limit: int,
+        share: int,
+        deadline: float | None,
+        least: int,
+    ) -> R:
         while True:
             with self._lock:
                 if self._check_get():
-                    return self._take(limit, share, least)
+                    return shape(self._take(limit, share, least))
                 waiter = _ThreadWaiter()
                 self._getters.append(waiter)
                 if self._items:  # a put_solo came in meanwhile: it may not have seen us
                     self._getters.pop()
-                    return self._take(limit, share, least)
+                    return shape(self._take(limit, share, least))
             try:
                 timeout = None if deadline is None else deadline - time.monotonic()
                 woken = waiter.wait(timeout)
@@ -347,7 +404,7 @@ class Channel(Generic[T]):
                 with self._lock:
                     self._forget(self._getters, waiter, True)
                     if self._check_get():
-                        return self._take(limit, share, least)
+                        return shape(self._take(limit, share, least))
                 raise TimeoutError
 
     def put_many(self, batch: list[T]) -> None:
@@ -365,7 +422,7 @@ class Channel(Generic[T]):
             ):
                 items.extend(batch)
                 if self._max_bytes != sys.maxsize:
-                    self._bytes_in += _weight(batch)
+                    self._bytes_in += self._weigh(batch)
                 if self._getters:
                     self._getters.popleft().wake()
                 if self._putters and self._has_room():
@@ -403,7 +460,7 @@ class Channel(Generic[T]):
             ):
                 items.append(item)
                 if self._weighed:
-                    self._bytes_in += sys.getsizeof(_value_of(item))
+                    self._bytes_in += sys.getsizeof(item if self.numbered else _value_of(item))
                 if self._getters:
                     self._getters.popleft().wake()
                 return
@@ -429,7 +486,9 @@ class Channel(Generic[T]):
             and self._bytes_in - self._bytes_out < self._max_bytes
             and self._open
         ):
-            weight = sys.getsizeof(_value_of(item)) if self._weighed else 0
+            weight = 0
+            if self._weighed:
+                weight = sys.getsizeof(item if self.numbered else _value_of(item))
             # Counted before it is appended: a consumer that empties the channel
             # in between can then only undercount (for a while), never overcount
             # (an empty channel that looked full would never make room).
@@ -440,20 +499,22 @@ class Channel(Generic[T]):
             return
         self.put(item)
 
-    def pour(self, envelopes: Iterable[T], window: Channel[None], chunk: int) -> None:
-        """Put each of ``envelopes`` in turn as :meth:`put_solo` does, each once it has
-        a place in ``window`` (taken ``chunk`` places at a time): a run's feeder,
-        with put_solo's common case inlined (the call was a fifth of the feeder's
-        cost).  :attr:`poured` counts the items put so far.
+    def pour(self, values: Iterable[object], window: Channel[None], chunk: int) -> None:
+        """Put each of ``values`` into a numbered channel in turn as :meth:`put_solo`
+        does, each once it has a place in ``window`` (taken ``chunk`` places at a
+        time): a run's feeder, with put_solo's common case inlined (the call was a
+        fifth of the feeder's cost).  :attr:`poured` counts the items put so far.
 
         Raises:
             ChannelClosed: the channel was closed (a drain).
             ChannelAborted: the run was cancelled.
         """
+        assert self.numbered, "pour() puts bare items: for a numbered channel only"
         items, capacity, max_bytes = self._items, self._capacity, self._max_bytes
         weigh = sys.getsizeof if self._weighed else None
         room = 0
-        for envelope in envelopes:
+        value: Any
+        for value in values:
             if not room:
                 room = window.put_up_to(None, chunk)
             room -= 1
@@ -464,16 +525,16 @@ class Channel(Generic[T]):
             ):
                 weight = 0
                 if weigh is not None:  # as in put_solo: counted first, then appended
-                    weight = weigh(_value_of(envelope))
+                    weight = weigh(value)
                     self._bytes_in += weight
-                items.append(envelope)
+                items.append(value)
                 if self._getters or not self._open:
-                    self._after_solo_put(envelope, weight)
+                    self._after_solo_put(value, weight)
             else:
-                self.put_solo(envelope)  # waits for room
+                self.put_solo(value)  # waits for room
             self.poured += 1
 
-    def _after_solo_put(self, item: T, weight: int) -> None:
+    def _after_solo_put(self, item: object, weight: int) -> None:
         with self._lock:
             if self._producers <= 0 or self._aborted:
                 # Closed or cancelled while the item went in: take it back unless a
@@ -494,11 +555,20 @@ class Channel(Generic[T]):
         Raises:
             ChannelAborted: the run was cancelled.
         """
-        if self._weighed and _weight(batch) > self._max_bytes // 8:
+        if self._weighed and self._weigh(batch) > self._max_bytes // 8:
             for item in batch:
                 self.put(item)
         else:
             self.put_many(batch)
+
+    def put_values(self, values: list[object]) -> None:
+        """:meth:`put_chunk` for a numbered channel: bare items (a feeder's chunk).
+
+        Raises:
+            ChannelAborted: the run was cancelled.
+        """
+        assert self.numbered, "put_values() puts bare items: for a numbered channel only"
+        self.put_chunk(cast("list[Any]", values))
 
     def put_up_to(self, item: T, count: int) -> int:
         """Add between 1 and ``count`` copies of ``item``: as many as there is room for.
@@ -529,22 +599,36 @@ class Channel(Generic[T]):
         with self._lock:
             if self._aborted or not self._items:
                 return []
-            return self._take(limit, share)
+            return self._rows(self._take(limit, share))
+
+    def take_columns_nowait(self, limit: int, share: int = 1) -> Columns:
+        """:meth:`take_nowait` in the form of :meth:`get_columns` (possibly empty)."""
+        with self._lock:
+            if self._aborted or not self._items:
+                return (), []
+            return self._columns(self._take(limit, share))
 
     # -- async API (tasks) ---------------------------------------------------
 
     async def aget_many(self, limit: int, share: int = 1, least: int = 1) -> list[T]:
         """The awaitable twin of :meth:`get_many`."""
+        return await self._aget(self._rows, limit, share, least)
+
+    async def aget_columns(self, limit: int, share: int = 1, least: int = 1) -> Columns:
+        """The awaitable twin of :meth:`get_columns`."""
+        return await self._aget(self._columns, limit, share, least)
+
+    async def _aget(self, shape: Callable[[list[Any]], R], limit: int, share: int, least: int) -> R:
         loop = _running_loop()
         while True:
             with self._lock:
                 if self._check_get():
-                    return self._take(limit, share, least)
+                    return shape(self._take(limit, share, least))
                 waiter = _TaskWaiter(loop)
                 self._getters.append(waiter)
                 if self._items:  # a put_solo came in meanwhile: it may not have seen us
                     self._getters.pop()
-                    return self._take(limit, share, least)
+                    return shape(self._take(limit, share, least))
             try:
                 await waiter.wait()
             except BaseException:
@@ -568,3 +652,8 @@ class Channel(Generic[T]):
                 with self._lock:
                     self._forget(self._putters, waiter, False)
                 raise
+
+    async def aput_values(self, values: list[object]) -> None:
+        """:meth:`aput_many` for a numbered channel: bare items (an async feeder's)."""
+        assert self.numbered, "aput_values() puts bare items: for a numbered channel only"
+        await self.aput_many(cast("list[Any]", values))

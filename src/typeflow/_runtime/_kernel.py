@@ -49,6 +49,12 @@ Envelope: TypeAlias = tuple[Key, object]
 Failed: TypeAlias = tuple[Key, StageError]
 
 
+def _split(batch: list[Envelope]) -> tuple[tuple[Key, ...], tuple[object, ...]]:
+    """A batch's keys and its items apart."""
+    keys, items = zip(*batch, strict=True)
+    return keys, items
+
+
 def root_of(key: Key) -> int:
     """The position in the input that ``key`` descends from."""
     return key if isinstance(key, int) else key[0]
@@ -172,15 +178,21 @@ class Kernel:
         raise NotImplementedError
 
     def process_columns(
-        self, keys: tuple[Key, ...], items: tuple[object, ...], ctx: WorkerContext
+        self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
     ) -> Outcome:
         """:meth:`process` for a batch that comes as its keys and its items apart
-        (as it reaches a process worker)."""
+        (as workers take it: see ``Channel.get_columns``)."""
         return self.process(list(zip(keys, items, strict=True)), ctx)
 
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         """Run the batch in an asyncio task worker."""
         raise NotImplementedError
+
+    async def aprocess_columns(
+        self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
+    ) -> Outcome:
+        """The awaitable twin of :meth:`process_columns`."""
+        return await self.aprocess(list(zip(keys, items, strict=True)), ctx)
 
 
 #: What a function-backed kernel does with each call's result.
@@ -269,17 +281,16 @@ class FnKernel(Kernel):
             return self._each(batch, lambda item: retry.call(self._call, item, self.options))
         if self.kind != "map":
             return self._each(batch, lambda item: (self._call(item), 1))
-        keys, items = zip(*batch, strict=True)
-        return self._map_columns(keys, items)
+        return self._map_columns(*_split(batch))
 
     def process_columns(
-        self, keys: tuple[Key, ...], items: tuple[object, ...], ctx: WorkerContext
+        self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
     ) -> Outcome:
         if self.is_async or self.options.retries or self.kind != "map":
             return super().process_columns(keys, items, ctx)
         return self._map_columns(keys, items)
 
-    def _map_columns(self, keys: tuple[Key, ...], items: tuple[object, ...]) -> Outcome:
+    def _map_columns(self, keys: Sequence[Key], items: Sequence[object]) -> Outcome:
         """The common case: a plain map, no retries.  Outputs in column form until
         (unless) an item fails; from there on item by item."""
         fn = self.fn
@@ -332,35 +343,44 @@ class FnKernel(Kernel):
             error = StageError(self.name, item, exc)
         out.failed.append((key, error))
 
+    async def aprocess_columns(
+        self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
+    ) -> Outcome:
+        if self.kind != "map" or self.options.retries or self.options.timeout is not None:
+            return await super().aprocess_columns(keys, items, ctx)
+        import asyncio
+
+        # The common case, without the retry and timeout wrappers' frames, in
+        # column form until (unless) an item fails.
+        out = Outcome()
+        fn, ok, failed = self.fn, out.ok, out.failed
+        values: list[object] = []
+        append = values.append
+        for i, item in enumerate(items):
+            try:
+                value = await fn(item)
+            except (asyncio.CancelledError, WorkerExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
+                if values:
+                    ok.extend(zip(keys, values, strict=False))
+                    values = []
+                failed.append((keys[i], StageError(self.name, item, exc)))
+            else:
+                if failed:
+                    ok.append((keys[i], value))
+                else:
+                    append(value)
+        if not failed:
+            out.keys, out.values = keys, values
+        return out
+
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         import asyncio
 
-        out = Outcome()
         if self.kind == "map" and not self.options.retries and self.options.timeout is None:
-            # The common case, without the retry and timeout wrappers' frames, in
-            # column form until (unless) an item fails.
-            fn, ok, failed = self.fn, out.ok, out.failed
-            values: list[object] = []
-            append = values.append
-            keys, items = zip(*batch, strict=True)
-            for i, item in enumerate(items):
-                try:
-                    value = await fn(item)
-                except (asyncio.CancelledError, WorkerExit):
-                    raise
-                except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
-                    if values:
-                        ok.extend(zip(keys, values, strict=False))
-                        values = []
-                    failed.append((keys[i], StageError(self.name, item, exc)))
-                else:
-                    if failed:
-                        ok.append((keys[i], value))
-                    else:
-                        append(value)
-            if not failed:
-                out.keys, out.values = keys, values
-            return out
+            return await self.aprocess_columns(*_split(batch), ctx)
+        out = Outcome()
         for key, item in batch:
             try:
                 value, attempts = await self._acall(item)

@@ -167,14 +167,14 @@ def default_window(nodes: tuple[Node, ...]) -> int:
     return max(1024, 2 * sum(n.options.buffer + n.options.workers for n in nodes))
 
 
-def _inbox(node: Node, producers: int) -> Channel[Envelope]:
+def _inbox(node: Node, producers: int, *, numbered: bool = False) -> Channel[Envelope]:
     """A stage's input buffer; a process stage's is also bounded in bytes (large items)."""
     max_bytes = None
     if node.options.backend == "process":
         from typeflow._backends import _process
 
         max_bytes = _process.INBOX_BYTES
-    return Channel(node.options.buffer, producers=producers, max_bytes=max_bytes)
+    return Channel(node.options.buffer, producers=producers, max_bytes=max_bytes, numbered=numbered)
 
 
 async def _to_thread(fn: Callable[[], object]) -> None:
@@ -340,10 +340,12 @@ class RunCore:
         self.window_size = window or default_window(nodes)
         # Each channel's producers: the feeder, then each stage's workers.
         producers = [1, *(n.options.workers for n in nodes)]
+        # The first is numbered: the feeder alone puts the input's items into it,
+        # in order, so an item's key is its position there.
         self.inboxes: list[Channel[Envelope]] = [
-            _inbox(n, p) for n, p in zip(nodes, producers, strict=False)
+            _inbox(n, p, numbered=i == 0)
+            for i, (n, p) in enumerate(zip(nodes, producers, strict=False))
         ]
-        self.inboxes[0].in_order = True  # fed by the feeder alone, in input order
         self.outbox: Channel[Entry] = Channel(
             max(_OUTBOX_CAPACITY, nodes[-1].options.buffer),
             producers=producers[-1],
@@ -475,11 +477,11 @@ class RunCore:
         return groups
 
     def _feed(self, items: Iterable[Any]) -> None:
-        # enumerate's pairs are the envelopes (seq, item) themselves; the window's
+        # The items go in as they are (the first inbox numbers them); the window's
         # places are taken in bulk (one lock trip for many).
         inbox = self.inboxes[0]
         with self._reading_input():
-            inbox.pour(enumerate(items), self.window, _WINDOW_CHUNK)
+            inbox.pour(items, self.window, _WINDOW_CHUNK)
 
     @property
     def items_read(self) -> int:
@@ -487,7 +489,7 @@ class RunCore:
         return self._items_read + self.inboxes[0].poured
 
     def _feed_chunks(self, items: Iterable[Any]) -> None:
-        put_chunk, window = self.inboxes[0].put_chunk, self.window
+        put_values, window = self.inboxes[0].put_values, self.window
         it = iter(items)
         seq = 0
         with self._reading_input():
@@ -497,7 +499,7 @@ class RunCore:
                 if len(chunk) < room:  # the end: give back the places not used
                     window.take_nowait(room - len(chunk))
                 if chunk:
-                    put_chunk(list(zip(range(seq, seq + len(chunk)), chunk, strict=True)))
+                    put_values(chunk)
                     seq += len(chunk)
                     self._items_read = seq
                 if len(chunk) < room:
@@ -512,7 +514,7 @@ class RunCore:
         with self._reading_input(asyncio.CancelledError):
             async for item in items:
                 await window.aput_many(ticket)
-                await inbox.aput_many([(seq, item)])
+                await inbox.aput_values([item])
                 seq += 1
                 self._items_read = seq
 
