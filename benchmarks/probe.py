@@ -3,7 +3,8 @@
 A quick probe for one change at a time, next to the full benchmark
 (``run.py``): it runs ``x+1`` through ``--stages`` chained stages of 2 workers
 over a generator of ``--n`` items, three times, and prints for each run the
-wall time per item, the parent's CPU time per item, the voluntary context
+wall time per item, the parent's CPU time per item, the CPU time per item of
+the worker processes (those that ended during the run), the voluntary context
 switches per thousand items (each is a sleep and a wake-up) and how often the
 garbage collector ran.  To compare two versions, run it alternately against
 each checkout, one after the other, several times (this machine moves by
@@ -50,17 +51,23 @@ def main() -> None:
     for _ in range(3):
         gc_before = [g["collections"] for g in gc.get_stats()]
         used = resource.getrusage(resource.RUSAGE_SELF)
+        used_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         for result in pipeline.run(_items(n)):
             result.unwrap()
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF)
+        after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        children = sum(
+            getattr(after_children, f) - getattr(used_children, f) for f in ("ru_utime", "ru_stime")
+        )
         cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
         switches = after.ru_nvcsw - used.ru_nvcsw
         collections = [g["collections"] - b for g, b in zip(gc.get_stats(), gc_before, strict=True)]
         print(
             f"{args.backend} x{args.stages}: {1e6 * wall / n:.2f} µs/item, "
             f"parent CPU {1e6 * cpu / n:.2f} µs/item, "
+            f"worker processes' CPU {1e6 * children / n:.2f} µs/item, "
             f"{1000 * switches / n:.1f} sleeps per 1000 items, "
             f"collections by generation {collections}"
         )

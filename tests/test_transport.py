@@ -23,7 +23,13 @@ from typeflow import StageError, WorkerCrashed, stage
 from typeflow._backends._base import BatchSizer
 from typeflow._backends._wire import OUT_OF_BAND_MIN, RECV_BUFFER, Wire, encode
 from typeflow._runtime import _channel
-from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
+from typeflow._runtime._channel import (
+    Channel,
+    ChannelAborted,
+    ChannelClosed,
+    EndOfChannel,
+    Window,
+)
 from typeflow._runtime._kernel import Key
 
 pytestmark = pytest.mark.timeout(120)
@@ -158,7 +164,7 @@ def test_a_worker_sends_consecutive_keys_back_as_a_range() -> None:
 def test_a_numbered_channel_numbers_its_items_on_the_way_out() -> None:
     # A run's first buffer: bare items in, envelopes (position, item) or columns out.
     channel: Channel[tuple[Key, object]] = Channel(100, numbered=True)
-    window: Channel[None] = Channel(100)
+    window = Window(100)
     channel.pour("abc", window, 4)
     channel.put_values(["d", "e", "f", "g"])
     assert channel.get_many(2) == [(0, "a"), (1, "b")]
@@ -370,7 +376,7 @@ def test_put_one_item_is_weighed_and_waits_like_put_many(method: str) -> None:
 
 def test_pour_puts_every_item_with_a_place_in_the_window_and_counts_them() -> None:
     channel: Channel[tuple[Key, object]] = Channel(100, numbered=True)
-    window: Channel[None] = Channel(10)
+    window = Window(10)
     channel.pour("abcdef", window, 4)
     assert channel.get_many(100) == list(enumerate("abcdef"))
     assert channel.poured == 6
@@ -390,13 +396,44 @@ def test_a_sized_channel_counts_a_get_s_limit_in_what_its_items_stand_for() -> N
     assert channel.get_many(100) == [[7, 8, 9, 10]]
 
 
-def test_put_up_to_reserves_as_many_places_as_there_is_room_for() -> None:
-    window: Channel[None] = Channel(5)
-    assert window.put_up_to(None, 3) == 3
-    assert window.put_up_to(None, 3) == 2
-    assert window.take_nowait(4) == [None] * 4
-    assert window.put_up_to(None, 64) == 4
+def test_a_window_hands_out_as_many_places_as_are_free() -> None:
+    window = Window(5)
+    assert window.take_up_to(3) == 3
+    assert window.take_up_to(3) == 2
+    window.give_back(4)
+    assert window.take_up_to(64) == 4
     assert len(window) == 5
+
+
+@pytest.mark.timeout(30)
+def test_a_full_window_waits_until_places_are_given_back_or_it_is_aborted() -> None:
+    window = Window(2)
+    window.take_up_to(2)
+    got: list[int] = []
+    taker = threading.Thread(target=lambda: got.append(window.take_up_to(8)))
+    taker.start()
+    window.give_back(1)  # wakes the taker whether it waits already or not
+    taker.join(10)
+    assert got == [1]
+
+    async def take_one() -> None:
+        await window.atake()
+
+    failed: list[BaseException] = []
+
+    def wait_async() -> None:
+        try:
+            asyncio.run(take_one())
+        except ChannelAborted as exc:
+            failed.append(exc)
+
+    waiter = threading.Thread(target=wait_async)
+    waiter.start()
+    window.abort()
+    waiter.join(10)
+    assert len(failed) == 1
+    with pytest.raises(ChannelAborted):
+        window.take_up_to(1)
 
 
 def _take_all(channel: Channel[int], got: list[int]) -> None:

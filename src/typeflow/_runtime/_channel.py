@@ -73,7 +73,7 @@ def _running_loop() -> asyncio.AbstractEventLoop:
 
 T = TypeVar("T")
 
-__all__ = ["Channel", "ChannelAborted", "ChannelClosed", "Columns", "EndOfChannel"]
+__all__ = ["Channel", "ChannelAborted", "ChannelClosed", "Columns", "EndOfChannel", "Window"]
 
 
 class EndOfChannel(Exception):
@@ -160,6 +160,7 @@ class Channel(Generic[T]):
         "_bytes_in",
         "_bytes_out",
         "_capacity",
+        "_dropped",
         "_getters",
         "_items",
         "_lock",
@@ -170,7 +171,6 @@ class Channel(Generic[T]):
         "_size_of",
         "_weighed",
         "numbered",
-        "poured",
         "taken",
     )
 
@@ -208,8 +208,8 @@ class Channel(Generic[T]):
         self._putters: deque[_Waiter] = deque()
         #: How many items consumers have taken so far.
         self.taken = 0
-        #: How many items :meth:`pour` has put so far.
-        self.poured = 0
+        #: Items an abort dropped (see :attr:`poured`).
+        self._dropped = 0
         #: A run's first buffer: bare items, numbered on the way out, so every
         #: batch taken from it holds consecutive positions.
         self.numbered = numbered
@@ -222,6 +222,12 @@ class Channel(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def poured(self) -> int:
+        """How many items have been put so far (counted here rather than by the puts:
+        one attribute update less per item of :meth:`pour`)."""
+        return self.taken + len(self._items) + self._dropped
 
     @property
     def closed(self) -> bool:
@@ -241,6 +247,7 @@ class Channel(Generic[T]):
         with self._lock:
             self._aborted = True
             self._open = False
+            self._dropped += len(self._items)
             self._items.clear()
             self._bytes_out = self._bytes_in
             self._wake_all()
@@ -499,7 +506,7 @@ class Channel(Generic[T]):
             return
         self.put(item)
 
-    def pour(self, values: Iterable[object], window: Channel[None], chunk: int) -> None:
+    def pour(self, values: Iterable[object], window: Window, chunk: int) -> None:
         """Put each of ``values`` into a numbered channel in turn as :meth:`put_solo`
         does, each once it has a place in ``window`` (taken ``chunk`` places at a
         time): a run's feeder, with put_solo's common case inlined (the call was a
@@ -516,7 +523,7 @@ class Channel(Generic[T]):
         value: Any
         for value in values:
             if not room:
-                room = window.put_up_to(None, chunk)
+                room = window.take_up_to(chunk)
             room -= 1
             # A closed or cancelled channel is noticed after the append (and the
             # item taken back), which a put must look for anyway.
@@ -532,7 +539,6 @@ class Channel(Generic[T]):
                     self._after_solo_put(value, weight)
             else:
                 self.put_solo(value)  # waits for room
-            self.poured += 1
 
     def _after_solo_put(self, item: object, weight: int) -> None:
         with self._lock:
@@ -569,30 +575,6 @@ class Channel(Generic[T]):
         """
         assert self.numbered, "put_values() puts bare items: for a numbered channel only"
         self.put_chunk(cast("list[Any]", values))
-
-    def put_up_to(self, item: T, count: int) -> int:
-        """Add between 1 and ``count`` copies of ``item``: as many as there is room for.
-
-        Waits only for room for the first.  This reserves places in bulk: a
-        window of items in flight takes one lock round trip per many items.
-
-        Raises:
-            ChannelAborted: the run was cancelled.
-        """
-        while True:
-            with self._lock:
-                if self._check_put():
-                    n = max(1, min(count, self._capacity - len(self._items)))
-                    self._give([item] * n)
-                    return n
-                waiter = _ThreadWaiter()
-                self._putters.append(waiter)
-            try:
-                waiter.wait()
-            except BaseException:
-                with self._lock:
-                    self._forget(self._putters, waiter, False)
-                raise
 
     def take_nowait(self, limit: int, share: int = 1) -> list[T]:
         """Take up to ``limit`` items (a fair ``share``) without waiting (possibly none)."""
@@ -657,3 +639,101 @@ class Channel(Generic[T]):
         """:meth:`aput_many` for a numbered channel: bare items (an async feeder's)."""
         assert self.numbered, "aput_values() puts bare items: for a numbered channel only"
         await self.aput_many(cast("list[Any]", values))
+
+
+class Window:
+    """A bounded number of places: a run's items in flight, each holding one from
+    the moment it is read until its last outcome is handed out.
+
+    Places are taken and given back in bulk, at one lock round trip per call
+    whatever their number.  Thread and task waiters as in :class:`Channel`;
+    :meth:`abort` fails every present and future wait.
+    """
+
+    __slots__ = ("_aborted", "_capacity", "_lock", "_used", "_waiters")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"window capacity must be at least 1, not {capacity!r}")
+        self._capacity = capacity
+        self._used = 0
+        self._aborted = False
+        self._lock = threading.Lock()
+        self._waiters: deque[_Waiter] = deque()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def __len__(self) -> int:
+        """How many places are taken."""
+        return self._used
+
+    def _grab(self, count: int) -> int:
+        """Take up to ``count`` free places (lock held); 0 when there is none."""
+        if self._aborted:
+            raise ChannelAborted
+        n = min(count, self._capacity - self._used)
+        if n <= 0:
+            return 0
+        self._used += n
+        if self._waiters and self._used < self._capacity:
+            self._waiters.popleft().wake()
+        return n
+
+    def take_up_to(self, count: int) -> int:
+        """Take between 1 and ``count`` places: as many as are free, waiting for the first.
+
+        Raises:
+            ChannelAborted: the run was cancelled or drained.
+        """
+        while True:
+            with self._lock:
+                n = self._grab(count)
+                if n:
+                    return n
+                waiter = _ThreadWaiter()
+                self._waiters.append(waiter)
+            try:
+                waiter.wait()
+            except BaseException:
+                with self._lock:
+                    self._forget(waiter)
+                raise
+
+    async def atake(self) -> None:
+        """Take one place, waiting for it (the awaitable :meth:`take_up_to`)."""
+        loop = _running_loop()
+        while True:
+            with self._lock:
+                if self._grab(1):
+                    return
+                waiter = _TaskWaiter(loop)
+                self._waiters.append(waiter)
+            try:
+                await waiter.wait()
+            except BaseException:
+                with self._lock:
+                    self._forget(waiter)
+                raise
+
+    def give_back(self, count: int) -> None:
+        """``count`` places are free again."""
+        with self._lock:
+            self._used -= count
+            if self._waiters and self._used < self._capacity:
+                self._waiters.popleft().wake()
+
+    def abort(self) -> None:
+        """Fail every present and future wait."""
+        with self._lock:
+            self._aborted = True
+            while self._waiters:
+                self._waiters.popleft().wake()
+
+    def _forget(self, waiter: _Waiter) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:  # already woken: pass the wake-up on
+            if self._waiters and self._used < self._capacity:
+                self._waiters.popleft().wake()

@@ -48,7 +48,13 @@ from returns.result import Failure, Result, Success
 
 from typeflow._backends._base import Outbox, WorkerBackend, WorkerGroup
 from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed
-from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
+from typeflow._runtime._channel import (
+    Channel,
+    ChannelAborted,
+    ChannelClosed,
+    EndOfChannel,
+    Window,
+)
 from typeflow._runtime._kernel import Envelope, Key, Node, Outcome, SetupFailed, root_of
 from typeflow._runtime._signals import SignalGuard
 from typeflow._runtime._stats import Counters, RunStatistics, StageStatistics
@@ -351,9 +357,8 @@ class RunCore:
             producers=producers[-1],
             size_of=_results_in,
         )
-        self.window: Channel[None] = Channel(self.window_size)
+        self.window = Window(self.window_size)
         self.input_error: BaseException | None = None
-        self._items_read = 0  # by the feeders other than _feed (which pours)
         self.started_at = 0.0
         self._emitters: list[list[_Emitter]] = []
         #: The chains inside forks and routes: label, stages, inboxes, emitters.
@@ -486,22 +491,19 @@ class RunCore:
     @property
     def items_read(self) -> int:
         """How many items have been taken from the input and put into the pipeline."""
-        return self._items_read + self.inboxes[0].poured
+        return self.inboxes[0].poured
 
     def _feed_chunks(self, items: Iterable[Any]) -> None:
         put_values, window = self.inboxes[0].put_values, self.window
         it = iter(items)
-        seq = 0
         with self._reading_input():
             while True:
-                room = window.put_up_to(None, _WINDOW_CHUNK)
+                room = window.take_up_to(_WINDOW_CHUNK)
                 chunk = list(itertools.islice(it, room))
                 if len(chunk) < room:  # the end: give back the places not used
-                    window.take_nowait(room - len(chunk))
+                    window.give_back(room - len(chunk))
                 if chunk:
                     put_values(chunk)
-                    seq += len(chunk)
-                    self._items_read = seq
                 if len(chunk) < room:
                     break
 
@@ -509,14 +511,10 @@ class RunCore:
         import asyncio
 
         inbox, window = self.inboxes[0], self.window
-        ticket = [None]
-        seq = 0
         with self._reading_input(asyncio.CancelledError):
             async for item in items:
-                await window.aput_many(ticket)
+                await window.atake()
                 await inbox.aput_values([item])
-                seq += 1
-                self._items_read = seq
 
     @contextlib.contextmanager
     def _reading_input(self, *stops: type[BaseException]) -> Generator[None, None, None]:
@@ -586,9 +584,10 @@ class RunCore:
         _live_runs.discard(self)
         for callback in self._on_shutdown:
             callback()
-        channels: list[Channel[Any]] = [*self.inboxes, self.outbox, self.window]
+        channels: list[Channel[Any]] = [*self.inboxes, self.outbox]
         for channel in channels:
             channel.abort()
+        self.window.abort()
         for group in self._groups:
             group.cancel()
         if self._cancel_async_feed is not None:
@@ -729,7 +728,7 @@ class _Collector(Generic[Out]):
         self._released += len(ready) - released
         self.completed += freed
         if freed:  # give the places in the window back to the feeder
-            core.window.take_nowait(freed)
+            core.window.give_back(freed)
 
     def _accept_one(self, entry: Entry, complete: list[tuple[int, int, _Results]]) -> None:
         key, kind, payload = entry
