@@ -490,8 +490,8 @@ def test_a_put_between_a_consumers_look_and_its_sleep_is_not_missed(
     assert channel.get_many(10) == [7]
 
     class LateTaskWaiter(_channel._TaskWaiter):  # pyright: ignore[reportPrivateUsage] - the race under test
-        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-            super().__init__(loop)
+        def __init__(self) -> None:
+            super().__init__()
             channel.put_solo(8)
 
         async def wait(self) -> None:

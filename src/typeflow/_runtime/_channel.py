@@ -110,18 +110,20 @@ class _ThreadWaiter(_Waiter):
 
 
 class _TaskWaiter(_Waiter):
-    __slots__ = ("_future", "_loop")
+    """A task waits.  Made on the thread that runs its loop; ``get_running_loop`` is
+    called once per wait (it asks the OS for the process id each time, about as
+    long as the rest of a put)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = ("_future", "_loop", "_thread")
+
+    def __init__(self) -> None:
+        loop = _running_loop()
         self._loop = loop
+        self._thread = threading.get_ident()
         self._future: asyncio.Future[None] = loop.create_future()
 
     def wake(self) -> None:
-        try:
-            running = _running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
+        if threading.get_ident() == self._thread:  # on the loop's own thread
             self._set()
         else:
             # A closed loop raises RuntimeError: nobody is waiting any more.
@@ -164,6 +166,7 @@ class Channel(Generic[T]):
         "_getters",
         "_items",
         "_lock",
+        "_low",
         "_max_bytes",
         "_open",
         "_producers",
@@ -188,6 +191,8 @@ class Channel(Generic[T]):
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"channel max_bytes must be at least 1, not {max_bytes!r}")
         self._capacity = capacity
+        #: A numbered channel wakes its waiting feeder at this fill level (see _take).
+        self._low = capacity // 2
         self._size_of = size_of
         # Without a byte budget nothing is weighed and the byte test always passes.
         self._max_bytes = sys.maxsize if max_bytes is None else max_bytes
@@ -281,7 +286,7 @@ class Channel(Generic[T]):
         if self._max_bytes != sys.maxsize:
             # Empty: start afresh (a value may have changed size since it was weighed).
             self._bytes_out = self._bytes_out + self._weigh(batch) if items else self._bytes_in
-        if self._putters and self._has_room():
+        if self._putters and self._has_room() and (not self.numbered or len(items) <= self._low):
             self._putters.popleft().wake()
         if items and self._getters:
             self._getters.popleft().wake()
@@ -601,12 +606,11 @@ class Channel(Generic[T]):
         return await self._aget(self._columns, limit, share, least)
 
     async def _aget(self, shape: Callable[[list[Any]], R], limit: int, share: int, least: int) -> R:
-        loop = _running_loop()
         while True:
             with self._lock:
                 if self._check_get():
                     return shape(self._take(limit, share, least))
-                waiter = _TaskWaiter(loop)
+                waiter = _TaskWaiter()
                 self._getters.append(waiter)
                 if self._items:  # a put_solo came in meanwhile: it may not have seen us
                     self._getters.pop()
@@ -620,13 +624,12 @@ class Channel(Generic[T]):
 
     async def aput_many(self, batch: list[T]) -> None:
         """The awaitable twin of :meth:`put_many`."""
-        loop = _running_loop()
         while True:
             with self._lock:
                 if self._check_put():
                     self._give(batch)
                     return
-                waiter = _TaskWaiter(loop)
+                waiter = _TaskWaiter()
                 self._putters.append(waiter)
             try:
                 await waiter.wait()
@@ -703,12 +706,11 @@ class Window:
 
     async def atake(self) -> None:
         """Take one place, waiting for it (the awaitable :meth:`take_up_to`)."""
-        loop = _running_loop()
         while True:
             with self._lock:
                 if self._grab(1):
                     return
-                waiter = _TaskWaiter(loop)
+                waiter = _TaskWaiter()
                 self._waiters.append(waiter)
             try:
                 await waiter.wait()
