@@ -9,6 +9,7 @@ are computed by the parent (``metrics.py``) so the raw JSON stays the source of 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -111,6 +112,13 @@ def preload(case: Case, peer: str) -> None:
         import numpy  # noqa: F401 - imported here so that timing excludes it
     if peer == "typeflow":
         import typeflow  # noqa: F401 - imported here so that timing excludes it
+
+        # typeflow imports a backend on its first use (thread and task users never
+        # load multiprocessing); the peers' own modules (multiprocessing.pool,
+        # concurrent.futures) are imported by peers.py before any timing, so
+        # typeflow's are too.
+        for backend in {st.backend for st in case.stages} & {"thread", "process", "task"}:
+            importlib.import_module(f"typeflow._backends._{backend}")
     elif peer == "pypeln":
         import_pypeln()
     elif peer == "joblib":

@@ -13,7 +13,6 @@ import pickle
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from typing import cast
 
@@ -150,6 +149,8 @@ def _reply(wire: Wire, stage: str, outcome: Outcome, seconds: float) -> None:
 
 
 def _raw_failure(seq: Key, exc: BaseException, attempts: int) -> RawFailure:
+    import traceback  # on the first failure only: with textwrap, 2-3 ms of every start-up
+
     text = "".join(traceback.format_exception(exc))
     try:
         pickle.loads(pickle.dumps(exc, protocol=5))
