@@ -661,15 +661,16 @@ _deferred = threading.local()
 
 
 @contextlib.contextmanager
-def deferred_threads() -> Generator[None, None, None]:
-    """Process stages started inside the block start their pump threads at its end.
+def deferred_threads(first: threading.Thread | None = None) -> Generator[None, None, None]:
+    """Process stages started inside the block start their pump threads at its end,
+    after ``first`` (the run's feeder, if given).
 
     The scheduler starts every process stage inside one such block, before any
     other thread of the run: each stage can then fork its first workers from
     the only thread alive.  If the block raises, the threads are not started
     (the run's shutdown cancels the stages).
     """
-    pending: list[threading.Thread] = []
+    pending: list[threading.Thread] = [] if first is None else [first]
     outer = getattr(_deferred, "pending", None)
     _deferred.pending = pending
     try:

@@ -401,7 +401,21 @@ class RunCore:
         if self._signals is not None and not self._signals.install():
             self._signals = None  # not the main thread: leave signals alone
         try:
-            self._groups += self._start_nodes(self.nodes, self.inboxes, self.outbox, self._emitters)
+            feeder: threading.Thread | None = None
+            if not isinstance(items, AsyncIterable):
+                # Items already in memory cannot keep the feeder waiting: they go in
+                # chunks (one lock trip for many).  Any other iterable may block
+                # between items, so its items go in one by one, each at once.
+                in_memory = isinstance(items, list | tuple | range)
+                feeder = self._feeder = threading.Thread(
+                    target=self._feed_chunks if in_memory else self._feed,
+                    args=(items,),
+                    name="typeflow:feeder",
+                    daemon=True,
+                )
+            self._groups += self._start_nodes(
+                self.nodes, self.inboxes, self.outbox, self._emitters, first=feeder
+            )
             if isinstance(items, AsyncIterable):
                 import asyncio
 
@@ -413,18 +427,6 @@ class RunCore:
                 else:
                     future = asyncio.run_coroutine_threadsafe(coro, self.event_loop())
                     self._cancel_async_feed = future.cancel
-            else:
-                # Items already in memory cannot keep the feeder waiting: they go in
-                # chunks (one lock trip for many).  Any other iterable may block
-                # between items, so its items go in one by one, each at once.
-                in_memory = isinstance(items, list | tuple | range)
-                self._feeder = threading.Thread(
-                    target=self._feed_chunks if in_memory else self._feed,
-                    args=(items,),
-                    name="typeflow:feeder",
-                    daemon=True,
-                )
-                self._feeder.start()
         except BaseException:
             self.shutdown()
             raise
@@ -435,7 +437,11 @@ class RunCore:
         inboxes: list[Channel[Envelope]],
         outbox: Outbox,
         emitters_out: list[list[_Emitter]] | None = None,
+        first: threading.Thread | None = None,
     ) -> list[WorkerGroup]:
+        """Start the workers of ``nodes``; ``first`` (the feeder) starts before any
+        worker thread: the input is read while they start (a short run waits for
+        its first item less), though after any fork (see _backends._process)."""
         batched = outbox is self.outbox
         emitters_of = [
             [
@@ -454,10 +460,12 @@ class RunCore:
                 # thread is still the only one (see _backends._process).
                 from typeflow._backends import _process
 
-                with _process.deferred_threads():
+                with _process.deferred_threads(first):
                     for i, node in enumerate(nodes):
                         if kinds[i] == "process":
                             started[i] = _process.start(node, inboxes[i], emitters_of[i], self)
+            elif first is not None:
+                first.start()
             for i, node in enumerate(nodes):
                 if kinds[i] != "process":
                     started[i] = _backend(kinds[i]).start(node, inboxes[i], emitters_of[i], self)
@@ -597,10 +605,15 @@ class RunCore:
         deadline = time.monotonic() + JOIN_TIMEOUT
         for group in self._groups:
             group.join(max(0.0, deadline - time.monotonic()))
-        if self._feeder is not None and self._feeder is not threading.current_thread():
+        feeder = self._feeder
+        if (
+            feeder is not None
+            and feeder.ident is not None
+            and feeder is not threading.current_thread()
+        ):
             # A feeder blocked inside the caller's iterator cannot be interrupted;
             # it is a daemon thread and stops at its next item.
-            self._feeder.join(max(0.0, min(1.0, deadline - time.monotonic())))
+            feeder.join(max(0.0, min(1.0, deadline - time.monotonic())))
         if self._loop is not None:
             self._loop.stop(max(0.0, deadline - time.monotonic()))
 
