@@ -11,7 +11,6 @@ import pickle
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -522,45 +521,6 @@ def test_a_sole_producer_wakes_a_waiting_task() -> None:
     producer.start()
     assert asyncio.run(consume()) == list(range(2_000))
     producer.join()
-
-
-@pytest.mark.timeout(30)
-def test_tasks_putting_together_wake_a_waiting_thread_once_for_all_their_items() -> None:
-    channel: Channel[int] = Channel(100, producers=1)
-    got: list[int] = []
-    waiting = threading.Event()
-
-    class Waiter(_channel._ThreadWaiter):  # pyright: ignore[reportPrivateUsage] - the wake-ups under test
-        woken = 0
-
-        def wait(self, timeout: float | None = None) -> bool:
-            waiting.set()
-            return super().wait(timeout)
-
-        def wake(self) -> None:
-            Waiter.woken += 1
-            super().wake()
-
-    def consume() -> None:
-        with contextlib.suppress(EndOfChannel):
-            while True:
-                got.extend(channel.get_many(100))
-
-    async def produce() -> None:
-        await asyncio.get_running_loop().run_in_executor(None, waiting.wait)
-        for i in range(5):  # one loop iteration: the thread is woken after the last
-            await channel.aput_many([i])
-            time.sleep(0.002)  # lets a woken thread run: it would take each item alone
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_channel, "_ThreadWaiter", Waiter)
-        consumer = threading.Thread(target=consume)
-        consumer.start()
-        asyncio.run(produce())
-        channel.producer_done()
-        consumer.join(10)
-    assert got == [0, 1, 2, 3, 4]
-    assert Waiter.woken <= 2  # once for the five items (and once for the end)
 
 
 def test_a_sole_producer_learns_of_a_drain_and_keeps_the_item() -> None:

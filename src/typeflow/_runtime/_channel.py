@@ -172,7 +172,6 @@ class Channel(Generic[T]):
         "_producers",
         "_putters",
         "_size_of",
-        "_wake_scheduled",
         "_weighed",
         "numbered",
         "taken",
@@ -212,7 +211,6 @@ class Channel(Generic[T]):
         self._open = producers > 0
         self._getters: deque[_Waiter] = deque()
         self._putters: deque[_Waiter] = deque()
-        self._wake_scheduled = False
         #: How many items consumers have taken so far.
         self.taken = 0
         #: Items an abort dropped (see :attr:`poured`).
@@ -323,32 +321,14 @@ class Channel(Generic[T]):
             return range(end - len(batch), end), batch
         return tuple(map(_key_of, batch)), list(map(_value_of, batch))
 
-    def _give(self, batch: list[Any], *, from_task: bool = False) -> None:
+    def _give(self, batch: list[Any]) -> None:
         self._items.extend(batch)
         if self._max_bytes != sys.maxsize:
             self._bytes_in += self._weigh(batch)
         if self._getters:
-            if from_task and isinstance(self._getters[0], _ThreadWaiter):
-                self._wake_thread_soon()
-            else:
-                self._getters.popleft().wake()
+            self._getters.popleft().wake()
         if self._putters and self._has_room():
             self._putters.popleft().wake()
-
-    def _wake_thread_soon(self) -> None:
-        """A task put items for a waiting thread: wake it once the loop has run every
-        callback that is ready now, rather than at once.  Tasks whose waits end
-        together (a wave of I/O) then wake the thread once for all their items,
-        instead of each handing it the GIL for one item in turn."""
-        if not self._wake_scheduled:
-            self._wake_scheduled = True
-            _running_loop().call_soon(self._wake_getter)
-
-    def _wake_getter(self) -> None:
-        with self._lock:
-            self._wake_scheduled = False
-            if self._items and self._getters:
-                self._getters.popleft().wake()
 
     def _has_room(self) -> bool:
         return (
@@ -658,7 +638,7 @@ class Channel(Generic[T]):
         while True:
             with self._lock:
                 if self._check_put():
-                    self._give(batch, from_task=True)
+                    self._give(batch)
                     return
                 waiter = _TaskWaiter()
                 self._putters.append(waiter)
