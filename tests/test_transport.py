@@ -80,13 +80,13 @@ def test_a_byte_budget_bounds_batches_of_big_items() -> None:
     assert sizer.limit == 2
 
 
-def test_take_nowait_takes_a_fair_share() -> None:
-    channel: Channel[int] = Channel(100)
-    channel.put_many(list(range(10)))
-    assert channel.take_nowait(100, share=2) == [0, 1, 2, 3, 4]
-    assert channel.take_nowait(2, share=2) == [5, 6]
-    assert channel.take_nowait(100) == [7, 8, 9]
-    assert channel.take_nowait(100) == []
+def test_take_columns_nowait_takes_a_fair_share() -> None:
+    channel: Channel[tuple[Key, object]] = Channel(100, numbered=True)
+    channel.put_values(list("abcdefghij"))
+    assert channel.take_columns_nowait(100, share=2) == (range(5), list("abcde"))
+    assert channel.take_columns_nowait(2, share=2) == (range(5, 7), list("fg"))
+    assert channel.take_columns_nowait(100) == (range(7, 10), list("hij"))
+    assert channel.take_columns_nowait(100) == ((), [])
 
 
 # -- the wire ------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_columns_of_an_unnumbered_channel_split_its_envelopes() -> None:
     channel: Channel[tuple[Key, object]] = Channel(100)
     channel.put_many([((3, 0), "x"), ((3, 1), "y"), (5, "z")])
     assert channel.get_columns(2) == (((3, 0), (3, 1)), ["x", "y"])
-    assert channel.take_nowait(10) == [(5, "z")]
+    assert channel.get_many(10) == [(5, "z")]
 
 
 def test_a_numbered_channel_weighs_its_bare_items() -> None:

@@ -9,8 +9,9 @@ last.  Threads block; tasks await; either may sit on either end.
   more, so a fast producer cannot run ahead of a slow consumer.  A batch is
   admitted whole once there is room, so the channel never holds more than
   ``capacity`` plus one batch.  With ``max_bytes`` it is also bounded by size:
-  its items are then envelopes ``(key, value)``, each value is weighed with
-  ``sys.getsizeof`` (which counts the data of bytes and NumPy arrays) and puts
+  its items are then envelopes ``(key, value)`` (or the bare values of a
+  numbered channel), each value is weighed with ``sys.getsizeof`` (which
+  counts the data of bytes and NumPy arrays) and puts
   wait while the channel holds ``max_bytes`` or more.  Without it nothing is
   weighed.
 * **Batched.**  ``get_many`` takes every item that is there, up to a limit and a
@@ -592,15 +593,9 @@ class Channel(Generic[T]):
         assert self.numbered, "put_values() puts bare items: for a numbered channel only"
         self.put_chunk(cast("list[Any]", values))
 
-    def take_nowait(self, limit: int, share: int = 1) -> list[T]:
-        """Take up to ``limit`` items (a fair ``share``) without waiting (possibly none)."""
-        with self._lock:
-            if self._aborted or not self._items:
-                return []
-            return self._rows(self._take(limit, share))
-
     def take_columns_nowait(self, limit: int, share: int = 1) -> Columns:
-        """:meth:`take_nowait` in the form of :meth:`get_columns` (possibly empty)."""
+        """Take up to ``limit`` items (a fair ``share``) without waiting, in the form of
+        :meth:`get_columns` (possibly none)."""
         with self._lock:
             if self._aborted or not self._items:
                 return (), []
