@@ -193,6 +193,21 @@ def test_a_numbered_channel_weighs_its_bare_items() -> None:
     assert channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
 
 
+@pytest.mark.timeout(30)
+def test_small_items_count_for_nothing_against_the_byte_budget() -> None:
+    # 8 items, 8 KiB: items under 1 KiB are bounded by the count alone.
+    channel: Channel[tuple[Key, object]] = Channel(8, max_bytes=8 << 10, numbered=True)
+    window = Window(100)
+    channel.pour([bytes(9 << 10), b"a", b"b"], window, 8)  # the budget is spent: a, b go in
+    assert len(channel) == 3
+    big = threading.Thread(target=channel.pour, args=([bytes(2 << 10)], window, 8))
+    big.start()  # a big item waits for the budget
+    assert channel.get_columns(1) == (range(1), [bytes(9 << 10)])
+    big.join(10)
+    assert not big.is_alive()
+    assert channel.get_columns(10) == (range(1, 4), [b"a", b"b", bytes(2 << 10)])
+
+
 def _double(x: int) -> int:
     return 2 * x
 

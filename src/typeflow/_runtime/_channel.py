@@ -12,8 +12,11 @@ last.  Threads block; tasks await; either may sit on either end.
   its items are then envelopes ``(key, value)`` (or the bare values of a
   numbered channel), each value is weighed with ``sys.getsizeof`` (which
   counts the data of bytes and NumPy arrays) and puts
-  wait while the channel holds ``max_bytes`` or more.  Without it nothing is
-  weighed.
+  wait while the channel holds ``max_bytes`` or more.  Values under
+  ``max_bytes / capacity`` count for nothing: the count bounds what they hold
+  to ``max_bytes`` already, and a put of one is then the cheaper for it (the
+  channel holds at most twice ``max_bytes``, plus one item).  Without
+  ``max_bytes`` nothing is weighed.
 * **Batched.**  ``get_many`` takes every item that is there, up to a limit and a
   fair share for the other consumers, in one lock round trip: items travel in
   batches whenever the consumer is busy, one by one when input trickles in.
@@ -49,11 +52,12 @@ if TYPE_CHECKING:
     import asyncio
 
 
-def _weight(values: Iterable[object]) -> int:
-    """The bytes ``values`` hold, roughly: ``sys.getsizeof`` of each (NumPy arrays
-    and bytes report their data; containers only themselves).  Loops in C: every
-    item of a process stage is weighed twice."""
-    return sum(map(sys.getsizeof, values))
+def _weight(values: Iterable[object], small: int) -> int:
+    """The bytes ``values`` of at least ``small`` bytes hold, roughly:
+    ``sys.getsizeof`` of each (NumPy arrays and bytes report their data;
+    containers only themselves).  Loops in C: every item of a process stage is
+    weighed twice."""
+    return sum(filter(small.__le__, map(sys.getsizeof, values)))
 
 
 _value_of: Callable[[Any], object] = itemgetter(-1)
@@ -173,6 +177,7 @@ class Channel(Generic[T]):
         "_producers",
         "_putters",
         "_size_of",
+        "_small",
         "_weighed",
         "numbered",
         "taken",
@@ -198,6 +203,8 @@ class Channel(Generic[T]):
         # Without a byte budget nothing is weighed and the byte test always passes.
         self._max_bytes = sys.maxsize if max_bytes is None else max_bytes
         self._weighed = max_bytes is not None
+        #: Values smaller than this count for nothing towards ``max_bytes`` (see above).
+        self._small = self._max_bytes // capacity if self._weighed else 0
         # Bytes put and bytes taken, apart: producers write the one, consumers the
         # other, so that a sole producer needs no lock to count (see put_solo).
         self._bytes_in = 0
@@ -267,7 +274,11 @@ class Channel(Generic[T]):
             self._putters.popleft().wake()
 
     def _weigh(self, batch: Iterable[Any]) -> int:
-        return _weight(batch if self.numbered else map(_value_of, batch))
+        return _weight(batch if self.numbered else map(_value_of, batch), self._small)
+
+    def _weigh_one(self, item: Any) -> int:
+        weight = sys.getsizeof(item if self.numbered else _value_of(item))
+        return weight if weight >= self._small else 0
 
     def _take(self, limit: int, share: int, least: int = 1) -> list[Any]:
         """Take a batch off the front (as stored: bare items in a numbered channel)."""
@@ -473,7 +484,7 @@ class Channel(Generic[T]):
             ):
                 items.append(item)
                 if self._weighed:
-                    self._bytes_in += sys.getsizeof(item if self.numbered else _value_of(item))
+                    self._bytes_in += self._weigh_one(item)
                 if self._getters:
                     self._getters.popleft().wake()
                 return
@@ -499,9 +510,7 @@ class Channel(Generic[T]):
             and self._bytes_in - self._bytes_out < self._max_bytes
             and self._open
         ):
-            weight = 0
-            if self._weighed:
-                weight = sys.getsizeof(item if self.numbered else _value_of(item))
+            weight = self._weigh_one(item) if self._weighed else 0
             # Counted before it is appended: a consumer that empties the channel
             # in between can then only undercount (for a while), never overcount
             # (an empty channel that looked full would never make room).
@@ -533,18 +542,25 @@ class Channel(Generic[T]):
         # A closed or cancelled channel is noticed after the append (and the item
         # taken back), which a put must look for anyway.
         if weighed:
+            small = self._small
             for value in values:
                 if not room:
                     room = window.take_up_to(chunk)
                 room -= 1
-                if len(items) < capacity and self._bytes_in - self._bytes_out < max_bytes:
+                if len(items) < capacity:
                     weight = getsizeof(value)
-                    self._bytes_in += weight  # as in put_solo: counted first, then appended
-                    items.append(value)
-                    if self._getters or not self._open:
-                        self._after_solo_put(value, weight)
-                else:
-                    self.put_solo(value)  # waits for room
+                    if weight < small:  # counts for nothing: no byte test either
+                        items.append(value)
+                        if self._getters or not self._open:
+                            self._after_solo_put(value, 0)
+                        continue
+                    if self._bytes_in - self._bytes_out < max_bytes:
+                        self._bytes_in += weight  # as in put_solo: counted, then appended
+                        items.append(value)
+                        if self._getters or not self._open:
+                            self._after_solo_put(value, weight)
+                        continue
+                self.put_solo(value)  # waits for room
             return
         for value in values:
             if not room:
