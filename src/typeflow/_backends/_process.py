@@ -114,7 +114,8 @@ BATCH_SECONDS: Final = 0.010
 #: About how many bytes one batch should weigh on the wire (at least one item).
 BATCH_BYTES: Final = 1024 * 1024
 #: A byte budget for the inbox of a process stage (``Channel(max_bytes=...)``):
-#: large items (arrays, images) wait in front of the stage by size, not only by count.
+#: large items (arrays, images) wait in front of the stage by size, not only by
+#: count (items under this over the buffer's length, by count alone).
 INBOX_BYTES: Final = 8 * 1024 * 1024
 #: How many batches a worker process holds at once: one it works on, one waiting.
 _IN_FLIGHT: Final = 2
