@@ -29,7 +29,6 @@ __all__ = [
     "WorkerBackend",
     "WorkerGroup",
     "fail_batch",
-    "rows",
 ]
 
 
@@ -117,12 +116,6 @@ class BatchSizer:
             if self._bytes > 0.0:
                 limit = min(limit, int(self._max_bytes / self._bytes))
         self.limit = max(1, limit)
-
-
-def rows(keys: Sequence[Key], items: Sequence[object]) -> list[Envelope]:
-    """A batch taken as columns (``Channel.get_columns``), as envelopes again: for
-    the rare paths (a failed batch, a call under a deadline, a retry)."""
-    return list(zip(keys, items, strict=True))
 
 
 def fail_batch(node: Node, batch: list[Envelope], exc: BaseException) -> Outcome:

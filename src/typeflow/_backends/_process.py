@@ -76,7 +76,6 @@ from typeflow._backends._base import (
     RunEnv,
     fail_batch,
     rate_limiter,
-    rows,
 )
 from typeflow._backends._process_child import READY, RawFailure, Reply, child_main
 from typeflow._backends._wire import Endpoint, Wire, encode
@@ -90,7 +89,7 @@ from typeflow._errors import (
 )
 from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Failed, Key, Node, Outcome, ship
+from typeflow._runtime._kernel import Envelope, Failed, Key, Node, Outcome, rows, ship
 
 __all__ = [
     "BATCH_BYTES",

@@ -20,10 +20,9 @@ from typeflow._backends._base import (
     RunEnv,
     fail_batch,
     rate_limiter,
-    rows,
 )
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Node, WorkerContext
+from typeflow._runtime._kernel import Envelope, Node, WorkerContext, rows
 
 __all__ = ["BATCH_LIMIT", "BATCH_SECONDS", "TaskGroup", "start"]
 

@@ -29,12 +29,11 @@ from typeflow._backends._base import (
     RunEnv,
     fail_batch,
     rate_limiter,
-    rows,
 )
 from typeflow._errors import StageError, StageTimeout
 from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Node, Outcome, WorkerContext
+from typeflow._runtime._kernel import Envelope, Node, Outcome, WorkerContext, rows
 
 __all__ = ["BATCH_LIMIT", "BATCH_SECONDS", "ThreadGroup", "start"]
 

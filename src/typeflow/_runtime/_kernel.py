@@ -37,6 +37,7 @@ __all__ = [
     "WorkerExit",
     "child_key",
     "root_of",
+    "rows",
 ]
 
 #: Where an item comes from: its position in the input (a "root"), or, for the
@@ -50,9 +51,15 @@ Failed: TypeAlias = tuple[Key, StageError]
 
 
 def _split(batch: list[Envelope]) -> tuple[tuple[Key, ...], tuple[object, ...]]:
-    """A batch's keys and its items apart."""
+    """A batch's keys and its items apart (the inverse of :func:`rows`)."""
     keys, items = zip(*batch, strict=True)
     return keys, items
+
+
+def rows(keys: Sequence[Key], items: Sequence[object]) -> list[Envelope]:
+    """A batch taken as columns (``Channel.get_columns``), as envelopes again: for
+    the paths that want them (a failed batch, a call under a deadline, a retry)."""
+    return list(zip(keys, items, strict=True))
 
 
 def root_of(key: Key) -> int:
@@ -182,7 +189,7 @@ class Kernel:
     ) -> Outcome:
         """:meth:`process` for a batch that comes as its keys and its items apart
         (as workers take it: see ``Channel.get_columns``)."""
-        return self.process(list(zip(keys, items, strict=True)), ctx)
+        return self.process(rows(keys, items), ctx)
 
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         """Run the batch in an asyncio task worker."""
@@ -192,7 +199,7 @@ class Kernel:
         self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
     ) -> Outcome:
         """The awaitable twin of :meth:`process_columns`."""
-        return await self.aprocess(list(zip(keys, items, strict=True)), ctx)
+        return await self.aprocess(rows(keys, items), ctx)
 
 
 #: What a function-backed kernel does with each call's result.
