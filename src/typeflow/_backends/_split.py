@@ -66,6 +66,9 @@ class _TaggedOutbox:
     def put_many(self, batch: list[tuple[Key, int, object]]) -> None:
         self._join.put_many([(self._index, *entry) for entry in batch])
 
+    def offer(self, batch: list[tuple[Key, int, object]]) -> bool:
+        return self._join.offer([(self._index, *entry) for entry in batch])
+
     async def aput_many(self, batch: list[tuple[Key, int, object]]) -> None:
         await self._join.aput_many([(self._index, *entry) for entry in batch])
 

@@ -284,16 +284,19 @@ class Channel(Generic[T]):
         """Take a batch off the front (as stored: bare items in a numbered channel)."""
         items = self._items
         n = len(items)
-        if share > 1:
-            # ceil: leave something for the other consumers, but take at least
-            # ``least`` (a few items are not worth two hand-offs)
-            n = max(-(-n // share), min(n, least))
-        n = min(n, limit)
         if self._size_of is not None:
             n = self._count_up_to(limit)
+        elif n > 1 and limit > 1:
+            if share > 1:
+                # ceil: leave something for the other consumers, but take at least
+                # ``least`` (a few items are not worth two hand-offs)
+                n = max(-(-n // share), min(n, least))
+            n = min(n, limit)
+        else:  # one item: slow items (one at a time), or all there is
+            n = 1
         # One popleft per item (a C loop), never list() then clear(): a sole
         # producer appends without the lock (see put_solo) and may do so between.
-        batch = list(map(_call, repeat(items.popleft, n)))
+        batch = [items.popleft()] if n == 1 else list(map(_call, repeat(items.popleft, n)))
         self.taken += n
         if self._max_bytes != sys.maxsize:
             # Empty: start afresh (a value may have changed size since it was weighed).
@@ -625,6 +628,9 @@ class Channel(Generic[T]):
 
     async def aget_columns(self, limit: int, share: int = 1, least: int = 1) -> Columns:
         """The awaitable twin of :meth:`get_columns`."""
+        with self._lock:  # the common case, inlined: items wait (no second coroutine)
+            if self._items and not self._aborted:
+                return self._columns(self._take(limit, share, least))
         return await self._aget(self._columns, limit, share, least)
 
     async def _aget(self, shape: Callable[[list[Any]], R], limit: int, share: int, least: int) -> R:
@@ -643,6 +649,19 @@ class Channel(Generic[T]):
                 with self._lock:
                     self._forget(self._getters, waiter, True)
                 raise
+
+    def offer(self, batch: list[T]) -> bool:
+        """Add a batch if there is room now (True), else leave it (False): a task's
+        put without a coroutine in the common case (then :meth:`aput_many`).
+
+        Raises:
+            ChannelAborted: the run was cancelled.
+        """
+        with self._lock:
+            if self._check_put():
+                self._give(batch)
+                return True
+        return False
 
     async def aput_many(self, batch: list[T]) -> None:
         """The awaitable twin of :meth:`put_many`."""

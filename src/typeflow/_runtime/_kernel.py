@@ -49,6 +49,9 @@ Envelope: TypeAlias = tuple[Key, object]
 #: A failed item: its key, and the error.
 Failed: TypeAlias = tuple[Key, StageError]
 
+#: ``list`` itself, typed as a factory of any list (for the dataclass fields below).
+_list = cast("Callable[[], list[Any]]", list)
+
 
 def _split(batch: list[Envelope]) -> tuple[tuple[Key, ...], tuple[object, ...]]:
     """A batch's keys and its items apart (the inverse of :func:`rows`)."""
@@ -92,13 +95,15 @@ class Outcome:
             Empty otherwise; a kernel fills either these or ``ok``, never both.
     """
 
-    ok: list[Envelope] = field(default_factory=list[Envelope])
-    failed: list[Failed] = field(default_factory=list[Failed])
+    # Plain ``list`` factories: calling ``list[X]()`` costs ten times ``list()`` (the
+    # alias tries to tag the new list with its type), and an Outcome is made per batch.
+    ok: list[Envelope] = field(default_factory=_list)
+    failed: list[Failed] = field(default_factory=_list)
     retries: int = 0
-    deltas: list[tuple[int, int]] = field(default_factory=list[tuple[int, int]])
+    deltas: list[tuple[int, int]] = field(default_factory=_list)
     filtered: int = 0
     keys: Sequence[Key] = ()
-    values: list[object] = field(default_factory=list[object])
+    values: list[object] = field(default_factory=_list)
 
     def envelopes(self) -> list[Envelope]:
         """Every output that goes on, as envelopes, whichever form it is in."""

@@ -254,9 +254,9 @@ class _Emitter:
 
     async def aemit(self, outcome: Outcome) -> None:
         ok, entries = self._route(outcome)
-        if entries:
+        if entries and not self._outbox.offer(entries):
             await self._outbox.aput_many(entries)
-        if ok and self._next is not None:
+        if ok and self._next is not None and not self._next.offer(ok):
             await self._next.aput_many(ok)
 
     def restarted(self) -> None:
