@@ -284,16 +284,15 @@ class Channel(Generic[T]):
         """Take a batch off the front (as stored: bare items in a numbered channel)."""
         items = self._items
         n = len(items)
-        if self._size_of is not None:
-            n = self._count_up_to(limit)
-        elif n > 1 and limit > 1:
-            if share > 1:
+        if n > 1:  # (one item waiting, the common case of slow items: take it)
+            if self._size_of is not None:
+                n = self._count_up_to(limit)
+            elif share > 1 and limit > 1:
                 # ceil: leave something for the other consumers, but take at least
                 # ``least`` (a few items are not worth two hand-offs)
-                n = max(-(-n // share), min(n, least))
-            n = min(n, limit)
-        else:  # one item: slow items (one at a time), or all there is
-            n = 1
+                n = min(max(-(-n // share), min(n, least)), limit)
+            else:
+                n = min(n, limit)
         # One popleft per item (a C loop), never list() then clear(): a sole
         # producer appends without the lock (see put_solo) and may do so between.
         batch = [items.popleft()] if n == 1 else list(map(_call, repeat(items.popleft, n)))

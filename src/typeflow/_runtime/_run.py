@@ -111,7 +111,10 @@ def _success(value: object) -> Result[Any, StageError]:
 
 
 def _successes(values: tuple[object, ...]) -> _Results:
-    """``[_success(v) for v in values]`` with the loops in C (most of a run's results)."""
+    """``[_success(v) for v in values]`` with the loops in C (most of a run's results),
+    except for a few (slow items come one by one: the C loops cost more to set up)."""
+    if len(values) < 8:
+        return [_success(value) for value in values]
     results: _Results = list(map(_new_object, repeat(Success, len(values))))
     deque(map(_set_inner_value, results, values), maxlen=0)
     return results
