@@ -400,6 +400,9 @@ class Channel(Generic[T]):
         """:meth:`get_many` for a channel of envelopes, as the batch's keys and its
         values apart: from a numbered channel a ``range`` and the items as they
         are (no envelope made at all), from any other two new sequences."""
+        with self._lock:  # the common case, inlined: items wait
+            if self._items and not self._aborted:
+                return self._columns(self._take(limit, share, least))
         return self._get(self._columns, limit, share, deadline, least)
 
     def _get(
