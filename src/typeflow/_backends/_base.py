@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from typeflow._errors import StageError
 from typeflow._runtime._channel import Channel
@@ -135,8 +135,9 @@ class Emitter(Protocol):
         """Pass an outcome on, waiting while the next stage is full."""
         ...
 
-    async def aemit(self, outcome: Outcome) -> None:
-        """The awaitable twin of :meth:`emit`."""
+    def offer(self, outcome: Outcome) -> Coroutine[Any, Any, None] | None:
+        """For tasks: pass an outcome on if that needs no waiting (None), else return
+        the coroutine that waits for room and finishes the job (to be awaited)."""
         ...
 
     def restarted(self) -> None:

@@ -70,7 +70,7 @@ async def _work(
     clock = time.perf_counter
     try:
         while True:
-            least = sizer.least(_LEAST, _LEAST_SECONDS)
+            least = sizer.least(_LEAST, _LEAST_SECONDS) if sizer.limit > 1 else 1
             keys, items = await inbox.aget_columns(sizer.limit, share, least=least)
             if limiter is not None and (delay := limiter.reserve(len(items))) > 0:
                 await asyncio.sleep(delay)  # a rate limit's slot (cancellable)
@@ -80,7 +80,8 @@ async def _work(
             except Exception as exc:  # noqa: BLE001 - not an item's error: fail the batch
                 outcome = fail_batch(node, rows(keys, items), exc)
             sizer.record(len(items), clock() - started)
-            await emitter.aemit(outcome)
+            if (rest := emitter.offer(outcome)) is not None:
+                await rest  # the next stage is full
     except (EndOfChannel, ChannelAborted):
         pass
     finally:

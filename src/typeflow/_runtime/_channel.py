@@ -442,21 +442,8 @@ class Channel(Generic[T]):
         Raises:
             ChannelAborted: the run was cancelled.
         """
-        with self._lock:  # the common case, inlined: there is room
-            items = self._items
-            if (
-                len(items) < self._capacity
-                and self._bytes_in - self._bytes_out < self._max_bytes
-                and self._open
-            ):
-                items.extend(batch)
-                if self._max_bytes != sys.maxsize:
-                    self._bytes_in += self._weigh(batch)
-                if self._getters:
-                    self._getters.popleft().wake()
-                if self._putters and self._has_room():
-                    self._putters.popleft().wake()
-                return
+        if self.offer(batch):
+            return
         while True:
             with self._lock:
                 if self._check_put():
@@ -653,17 +640,30 @@ class Channel(Generic[T]):
                 raise
 
     def offer(self, batch: list[T]) -> bool:
-        """Add a batch if there is room now (True), else leave it (False): a task's
-        put without a coroutine in the common case (then :meth:`aput_many`).
+        """Add a batch if there is room now (True), else leave it (False): the common
+        case of :meth:`put_many`, and a task's put without a coroutine.
 
         Raises:
             ChannelAborted: the run was cancelled.
+            ChannelClosed: every producer is done.
         """
         with self._lock:
-            if self._check_put():
-                self._give(batch)
+            items = self._items
+            if (
+                len(items) < self._capacity
+                and self._bytes_in - self._bytes_out < self._max_bytes
+                and self._open
+            ):
+                items.extend(batch)
+                if self._max_bytes != sys.maxsize:
+                    self._bytes_in += self._weigh(batch)
+                if self._getters:
+                    self._getters.popleft().wake()
+                if self._putters and self._has_room():
+                    self._putters.popleft().wake()
                 return True
-        return False
+            self._check_put()  # raises if the channel is cancelled or closed
+            return False
 
     async def aput_many(self, batch: list[T]) -> None:
         """The awaitable twin of :meth:`put_many`."""

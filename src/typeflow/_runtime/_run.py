@@ -35,6 +35,7 @@ from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Callable,
+    Coroutine,
     Generator,
     Iterable,
     Iterator,
@@ -255,11 +256,20 @@ class _Emitter:
         if ok and self._next is not None:
             self._next.put_many(ok)
 
-    async def aemit(self, outcome: Outcome) -> None:
+    def offer(self, outcome: Outcome) -> Coroutine[Any, Any, None] | None:
+        # No coroutine in the common case (there is room): a task worker's result
+        # costs a few µs on the event loop, and a coroutine is a good part of that.
         ok, entries = self._route(outcome)
         if entries and not self._outbox.offer(entries):
-            await self._outbox.aput_many(entries)
+            return self._aput(entries, ok)
         if ok and self._next is not None and not self._next.offer(ok):
+            return self._aput([], ok)
+        return None
+
+    async def _aput(self, entries: list[Entry], ok: list[Envelope]) -> None:
+        if entries:  # first, as in emit
+            await self._outbox.aput_many(entries)
+        if ok and self._next is not None:
             await self._next.aput_many(ok)
 
     def restarted(self) -> None:
