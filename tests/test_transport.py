@@ -389,6 +389,43 @@ def test_put_one_item_is_weighed_and_waits_like_put_many(method: str) -> None:
         channel.put((3, b""))
 
 
+def test_offer_puts_only_when_there_is_room_and_fails_like_a_put() -> None:
+    channel: Channel[int] = Channel(2)
+    assert channel.offer([1, 2])  # admitted whole while there is room
+    assert not channel.offer([3])  # full: nothing put, nothing waited for
+    assert channel.get_many(10) == [1, 2]
+    assert channel.offer([3])
+    channel.producer_done()
+    with pytest.raises(ChannelClosed):
+        channel.offer([4])
+    aborted: Channel[int] = Channel(2)
+    aborted.abort()
+    with pytest.raises(ChannelAborted):
+        aborted.offer([1])
+
+
+def test_a_task_worker_s_emit_waits_only_when_the_next_stage_is_full() -> None:
+    from typeflow._runtime._kernel import Outcome
+    from typeflow._runtime._run import _Emitter
+
+    outbox: Channel[tuple[Key, int, object]] = Channel(10)
+    inbox: Channel[tuple[Key, object]] = Channel(1)
+    emitter = _Emitter(inbox, outbox)
+    assert emitter.offer(Outcome(keys=range(0, 1), values=["a"])) is None  # room: done
+    rest = emitter.offer(Outcome(keys=range(1, 2), values=["b"]))
+    assert rest is not None  # the next stage is full: the wait is left to the caller
+
+    async def finish() -> None:
+        waiting = asyncio.ensure_future(rest)
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        assert inbox.get_many(10) == [(0, "a")]
+        await waiting
+
+    asyncio.run(finish())
+    assert inbox.get_many(10) == [(1, "b")]
+
+
 def test_pour_puts_every_item_with_a_place_in_the_window_and_counts_them() -> None:
     channel: Channel[tuple[Key, object]] = Channel(100, numbered=True)
     window = Window(10)

@@ -146,7 +146,7 @@ class ThreadGroup:
                     return
                 emitter.emit(taken_over)
             while True:
-                least = sizer.least(_LEAST, _LEAST_SECONDS)
+                least = sizer.least(_LEAST, _LEAST_SECONDS) if sizer.limit > 1 else 1
                 keys, items = inbox.get_columns(sizer.limit, share, least=least)
                 if self._limiter is not None:
                     self._wait(self._limiter.reserve(len(items)))
