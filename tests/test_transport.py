@@ -406,7 +406,7 @@ def test_offer_puts_only_when_there_is_room_and_fails_like_a_put() -> None:
 
 def test_a_task_worker_s_emit_waits_only_when_the_next_stage_is_full() -> None:
     from typeflow._runtime._kernel import Outcome
-    from typeflow._runtime._run import _Emitter
+    from typeflow._runtime._run import _Emitter  # pyright: ignore[reportPrivateUsage] - the worker-facing emitter
 
     outbox: Channel[tuple[Key, int, object]] = Channel(10)
     inbox: Channel[tuple[Key, object]] = Channel(1)
