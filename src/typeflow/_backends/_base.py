@@ -106,16 +106,20 @@ class BatchSizer:
             return
         per_item = seconds / items
         # A running average that forgets fast: half the weight on the last batch.
-        self._per_item = per_item if self._per_item == 0.0 else (self._per_item + per_item) / 2
-        limit = min(self._cap, 2 * self.limit)
-        if self._per_item > 0.0:
-            limit = min(limit, int(self._target / self._per_item))
+        average = per_item if self._per_item == 0.0 else (self._per_item + per_item) / 2
+        self._per_item = average
+        # (Comparisons, not min(): this runs once per batch, and a slow item is a batch.)
+        limit = 2 * self.limit
+        if limit > self._cap:
+            limit = self._cap
+        if average > 0.0 and (by_time := int(self._target / average)) < limit:
+            limit = by_time
         if self._max_bytes:
             per_bytes = nbytes / items
             self._bytes = per_bytes if self._bytes == 0.0 else (self._bytes + per_bytes) / 2
             if self._bytes > 0.0:
                 limit = min(limit, int(self._max_bytes / self._bytes))
-        self.limit = max(1, limit)
+        self.limit = limit if limit > 1 else 1
 
 
 def fail_batch(node: Node, batch: list[Envelope], exc: BaseException) -> Outcome:

@@ -111,7 +111,8 @@ class _ThreadWaiter(_Waiter):
         self._lock.release()
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+        # Positional: a keyword argument sends the call through the slow argument parser.
+        return self._lock.acquire(True, -1 if timeout is None else max(0.0, timeout))
 
 
 class _TaskWaiter(_Waiter):
