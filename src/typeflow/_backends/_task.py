@@ -71,7 +71,10 @@ async def _work(
     try:
         while True:
             least = sizer.least(_LEAST, _LEAST_SECONDS) if sizer.limit > 1 else 1
-            keys, items = await inbox.aget_columns(sizer.limit, share, least=least)
+            # Items usually wait: take them without a coroutine, else wait for some.
+            keys, items = inbox.take_columns_nowait(sizer.limit, share, least)
+            if not items:
+                keys, items = await inbox.aget_columns(sizer.limit, share, least=least)
             if limiter is not None and (delay := limiter.reserve(len(items))) > 0:
                 await asyncio.sleep(delay)  # a rate limit's slot (cancellable)
             started = clock()

@@ -602,13 +602,13 @@ class Channel(Generic[T]):
         assert self.numbered, "put_values() puts bare items: for a numbered channel only"
         self.put_chunk(cast("list[Any]", values))
 
-    def take_columns_nowait(self, limit: int, share: int = 1) -> Columns:
-        """Take up to ``limit`` items (a fair ``share``) without waiting, in the form of
-        :meth:`get_columns` (possibly none)."""
+    def take_columns_nowait(self, limit: int, share: int = 1, least: int = 1) -> Columns:
+        """Take up to ``limit`` items (a fair ``share``, at least ``least``) without
+        waiting, in the form of :meth:`get_columns` (possibly none)."""
         with self._lock:
             if self._aborted or not self._items:
                 return (), []
-            return self._columns(self._take(limit, share))
+            return self._columns(self._take(limit, share, least))
 
     # -- async API (tasks) ---------------------------------------------------
 
@@ -617,10 +617,8 @@ class Channel(Generic[T]):
         return await self._aget(self._rows, limit, share, least)
 
     async def aget_columns(self, limit: int, share: int = 1, least: int = 1) -> Columns:
-        """The awaitable twin of :meth:`get_columns`."""
-        with self._lock:  # the common case, inlined: items wait (no second coroutine)
-            if self._items and not self._aborted:
-                return self._columns(self._take(limit, share, least))
+        """The awaitable twin of :meth:`get_columns` (a task that expects items to
+        be waiting tries :meth:`take_columns_nowait` first: no coroutine at all)."""
         return await self._aget(self._columns, limit, share, least)
 
     async def _aget(self, shape: Callable[[list[Any]], R], limit: int, share: int, least: int) -> R:
