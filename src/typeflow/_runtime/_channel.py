@@ -462,7 +462,7 @@ class Channel(Generic[T]):
     def put(self, item: T) -> None:
         """Add one item, waiting while the channel is full: :meth:`put_many` for a
         producer that has one item at a time (the feeder), at half the cost.  Its
-        fast path repeats put_many's on purpose: one more call per item is a
+        fast path repeats :meth:`offer`'s on purpose: one more call per item is a
         tenth of the feeder's cost.
 
         Raises:
