@@ -91,6 +91,23 @@ def test_a_call_past_its_timeout_fails_and_the_run_goes_on(backend: Backend) -> 
     assert stats.restarts == (0 if backend == "task" else 1)
 
 
+def slow_at_100_and_101(x: int) -> int:
+    """Quick, except items 100 and 101: 0.3 s each."""
+    if x in (100, 101):
+        time.sleep(0.3)
+    return x
+
+
+def test_a_process_timeout_counts_from_when_the_worker_begins_the_item() -> None:
+    # Quick items first, so the pump sends the next item ahead while the worker
+    # works: 101 waits behind 100 in the worker's socket for 0.3 s, and must still
+    # have its full 0.5 s once the worker begins it.
+    run = stage(backend="process", workers=1, timeout=0.5)(slow_at_100_and_101).run(range(150))
+    results = list(run)
+    assert [r.unwrap() for r in results] == list(range(150))
+    assert run.statistics().stages[0].timed_out == 0
+
+
 @pytest.mark.parametrize("retries", [0, 1, 2])
 def test_retries_per_backend_and_attempt_counts(backend: Backend, retries: int) -> None:
     flaky = make_flaky(2)

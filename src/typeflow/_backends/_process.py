@@ -23,8 +23,11 @@ buffers out of band, read straight into place (:mod:`typeflow._backends._wire`).
   finish together), and sends it early only if it fits into the socket's buffer
   (:attr:`Wire.pipeline_bytes`): the worker may be blocked sending a big reply
   that the pump reads only after its own send returns, and a send that fits
-  never blocks.  Under a ``timeout`` the pump sends one item at a time, so
-  that each deadline counts from the item's own start.
+  never blocks.  Under a ``timeout`` every batch is one item, so that each
+  call has its own deadline; the next item still waits in the socket, and its
+  deadline counts from the reply to the one before it (when the worker began
+  it), not from its sending.  Under a rate limit the pump sends one item at a
+  time, each once its slot has come.
 
 A worker that dies (SIGKILL, ``os._exit``, segfault, out-of-memory killer) is
 replaced.  If it held a single item, that item becomes a ``Failure`` carrying
@@ -208,12 +211,18 @@ class _Unpicklable(Exception):
 class _Sent:
     """A batch on its way to (or inside) the worker process, as it was taken."""
 
-    __slots__ = ("items", "keys", "nbytes")
+    __slots__ = ("items", "keys", "nbytes", "started")
 
-    def __init__(self, keys: Sequence[Key], items: Sequence[object], nbytes: int) -> None:
+    def __init__(
+        self, keys: Sequence[Key], items: Sequence[object], nbytes: int, started: float
+    ) -> None:
         self.keys = keys
         self.items = items
         self.nbytes = nbytes
+        #: When the worker began on it (``time.monotonic()``): when it was sent to an
+        #: idle worker, or when the reply to the batch before it came back.  A
+        #: timeout's deadline counts from here.
+        self.started = started
 
     @property
     def batch(self) -> list[Envelope]:
@@ -250,7 +259,9 @@ class _Pump:
         self._wire: Wire | None = None
         self._poller: select.poll | None = None
         self._forked: tuple[BaseProcess, Endpoint] | None = None
-        self._sizer = BatchSizer(BATCH_LIMIT, BATCH_SECONDS, BATCH_BYTES)
+        # Under a timeout, one item per batch: each call's deadline is its own.
+        limit = 1 if self._timeout is not None else BATCH_LIMIT
+        self._sizer = BatchSizer(limit, BATCH_SECONDS, BATCH_BYTES)
         self.thread = threading.Thread(
             target=self._main, name=f"typeflow:{node.name}:{index}", daemon=True
         )
@@ -376,7 +387,7 @@ class _Pump:
 
     def _main(self) -> None:
         try:
-            if self._timeout is None and self._limiter is None:
+            if self._limiter is None:
                 self._pipelined()
             else:
                 self._one_by_one()
@@ -396,8 +407,7 @@ class _Pump:
             forked[1].close()
 
     def _one_by_one(self) -> None:
-        """Under a timeout or a rate limit: one item at a time (a deadline is counted
-        from its sending; a rate limit's slot is waited for before it)."""
+        """Under a rate limit: one item at a time, each sent once its slot has come."""
         while True:
             batch = self._inbox.get_many(1, self._options.workers)
             if self._limiter is not None:
@@ -469,7 +479,7 @@ class _Pump:
             wire = self._wire
             if wire is None:
                 raise _Cancelled
-            sent.append(_Sent(keys, items, nbytes))
+            sent.append(_Sent(keys, items, nbytes, time.monotonic()))
             with contextlib.suppress(OSError):  # the worker is gone: the next _collect sees it
                 wire.send_parts(parts, nbytes)
 
@@ -479,7 +489,7 @@ class _Pump:
 
     def _collect(self, sent: deque[_Sent]) -> None:
         """Wait for the reply to the oldest batch in the worker, and pass it on."""
-        reply = self._await_reply()
+        reply = self._await_reply(sent[0].started)
         if isinstance(reply, BaseException):
             # The worker died in the oldest batch; the later ones were not started.
             batches = [s.batch for s in sent]
@@ -490,6 +500,8 @@ class _Pump:
                 self._emitter.emit(self._guarded(batch))
             return
         done = sent.popleft()
+        if sent:  # the next batch starts now (under a timeout, its deadline counts from here)
+            sent[0].started = time.monotonic()
         outcome, raw, seconds = reply
         outcome.failed = self._failures(done.batch, raw) if raw else []
         self._sizer.record(len(done.items), seconds, done.nbytes)
@@ -539,15 +551,18 @@ class _Pump:
             wire.send_parts(parts, nbytes)
         return self._await_reply()
 
-    def _await_reply(self) -> Reply | BaseException:
-        """The next reply of the worker, or the error that ended it (it is then gone)."""
+    def _await_reply(self, started: float | None = None) -> Reply | BaseException:
+        """The next reply of the worker, or the error that ended it (it is then gone).
+
+        Under a timeout, the call in the worker began at ``started`` (default: now).
+        """
         proc, conn, wire = self._proc, self._conn, self._wire
         if proc is None or conn is None or wire is None:
             raise _Cancelled
         timed_out = False
         try:
             # A reply already read along with the previous one needs no waiting.
-            if wire.has_message() or self._readable(conn, proc):
+            if wire.has_message() or self._readable(conn, proc, started):
                 return cast("Reply", wire.recv())
             timed_out = True
         except (OSError, EOFError):
@@ -562,16 +577,20 @@ class _Pump:
             return StageTimeout(name, self._timeout)
         return WorkerCrashed(name, exitcode)
 
-    def _readable(self, conn: Endpoint, proc: BaseProcess) -> bool:
+    def _readable(self, conn: Endpoint, proc: BaseProcess, started: float | None) -> bool:
         """Wait for the worker's socket: True once it is readable (a reply, or the end
-        of the socket), False when the stage's timeout passes first; ``EOFError``
-        when the worker died without closing it (a grandchild may hold it open)."""
+        of the socket), False when the stage's timeout (counted from ``started``, or
+        from now) passes first; ``EOFError`` when the worker died without closing it
+        (a grandchild may hold it open)."""
         poller = self._poller
         if poller is None:  # one per worker process: registering costs more than polling
             poller = self._poller = select.poll()
             poller.register(conn.fileno(), select.POLLIN)
             poller.register(proc.sentinel, select.POLLIN)
-        timeout = None if self._timeout is None else self._timeout * 1000
+        timeout: float | None = None
+        if self._timeout is not None:
+            left = self._timeout if started is None else started + self._timeout - time.monotonic()
+            timeout = max(0.0, left) * 1000
         events = poller.poll(timeout)
         if not events:
             return False
