@@ -460,27 +460,11 @@ class Channel(Generic[T]):
                 raise
 
     def put(self, item: T) -> None:
-        """Add one item, waiting while the channel is full: :meth:`put_many` for a
-        producer that has one item at a time (the feeder), at half the cost.  Its
-        fast path repeats :meth:`offer`'s on purpose: one more call per item is a
-        tenth of the feeder's cost.
+        """Add one item, waiting while the channel is full (:meth:`put_many` of one).
 
         Raises:
             ChannelAborted: the run was cancelled.
         """
-        with self._lock:
-            items = self._items
-            if (
-                len(items) < self._capacity
-                and self._bytes_in - self._bytes_out < self._max_bytes
-                and self._open
-            ):
-                items.append(item)
-                if self._weighed:
-                    self._bytes_in += self._weigh_one(item)
-                if self._getters:
-                    self._getters.popleft().wake()
-                return
         self.put_many([item])
 
     def put_solo(self, item: T) -> None:
