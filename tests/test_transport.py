@@ -19,7 +19,7 @@ from typing import cast
 import pytest
 from returns.result import Failure, Success
 
-from typeflow import StageError, WorkerCrashed, stage
+from typeflow import StageError, WorkerCrashed, flat_map, keep, stage
 from typeflow._backends._base import BatchSizer
 from typeflow._backends._wire import OUT_OF_BAND_MIN, RECV_BUFFER, Wire, encode
 from typeflow._runtime import _channel
@@ -340,6 +340,52 @@ def test_without_retries_only_the_item_that_kills_fails() -> None:
     assert failed == [250, 750]
     for x in failed:
         assert isinstance(results[x].failure().exception, WorkerCrashed)
+
+
+def thirds_crashing_once(path: str) -> Callable[[int], bool]:
+    """Keeps multiples of 3; the first call on 250 kills its worker."""
+
+    def third(x: int) -> bool:
+        if x == 250 and not Path(path, "kept").exists():
+            Path(path, "kept").touch()
+            os._exit(9)
+        return x % 3 == 0
+
+    return third
+
+
+def doubled_thirds_crashing_once(path: str) -> Callable[[int], list[int]]:
+    """Two outputs for a multiple of 3, none otherwise; the first call on 250 kills."""
+
+    def doubled(x: int) -> list[int]:
+        if x == 250 and not Path(path, "flat").exists():
+            Path(path, "flat").touch()
+            os._exit(9)
+        return [x, x] if x % 3 == 0 else []
+
+    return doubled
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_crash_keeps_what_filters_and_flat_maps_dropped_or_added(
+    tmp_path: Path, ordered: bool
+) -> None:
+    # The batch that held 250 is run again item by item: the items a filter drops
+    # (or a one-to-many stage multiplies) there must still be accounted for, or
+    # the run loses every result behind them.
+    n = 1000
+    thirds = [x for x in range(n) if x % 3 == 0]
+    kept = keep(thirds_crashing_once(str(tmp_path)), workers=2, backend="process")
+    run = kept.run(range(n), ordered=ordered)
+    values = [r.unwrap() for r in run]
+    assert values == thirds if ordered else sorted(values) == thirds
+    stats = run.statistics().stages[0]
+    assert (stats.succeeded, stats.filtered, stats.restarts) == (len(thirds), n - len(thirds), 1)
+    fn = doubled_thirds_crashing_once(str(tmp_path))
+    run2 = flat_map(workers=2, backend="process")(fn).run(range(n), ordered=ordered)
+    values = [r.unwrap() for r in run2]
+    doubled = [x for x in thirds for _ in range(2)]
+    assert values == doubled if ordered else sorted(values) == doubled
 
 
 def test_two_process_stages_in_a_row() -> None:

@@ -604,10 +604,7 @@ class _Pump:
         if len(batch) > 1:  # find the item that kills workers; the others may run twice
             outcome = Outcome()
             for envelope in batch:
-                more = self._roundtrip([envelope])
-                outcome.ok += more.envelopes()
-                outcome.failed += more.failed
-                outcome.retries += more.retries
+                outcome.absorb(self._roundtrip([envelope]))
             return outcome
         (seq, item), attempt = batch[0], 1
         while self._options.should_retry(error, attempt):

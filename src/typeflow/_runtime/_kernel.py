@@ -111,6 +111,19 @@ class Outcome:
             return self.ok
         return [*self.ok, *zip(self.keys, self.values, strict=True)]
 
+    def absorb(self, other: Outcome) -> None:
+        """Add what ``other`` holds to this outcome (its outputs as envelopes).
+
+        Every field counts: an output, a failure, a retry, and a filter's or a
+        one-to-many stage's delta (without which the run would wait for an
+        output that never comes).
+        """
+        self.ok += other.envelopes()
+        self.failed += other.failed
+        self.retries += other.retries
+        self.deltas += other.deltas
+        self.filtered += other.filtered
+
 
 class WorkerExit(BaseException):
     """Ends a worker now (a process worker told to stop); never an item's failure."""

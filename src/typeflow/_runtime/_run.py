@@ -812,6 +812,15 @@ class _Collector(Generic[Out]):
         if core.input_error is not None:
             error, core.input_error = core.input_error, None
             raise error
+        waiting = len(self._groups) + sum(count for count, _ in self._pending.values())
+        if waiting:
+            # Every stage has ended, so these can never be released: say so loudly
+            # rather than end the run as if nothing were missing.
+            raise RuntimeError(
+                f"typeflow lost track of items: every stage has ended, but the results of "
+                f"{waiting} input item(s) still wait for outputs that never came "
+                "(a bug in typeflow: please report it)"
+            )
 
     def aborted(self) -> None:
         """The run was cancelled from elsewhere (a second signal, the grace period)."""
