@@ -39,8 +39,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=300_000, help="items per run")
     parser.add_argument("--stages", type=int, default=1, help="chained stages")
     parser.add_argument("--buffer", type=int, default=None, help="each stage's buffer")
+    parser.add_argument("--timeout", type=float, default=None, help="each stage's timeout")
     args = parser.parse_args()
-    options: dict[str, int] = {} if args.buffer is None else {"buffer": args.buffer}
+    options: dict[str, float] = {} if args.buffer is None else {"buffer": args.buffer}
+    if args.timeout is not None:
+        options["timeout"] = args.timeout
     if args.backend == "task":
         stages = [typeflow.stage(workers=2, backend="task", **options)(ainc)] * args.stages
     else:

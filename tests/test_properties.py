@@ -140,6 +140,8 @@ class Shape:
     other: Callable[[int], int]
     backend: Backend
     workers: int
+    #: Under a timeout (never reached): calls run one at a time, each with its deadline.
+    timed: bool
 
 
 shapes = st.builds(
@@ -149,16 +151,22 @@ shapes = st.builds(
     other=st.sampled_from(FUNCTIONS),
     backend=st.sampled_from(["thread", "process", "task"]),
     workers=st.integers(1, 3),
+    timed=st.booleans(),
 )
 
 
 def shape_stage(shape: Shape) -> Stage[int, int]:
+    timeout = 60.0 if shape.timed else None
     if shape.kind == "map":
-        return on(shape.backend, shape.fn, shape.workers)
+        if shape.backend == "task" or timeout is None:
+            return on(shape.backend, shape.fn, shape.workers)
+        return stage(workers=shape.workers, backend=shape.backend, timeout=timeout)(shape.fn)
     if shape.kind == "flat":
         if shape.backend == "task":
-            return flat_map(workers=shape.workers)(explode_small)
-        return flat_map(workers=shape.workers, backend=shape.backend)(explode_small)
+            return flat_map(workers=shape.workers, timeout=timeout)(explode_small)
+        return flat_map(workers=shape.workers, backend=shape.backend, timeout=timeout)(
+            explode_small
+        )
     if shape.kind == "keep":
         if shape.backend == "task":
             return keep(ais_odd, workers=shape.workers, backend="task")

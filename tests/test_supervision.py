@@ -105,7 +105,54 @@ def test_a_process_timeout_counts_from_when_the_worker_begins_the_item() -> None
     run = stage(backend="process", workers=1, timeout=0.5)(slow_at_100_and_101).run(range(150))
     results = list(run)
     assert [r.unwrap() for r in results] == list(range(150))
-    assert run.statistics().stages[0].timed_out == 0
+    stats = run.statistics().stages[0]
+    assert (stats.timed_out, stats.restarts) == (0, 0)  # no worker was killed
+
+
+def counting_calls(marker_dir: str, hang_on: int) -> Callable[[int], int]:
+    """Leaves a file per call; hangs (2 s) on ``hang_on``, the first time only."""
+
+    def counted(x: int) -> int:
+        calls = len(list(Path(marker_dir).glob(f"{x}-*")))
+        Path(marker_dir, f"{x}-{calls}").touch()
+        if x == hang_on and calls == 0:
+            time.sleep(2.0)
+        return x
+
+    return counted
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_timeout_in_a_batch_blames_the_call_that_hung(
+    tmp_path: Path, backend: Backend, retries: int
+) -> None:
+    # Quick items travel in batches under a timeout too; the worker says which
+    # call it is on, so the hung call fails (or is retried) at its own deadline,
+    # and the calls after it run once.  On processes the calls before it in its
+    # batch may run again (their results went with the killed worker); a thread's
+    # replacement takes them over.
+    n, hang_on = 400, 300
+    fn = counting_calls(str(tmp_path), hang_on)
+    timed = stage(backend=backend, workers=1, timeout=0.5, retries=retries, backoff=0.01)
+    run = timed(fn).run(range(n))
+    results = list(run)
+    calls = [len(list(tmp_path.glob(f"{x}-*"))) for x in range(n)]
+    if retries:
+        assert [r.unwrap() for r in results] == list(range(n))
+        assert calls[hang_on] == 2
+    else:
+        assert [r.unwrap() for i, r in enumerate(results) if i != hang_on] == [
+            x for x in range(n) if x != hang_on
+        ]
+        error = results[hang_on].failure()
+        assert isinstance(error.exception, StageTimeout)
+        assert (error.item, error.attempts) == (hang_on, 1)
+        assert calls[hang_on] == 1
+    assert all(c == 1 for c in calls[hang_on + 1 :])
+    assert all(1 <= c <= (2 if backend == "process" else 1) for c in calls[:hang_on])
+    stats = run.statistics().stages[0]
+    assert (stats.timed_out, stats.restarts) == (1 - retries, 1)
 
 
 @pytest.mark.parametrize("retries", [0, 1, 2])

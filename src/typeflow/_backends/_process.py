@@ -23,18 +23,22 @@ buffers out of band, read straight into place (:mod:`typeflow._backends._wire`).
   finish together), and sends it early only if it fits into the socket's buffer
   (:attr:`Wire.pipeline_bytes`): the worker may be blocked sending a big reply
   that the pump reads only after its own send returns, and a send that fits
-  never blocks.  Under a ``timeout`` every batch is one item, so that each
-  call has its own deadline; the next item still waits in the socket, and its
-  deadline counts from the reply to the one before it (when the worker began
-  it), not from its sending.  Under a rate limit the pump sends one item at a
-  time, each once its slot has come.
+  never blocks.  Under a ``timeout`` batches travel as usual and each call
+  still has its own deadline: the worker notes in shared memory which item it
+  is on and when it began it (:mod:`~typeflow._backends._progress`), which the
+  pump reads when a deadline passes; before the worker begins a batch, the
+  deadline counts from the reply to the one before it.  Under a rate limit the
+  pump sends one item at a time, each once its slot has come.
 
 A worker that dies (SIGKILL, ``os._exit``, segfault, out-of-memory killer) is
 replaced.  If it held a single item, that item becomes a ``Failure`` carrying
 :class:`~typeflow.WorkerCrashed`; if it held a batch, each item of the batch is
 run again on its own in a fresh worker, so only the item that kills a worker
-fails (the others may thus run twice).  A batch queued behind the one that
-killed the worker had not started: it is simply sent again.
+fails (the others may thus run twice).  A call past its deadline is known by
+its place in the batch: it fails (or is retried), the items before it run
+again (their results went with the worker), the ones after it are sent again.
+A batch queued behind the one that killed the worker had not started: it is
+simply sent again.
 
 Start method.  Replacements (and workers started while other threads run) use
 ``forkserver`` where the platform has it, else ``spawn``: forking a process
@@ -81,6 +85,7 @@ from typeflow._backends._base import (
     rate_limiter,
 )
 from typeflow._backends._process_child import READY, RawFailure, Reply, child_main
+from typeflow._backends._progress import Progress
 from typeflow._backends._wire import Endpoint, Wire, encode
 from typeflow._errors import (
     DefinitionError,
@@ -208,17 +213,35 @@ class _Unpicklable(Exception):
     pass
 
 
+class _Gone(Exception):
+    """The worker process is gone: ``error`` says why (a ``StageTimeout`` or a
+    ``WorkerCrashed``), ``at`` which item of the batch it was on, when known."""
+
+    def __init__(self, error: BaseException, at: int | None = None) -> None:
+        super().__init__(error, at)
+        self.error = error
+        self.at = at
+
+
 class _Sent:
     """A batch on its way to (or inside) the worker process, as it was taken."""
 
-    __slots__ = ("items", "keys", "nbytes", "started")
+    __slots__ = ("first", "items", "keys", "nbytes", "started")
 
     def __init__(
-        self, keys: Sequence[Key], items: Sequence[object], nbytes: int, started: float
+        self,
+        keys: Sequence[Key],
+        items: Sequence[object],
+        nbytes: int,
+        started: float,
+        first: int = 0,
     ) -> None:
         self.keys = keys
         self.items = items
         self.nbytes = nbytes
+        #: How many items the worker process had been sent before this batch: its
+        #: first item is the worker's item number ``first + 1`` (see Progress).
+        self.first = first
         #: When the worker began on it (``time.monotonic()``): when it was sent to an
         #: idle worker, or when the reply to the batch before it came back.  A
         #: timeout's deadline counts from here.
@@ -259,9 +282,12 @@ class _Pump:
         self._wire: Wire | None = None
         self._poller: select.poll | None = None
         self._forked: tuple[BaseProcess, Endpoint] | None = None
-        # Under a timeout, one item per batch: each call's deadline is its own.
-        limit = 1 if self._timeout is not None else BATCH_LIMIT
-        self._sizer = BatchSizer(limit, BATCH_SECONDS, BATCH_BYTES)
+        # Under a timeout the worker writes down which item it is on, so that each
+        # call in a batch has its own deadline.
+        self._progress = Progress() if self._timeout is not None else None
+        #: Items sent to the current worker process (its progress counts the same way).
+        self._handed = 0
+        self._sizer = BatchSizer(BATCH_LIMIT, BATCH_SECONDS, BATCH_BYTES)
         self.thread = threading.Thread(
             target=self._main, name=f"typeflow:{node.name}:{index}", daemon=True
         )
@@ -281,7 +307,15 @@ class _Pump:
         inherited.append(parent)
         proc = ctx.Process(
             target=child_main,
-            args=(child, None, self._index, list(inherited), self._node.kernel, False),
+            args=(
+                child,
+                None,
+                self._index,
+                list(inherited),
+                self._node.kernel,
+                False,
+                self._progress,
+            ),
             name=f"typeflow:{self._node.name}:{self._index}",
             daemon=True,
         )
@@ -303,6 +337,9 @@ class _Pump:
         return self._spawn_once()
 
     def _spawn_once(self) -> None:
+        self._handed = 0
+        if self._progress is not None:
+            self._progress.reset()
         forked, self._forked = self._forked, None
         if forked is not None:
             proc, parent = forked
@@ -324,7 +361,7 @@ class _Pump:
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(
             target=child_main,
-            args=(child, self._kernel_bytes, self._index),
+            args=(child, self._kernel_bytes, self._index, (), None, True, self._progress),
             name=f"typeflow:{self._node.name}:{self._index}",
             daemon=True,
         )
@@ -396,6 +433,8 @@ class _Pump:
         finally:
             self.discard()
             self._stop_worker(kill=self._cancelled.is_set())
+            if self._progress is not None:
+                self._progress.close()
             self._emitter.done()
 
     def discard(self) -> None:
@@ -479,7 +518,8 @@ class _Pump:
             wire = self._wire
             if wire is None:
                 raise _Cancelled
-            sent.append(_Sent(keys, items, nbytes, time.monotonic()))
+            sent.append(_Sent(keys, items, nbytes, time.monotonic(), self._handed))
+            self._handed += len(items)
             with contextlib.suppress(OSError):  # the worker is gone: the next _collect sees it
                 wire.send_parts(parts, nbytes)
 
@@ -489,8 +529,8 @@ class _Pump:
 
     def _collect(self, sent: deque[_Sent]) -> None:
         """Wait for the reply to the oldest batch in the worker, and pass it on."""
-        reply = self._await_reply(sent[0].started)
-        if isinstance(reply, BaseException):
+        reply = self._await_reply(sent[0])
+        if isinstance(reply, _Gone):
             # The worker died in the oldest batch; the later ones were not started.
             batches = [s.batch for s in sent]
             sent.clear()
@@ -507,9 +547,9 @@ class _Pump:
         self._sizer.record(len(done.items), seconds, done.nbytes)
         self._emitter.emit(outcome)
 
-    def _guarded_alone(self, batch: list[Envelope], error: BaseException) -> Outcome:
+    def _guarded_alone(self, batch: list[Envelope], gone: _Gone) -> Outcome:
         try:
-            return self._retry_alone(batch, error)
+            return self._retry_alone(batch, gone)
         except (_Cancelled, ChannelAborted):
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. a worker that cannot start
@@ -524,7 +564,7 @@ class _Pump:
             if not batch:
                 return Outcome(failed=unsendable)
             reply = self._exchange(batch)
-        if isinstance(reply, BaseException):
+        if isinstance(reply, _Gone):
             outcome = self._retry_alone(batch, reply)
         else:
             outcome, raw, _ = reply
@@ -532,10 +572,10 @@ class _Pump:
         outcome.failed += unsendable
         return outcome
 
-    def _exchange(self, batch: list[Envelope]) -> Reply | BaseException:
-        """Send a batch and wait for the reply, the worker's death or the deadline.
+    def _exchange(self, batch: list[Envelope]) -> Reply | _Gone:
+        """Send a batch and wait for the reply, the worker's death or a deadline.
 
-        Returns the reply, or the error that ended the worker (which is then gone).
+        Returns the reply, or why the worker is gone (it is then stopped).
         """
         if self._wire is None:
             self._spawn()
@@ -547,24 +587,26 @@ class _Pump:
             parts, nbytes = encode((seqs, items))
         except Exception as exc:
             raise _Unpicklable from exc
+        sent = _Sent(seqs, items, nbytes, time.monotonic(), self._handed)
+        self._handed += len(items)
         with contextlib.suppress(OSError):  # the worker is gone: its sentinel says so
             wire.send_parts(parts, nbytes)
-        return self._await_reply()
+        return self._await_reply(sent)
 
-    def _await_reply(self, started: float | None = None) -> Reply | BaseException:
-        """The next reply of the worker, or the error that ended it (it is then gone).
-
-        Under a timeout, the call in the worker began at ``started`` (default: now).
-        """
+    def _await_reply(self, sent: _Sent) -> Reply | _Gone:
+        """The worker's reply to ``sent`` (its oldest batch), or why it is gone (it is
+        then stopped): it died, or a call in the batch passed its deadline."""
         proc, conn, wire = self._proc, self._conn, self._wire
         if proc is None or conn is None or wire is None:
             raise _Cancelled
-        timed_out = False
+        hung: int | None = None
         try:
             # A reply already read along with the previous one needs no waiting.
-            if wire.has_message() or self._readable(conn, proc, started):
+            if wire.has_message():
                 return cast("Reply", wire.recv())
-            timed_out = True
+            hung = self._readable(conn, proc, sent)
+            if hung is None:
+                return cast("Reply", wire.recv())
         except (OSError, EOFError):
             pass
         if self._cancelled.is_set():
@@ -572,54 +614,88 @@ class _Pump:
         exitcode = self._stop_worker(kill=True)
         self._emitter.restarted()
         name = self._node.name
-        if timed_out:
+        if hung is not None:
             assert self._timeout is not None
-            return StageTimeout(name, self._timeout)
-        return WorkerCrashed(name, exitcode)
+            return _Gone(StageTimeout(name, self._timeout), hung)
+        return _Gone(WorkerCrashed(name, exitcode))
 
-    def _readable(self, conn: Endpoint, proc: BaseProcess, started: float | None) -> bool:
-        """Wait for the worker's socket: True once it is readable (a reply, or the end
-        of the socket), False when the stage's timeout (counted from ``started``, or
-        from now) passes first; ``EOFError`` when the worker died without closing it
-        (a grandchild may hold it open)."""
+    def _readable(self, conn: Endpoint, proc: BaseProcess, sent: _Sent) -> int | None:
+        """Wait for the worker's socket: None once it is readable (a reply, or the end
+        of the socket); under a timeout, the index in ``sent`` of the call that passed
+        its deadline first.  ``EOFError`` when the worker died without closing the
+        socket (a grandchild may hold it open)."""
         poller = self._poller
         if poller is None:  # one per worker process: registering costs more than polling
             poller = self._poller = select.poll()
             poller.register(conn.fileno(), select.POLLIN)
             poller.register(proc.sentinel, select.POLLIN)
-        timeout: float | None = None
-        if self._timeout is not None:
-            left = self._timeout if started is None else started + self._timeout - time.monotonic()
-            timeout = max(0.0, left) * 1000
-        events = poller.poll(timeout)
-        if not events:
-            return False
+        while True:
+            timeout: float | None = None
+            if self._timeout is not None:
+                at, deadline = self._deadline(sent)
+                now = time.monotonic()
+                if deadline <= now and at is not None:
+                    return at
+                timeout = max(0.0, deadline - now) * 1000
+            events = poller.poll(timeout)
+            if events:
+                break
         fd = conn.fileno()
         if any(ready == fd for ready, _ in events):
-            return True
+            return None
         raise EOFError  # only the sentinel: the worker is gone
 
-    def _retry_alone(self, batch: list[Envelope], error: BaseException) -> Outcome:
-        """The worker died (or timed out) holding ``batch``: run each item on its own."""
-        if len(batch) > 1:  # find the item that kills workers; the others may run twice
+    def _deadline(self, sent: _Sent) -> tuple[int | None, float]:
+        """Which item of ``sent`` the worker is on (None: none of them), and its deadline.
+
+        Before the worker begins the batch, its deadline counts from ``sent.started``
+        (when it was sent to an idle worker, or the reply before it came back).
+        """
+        assert self._timeout is not None
+        assert self._progress is not None
+        begun, began = self._progress.read()
+        at = begun - 1 - sent.first
+        if at < 0:
+            return None, sent.started + self._timeout
+        if at >= len(sent.items):  # done with it: its reply is on its way
+            return None, time.monotonic() + self._timeout
+        return at, max(began, sent.started) + self._timeout
+
+    def _retry_alone(self, batch: list[Envelope], gone: _Gone) -> Outcome:
+        """The worker died (or a call timed out) holding ``batch``: find the item to blame.
+
+        A call past its deadline is known: the items before it were done (their
+        results went with the worker) and run again, the ones after it had not
+        begun.  Otherwise each item runs on its own, so that only the item that
+        kills a worker fails.  Either way, some items may run twice.
+        """
+        at = gone.at
+        if at is not None and len(batch) > 1:
+            outcome = Outcome()
+            for part in (batch[:at], batch[at + 1 :]):
+                if part:
+                    outcome.absorb(self._roundtrip(part))
+            outcome.absorb(self._retry_alone([batch[at]], gone))
+            return outcome
+        if len(batch) > 1:
             outcome = Outcome()
             for envelope in batch:
                 outcome.absorb(self._roundtrip([envelope]))
             return outcome
-        (seq, item), attempt = batch[0], 1
+        (seq, item), attempt, error = batch[0], 1, gone.error
         while self._options.should_retry(error, attempt):
             if self._cancelled.wait(retry.delay(self._options, attempt)):
                 raise _Cancelled
             attempt += 1
             reply = self._exchange(batch)
-            if not isinstance(reply, BaseException):
+            if not isinstance(reply, _Gone):
                 outcome, raw, _ = reply
                 outcome.failed = self._failures(batch, raw)
                 for _, err in outcome.failed:
                     err.attempts += attempt - 1
                 outcome.retries += attempt - 1
                 return outcome
-            error = reply
+            error = reply.error
         failure = StageError(self._node.name, item, error, attempts=attempt)
         return Outcome(failed=[(seq, failure)], retries=attempt - 1)
 

@@ -16,8 +16,17 @@ import time
 from collections.abc import Sequence
 from typing import cast
 
+from typeflow._backends._progress import Progress
 from typeflow._backends._wire import Endpoint, Wire
-from typeflow._runtime._kernel import Envelope, Kernel, Key, Outcome, WorkerContext, WorkerExit
+from typeflow._runtime._kernel import (
+    Envelope,
+    Gather,
+    Kernel,
+    Key,
+    Outcome,
+    WorkerContext,
+    WorkerExit,
+)
 
 __all__ = ["READY", "RawFailure", "Reply", "child_main"]
 
@@ -39,6 +48,7 @@ def child_main(
     inherited: Sequence[Endpoint] = (),
     kernel: Kernel | None = None,
     handshake: bool = True,
+    progress: Progress | None = None,
 ) -> None:
     """Serve batches on ``conn`` until told to stop or the parent goes away.
 
@@ -46,7 +56,9 @@ def child_main(
     closes the parent's ends of the worker sockets it ``inherited`` (so that
     each worker sees its socket close when the parent dies); the others get
     ``kernel_bytes`` and say READY once they have unpickled it (a forked worker
-    has nothing to wait for: ``handshake`` is False).
+    has nothing to wait for: ``handshake`` is False).  Under a timeout the
+    worker writes down in ``progress`` which item it is on (see
+    :mod:`~typeflow._backends._progress`).
     """
     # Ctrl-C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -80,7 +92,10 @@ def child_main(
                 break
             seqs, items = cast("tuple[Sequence[Key], Sequence[object]]", message)
             started = clock()
-            outcome = kernel.process_columns(seqs, items, ctx)
+            if progress is None:
+                outcome = kernel.process_columns(seqs, items, ctx)
+            else:
+                outcome = _tracked(kernel, seqs, items, ctx, progress)
             _reply(wire, kernel.name, outcome, clock() - started)
     except WorkerExit:
         pass  # told to stop: the teardown below is all that is left to do
@@ -88,6 +103,26 @@ def child_main(
         ctx.close()
         wire.close()
         conn.close()
+
+
+def _tracked(
+    kernel: Kernel,
+    keys: Sequence[Key],
+    items: Sequence[object],
+    ctx: WorkerContext,
+    progress: Progress,
+) -> Outcome:
+    """Run a batch one call at a time, writing down before each which one it is."""
+    slots = progress.slots
+    clock = time.monotonic
+    begun = slots[0]
+    gather = Gather(keys)
+    for key, item in zip(keys, items, strict=True):
+        slots[1] = clock()  # the start first, then the count (see _progress)
+        begun += 1
+        slots[0] = begun
+        gather.add(kernel.process_columns((key,), (item,), ctx))
+    return gather.outcome()
 
 
 #: Set by SIGTERM.  The WorkerExit raised with it can land in a finalizer, which

@@ -2,18 +2,21 @@
 
 A thread cannot be killed.  When a stage has a ``timeout`` and its function is
 a plain (sync) function, a watchdog thread sleeps until the earliest deadline of
-the calls in progress.  A call past its deadline is *abandoned*: its item comes
-out as a :class:`~typeflow.StageTimeout` failure (or is tried again, if the
-stage retries timeouts), a new thread takes the worker's place, and the stuck
-thread, whenever its call returns, drops the result and ends.  ``async def``
-functions are cancelled at their timeout instead (see the kernel).
+the calls in progress.  Workers still take batches; they run them one call at
+a time and note when each call began, so each call has its own deadline.  A
+call past its deadline is *abandoned*: its item comes out as a
+:class:`~typeflow.StageTimeout` failure (or is tried again, if the stage
+retries timeouts), a new thread takes the worker's place (with the results of
+the batch so far, and the items after the stuck one), and the stuck thread,
+whenever its call returns, drops the result and ends.  ``async def`` functions
+are cancelled at their timeout instead (see the kernel).
 
 Batches are sized per worker by :class:`~typeflow._backends._base.BatchSizer`:
 about :data:`BATCH_SECONDS` of work, at most :data:`BATCH_LIMIT` items, one
 item at first.  So cheap items travel in big batches while a slow item's result
 is passed on as soon as it is ready, and ``close()`` waits for at most a couple
-of milliseconds of work (plus the call in progress).  A stage with a timeout
-takes one item at a time.
+of milliseconds of work (plus the call in progress).  A stage with a rate
+limit takes one item at a time.
 """
 
 from __future__ import annotations
@@ -33,7 +36,15 @@ from typeflow._backends._base import (
 from typeflow._errors import StageError, StageTimeout
 from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Node, Outcome, WorkerContext, rows
+from typeflow._runtime._kernel import (
+    Envelope,
+    Gather,
+    Key,
+    Node,
+    Outcome,
+    WorkerContext,
+    rows,
+)
 
 __all__ = ["BATCH_LIMIT", "BATCH_SECONDS", "ThreadGroup", "start"]
 
@@ -50,14 +61,32 @@ _LEAST_SECONDS = 0.0005
 _STARTED_AT_ONCE = 8
 
 
-@dataclass(eq=False)
-class _Call:
-    """One call under a deadline."""
+class _Batch:
+    """A batch under deadlines, run one call at a time by its worker thread.
 
-    envelope: Envelope
-    attempt: int
-    deadline: float
-    abandoned: bool = False
+    ``done`` and ``began`` move together, under the slot's lock: the call on
+    ``items[done]`` began at ``began``.  The watchdog reads them when a deadline
+    passes; once it sets ``abandoned`` (under the same lock) the stuck thread
+    touches nothing here again, and its replacement takes over what is done.
+    """
+
+    __slots__ = ("abandoned", "attempt", "began", "gather", "items", "keys")
+
+    def __init__(
+        self, keys: Sequence[Key], items: Sequence[object], attempt: int, began: float
+    ) -> None:
+        self.keys = keys
+        self.items = items
+        #: Which try this is (more than 1 only for a timed-out item tried again alone).
+        self.attempt = attempt
+        self.began = began
+        self.gather = Gather(keys)
+        self.abandoned: bool = False
+
+    def running(self) -> bool:
+        """Whether a call of the batch is still in progress (a method: it changes
+        under the checker's feet, so it must not be narrowed like an attribute)."""
+        return self.gather.done < len(self.items)
 
 
 @dataclass(eq=False)
@@ -67,7 +96,8 @@ class _Slot:
     index: int
     emitter: Emitter
     thread: threading.Thread | None = None
-    call: _Call | None = None
+    batch: _Batch | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
     retired: list[threading.Thread] = field(default_factory=list[threading.Thread])
 
 
@@ -83,6 +113,8 @@ class ThreadGroup:
         self._stopped = False
         self._slots = [_Slot(i, e) for i, e in enumerate(emitters)]
         self._watchdog: threading.Thread | None = None
+        #: The watchdog waits for no deadline: a new batch must wake it.
+        self._watchdog_idle = False
         self._launcher: threading.Thread | None = None
 
     def start(self) -> None:
@@ -116,7 +148,7 @@ class ThreadGroup:
                     return
                 self._launch(slot, None)
 
-    def _launch(self, slot: _Slot, first: tuple[_Call, BaseException] | None) -> None:
+    def _launch(self, slot: _Slot, first: tuple[_Batch, BaseException] | None) -> None:
         thread = threading.Thread(
             target=self._work,
             args=(slot, first),
@@ -128,42 +160,37 @@ class ThreadGroup:
 
     # -- workers -------------------------------------------------------------
 
-    def _work(self, slot: _Slot, first: tuple[_Call, BaseException] | None) -> None:
+    def _work(self, slot: _Slot, first: tuple[_Batch, BaseException] | None) -> None:
         node, inbox, emitter = self._node, self._inbox, slot.emitter
         kernel = node.kernel
         share = node.options.workers
-        one_at_a_time = self._timeout is not None or self._limiter is not None
-        sizer = BatchSizer(1 if one_at_a_time else BATCH_LIMIT, BATCH_SECONDS)
+        sizer = BatchSizer(1 if self._limiter is not None else BATCH_LIMIT, BATCH_SECONDS)
         clock = time.perf_counter
         ctx = WorkerContext(slot.index)
         replaced = False
         try:
-            if first is not None:  # take over from a thread whose call timed out
-                call, error = first
-                taken_over = self._after_timeout(slot, call, error, ctx)
-                if taken_over is None:
-                    replaced = True
-                    return
-                emitter.emit(taken_over)
+            if first is not None and not self._take_over(slot, *first, ctx):
+                replaced = True
+                return
             while True:
                 least = sizer.least(_LEAST, _LEAST_SECONDS) if sizer.limit > 1 else 1
                 keys, items = inbox.get_columns(sizer.limit, share, least=least)
                 if self._limiter is not None:
                     self._wait(self._limiter.reserve(len(items)))
+                started = clock()
                 if self._timeout is None:
-                    started = clock()
                     try:
                         outcome = kernel.process_columns(keys, items, ctx)
                     except BaseException as exc:  # noqa: BLE001 - even SystemExit: the batch
                         # fails, and this thread stays (a worker thread never dies of it)
                         outcome = fail_batch(node, rows(keys, items), exc)
-                    sizer.record(len(items), clock() - started)
                 else:
-                    result = self._timed(slot, (keys[0], items[0]), 1, ctx)
+                    result = self._timed(slot, keys, items, 1, ctx)
                     if result is None:
                         replaced = True
                         return
                     outcome = result
+                sizer.record(len(items), clock() - started)
                 emitter.emit(outcome)
         except (EndOfChannel, ChannelAborted):
             pass
@@ -180,46 +207,70 @@ class ThreadGroup:
                     raise ChannelAborted
 
     def _timed(
-        self, slot: _Slot, envelope: Envelope, attempt: int, ctx: WorkerContext
+        self,
+        slot: _Slot,
+        keys: Sequence[Key],
+        items: Sequence[object],
+        attempt: int,
+        ctx: WorkerContext,
     ) -> Outcome | None:
-        """Run one call under the deadline; None if it was abandoned meanwhile."""
-        assert self._timeout is not None
-        call = _Call(envelope, attempt, time.monotonic() + self._timeout)
+        """Run a batch one call at a time, each under its own deadline; None if a call
+        was abandoned meanwhile (the thread that replaced this one carries on)."""
+        clock, kernel, lock = time.monotonic, self._node.kernel, slot.lock
+        batch = _Batch(keys, items, attempt, clock())
+        gather = batch.gather
         with self._cond:
-            slot.call = call
-            self._cond.notify()
-        try:
-            outcome = self._node.kernel.process([envelope], ctx)
-        except Exception as exc:  # noqa: BLE001 - not an item's error: fail the batch
-            outcome = fail_batch(self._node, [envelope], exc)
-        with self._cond:
-            if call.abandoned:
-                return None
-            slot.call = None
+            slot.batch = batch
+            if self._watchdog_idle:  # otherwise it wakes by an earlier deadline anyway
+                self._cond.notify()
+        for key, item in zip(keys, items, strict=True):
+            try:
+                more = kernel.process_columns((key,), (item,), ctx)
+            except Exception as exc:  # noqa: BLE001 - not an item's error: fail the item
+                more = fail_batch(self._node, [(key, item)], exc)
+            with lock:
+                if batch.abandoned:
+                    return None
+                gather.add(more)
+                batch.began = clock()
+        outcome = gather.outcome()
         if attempt > 1:
             outcome.retries += attempt - 1
             for _, error in outcome.failed:
                 error.attempts += attempt - 1
         return outcome
 
-    def _after_timeout(
-        self, slot: _Slot, call: _Call, error: BaseException, ctx: WorkerContext
-    ) -> Outcome | None:
-        """The first job of a replacement thread: retry the timed-out item, or fail it.
+    def _take_over(
+        self, slot: _Slot, batch: _Batch, error: BaseException, ctx: WorkerContext
+    ) -> bool:
+        """The first job of a thread that replaces one whose call timed out: pass on
+        what its batch had done, retry or fail the stuck item, run the items after it.
 
-        None means the retry timed out too (and the next replacement carries on).
+        False if a call timed out again (and the next replacement carries on).
         """
+        emitter, done = slot.emitter, batch.gather.done
+        if done:
+            emitter.emit(batch.gather.outcome())
+        key, item = batch.keys[done], batch.items[done]
         options = self._node.options
-        envelope = call.envelope
-        if options.should_retry(error, call.attempt):
+        if options.should_retry(error, batch.attempt):
             with self._cond:
-                self._cond.wait_for(lambda: self._stopped, retry.delay(options, call.attempt))
+                self._cond.wait_for(lambda: self._stopped, retry.delay(options, batch.attempt))
                 if self._stopped:
                     raise ChannelAborted
-            return self._timed(slot, envelope, call.attempt + 1, ctx)
-        seq, item = envelope
-        failure = StageError(self._node.name, item, error, attempts=call.attempt)
-        return Outcome(failed=[(seq, failure)], retries=call.attempt - 1)
+            retried = self._timed(slot, (key,), (item,), batch.attempt + 1, ctx)
+            if retried is None:
+                return False
+            emitter.emit(retried)
+        else:
+            failure = StageError(self._node.name, item, error, attempts=batch.attempt)
+            emitter.emit(Outcome(failed=[(key, failure)], retries=batch.attempt - 1))
+        if done + 1 < len(batch.items):
+            rest = self._timed(slot, batch.keys[done + 1 :], batch.items[done + 1 :], 1, ctx)
+            if rest is None:
+                return False
+            emitter.emit(rest)
+        return True
 
     # -- watchdog ------------------------------------------------------------
 
@@ -229,21 +280,30 @@ class ThreadGroup:
         with self._cond:
             while not self._stopped:
                 now = time.monotonic()
-                calls = [s.call for s in self._slots if s.call is not None]
-                expired = [s for s in self._slots if s.call is not None and s.call.deadline <= now]
-                for slot in expired:
-                    call = slot.call
-                    assert call is not None
-                    call.abandoned = True
-                    slot.call = None
+                next_deadline: float | None = None
+                for slot in self._slots:
+                    batch = slot.batch
+                    if batch is None or not batch.running():
+                        continue
+                    deadline = batch.began + timeout
+                    if deadline > now:
+                        if next_deadline is None or deadline < next_deadline:
+                            next_deadline = deadline
+                        continue
+                    with slot.lock:  # the worker may finish the call right now
+                        if batch.abandoned or not batch.running() or batch.began + timeout > now:
+                            continue
+                        batch.abandoned = True
+                    slot.batch = None
                     if slot.thread is not None:
                         slot.retired.append(slot.thread)
                     slot.emitter.restarted()
-                    self._launch(slot, (call, StageTimeout(self._node.name, timeout)))
-                if expired:
-                    continue
-                next_deadline = min((c.deadline for c in calls), default=None)
+                    self._launch(slot, (batch, StageTimeout(self._node.name, timeout)))
+                if next_deadline is not None and next_deadline <= time.monotonic():
+                    continue  # a call finished just as it was looked at: look again
+                self._watchdog_idle = next_deadline is None
                 self._cond.wait(None if next_deadline is None else next_deadline - now)
+                self._watchdog_idle = False
 
     # -- WorkerGroup -----------------------------------------------------------
 

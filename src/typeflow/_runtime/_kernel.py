@@ -125,6 +125,45 @@ class Outcome:
         self.filtered += other.filtered
 
 
+class Gather:
+    """The outcomes of one-item calls on a batch, gathered into one outcome.
+
+    For a batch run one call at a time (under a timeout, each call has its own
+    deadline).  While every item has made exactly one output, the outputs stay
+    in column form, as a batch run at once would leave them.
+    """
+
+    __slots__ = ("_columns", "_keys", "_out", "_values", "done")
+
+    def __init__(self, keys: Sequence[Key]) -> None:
+        self._keys = keys
+        self._out = Outcome()
+        self._values: list[object] = []
+        self._columns = True
+        #: How many items have been added (the first ``done`` of the batch).
+        self.done = 0
+
+    def add(self, more: Outcome) -> None:
+        """The outcome of the call on the batch's next item."""
+        if self._columns and more.values:
+            self._values.append(more.values[0])
+        else:
+            if self._columns:  # from here on, outputs as envelopes
+                self._out.ok = list(zip(self._keys, self._values, strict=False))
+                self._columns = False
+            self._out.absorb(more)
+        self.done += 1
+
+    def outcome(self) -> Outcome:
+        """What the items added so far came to."""
+        out = self._out
+        if self._columns and self._values:
+            done = self.done
+            out.keys = self._keys if done == len(self._keys) else self._keys[:done]
+            out.values = self._values
+        return out
+
+
 class WorkerExit(BaseException):
     """Ends a worker now (a process worker told to stop); never an item's failure."""
 
