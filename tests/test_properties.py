@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from returns.result import Result, Success
 
 from tests.conftest import on
-from typeflow import Backend, Stage, StageError, flat_map, fork, keep, stage
+from typeflow import (
+    Backend,
+    Stage,
+    StageError,
+    StageTimeout,
+    WorkerCrashed,
+    flat_map,
+    fork,
+    keep,
+    stage,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -291,3 +305,135 @@ def test_failures_and_retries_match_the_statistics(
     assert stats.stages[-1].succeeded == len(items) - failures
     assert stats.stages[0].retried == (sum(1 for x in items if x % 3 == 0) if retries else 0)
     assert (stats.items_read, stats.done, stats.in_flight) == (len(items), len(items), 0)
+
+
+# -- faults: workers that die or hang on some items ---------------------------------------
+
+#: A hung call sleeps this long, past the faulty stage's timeout.
+HANG_S = 1.0
+FAULT_TIMEOUT_S = 0.2
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A first stage that kills its worker (``os._exit``) or hangs on the items ``at``."""
+
+    kind: str  # "map", "flat", "keep"
+    fault: str  # "crash" (process workers only) or "hang"
+    backend: Backend
+    permanent: bool  # every call on those items faults, or only the first
+    retries: int
+    workers: int
+    at: frozenset[int]
+
+
+def fault_once(fault: Fault, marker_dir: str, x: int) -> None:
+    if x not in fault.at:
+        return
+    marker = Path(marker_dir, str(x))
+    if not fault.permanent and marker.exists():
+        return
+    marker.touch()
+    if fault.fault == "crash":
+        os._exit(9)
+    time.sleep(HANG_S)
+
+
+def faulty_stage(fault: Fault, marker_dir: str) -> Stage[int, int]:
+    workers, backend = fault.workers, fault.backend
+    if fault.kind == "keep":  # a filter has no timeout nor retries: crashes only
+
+        def odd(x: int) -> bool:
+            fault_once(fault, marker_dir, x)
+            return is_odd(x)
+
+        return keep(odd, workers=workers, backend=backend, name="faulty")
+    timeout = FAULT_TIMEOUT_S if fault.fault == "hang" else None
+    retries = fault.retries
+    if fault.kind == "flat":
+
+        def explode(x: int) -> list[int]:
+            fault_once(fault, marker_dir, x)
+            return explode_small(x)
+
+        return flat_map(
+            workers=workers,
+            backend=backend,
+            name="faulty",
+            timeout=timeout,
+            retries=retries,
+            backoff=0.001,
+        )(explode)
+
+    def plus_one(x: int) -> int:
+        fault_once(fault, marker_dir, x)
+        return inc(x)
+
+    return stage(
+        workers=workers,
+        backend=backend,
+        name="faulty",
+        timeout=timeout,
+        retries=retries,
+        backoff=0.001,
+    )(plus_one)
+
+
+@st.composite
+def faults(draw: st.DrawFn, items: list[int]) -> Fault:
+    fault = draw(st.sampled_from(["crash", "hang"]))
+    # A filter has no timeout nor retries: it only crashes, on every call.
+    kinds = ["map", "flat", "keep"] if fault == "crash" else ["map", "flat"]
+    kind = draw(st.sampled_from(kinds))
+    backend: Backend = "process"
+    if fault == "hang":
+        backend = draw(st.sampled_from(["thread", "process"]))
+    if kind == "keep":
+        permanent, retries = True, 0
+    else:
+        permanent = draw(st.booleans())
+        # A crash that happens once may be absorbed by running its batch again item
+        # by item (not a retry): without retries, only a permanent one has one outcome.
+        retries = 1 if fault == "crash" and not permanent else draw(st.integers(0, 1))
+    at = draw(st.sets(st.sampled_from(items), max_size=2)) if items else set[int]()
+    return Fault(kind, fault, backend, permanent, retries, draw(st.integers(1, 3)), frozenset(at))
+
+
+def first_outputs(fault: Fault, x: int) -> list[int]:
+    if fault.kind == "flat":
+        return explode_small(x)
+    if fault.kind == "keep":
+        return [x] if is_odd(x) else []
+    return [inc(x)]
+
+
+@settings(max_examples=max(8, settings().max_examples // 4))
+@given(
+    data=st.data(),
+    items=st.lists(st.integers(-200, 200), max_size=50, unique=True),
+    rest=st.lists(shapes, max_size=2),
+    ordered=st.booleans(),
+)
+def test_crashes_and_hangs_lose_nothing(
+    data: st.DataObject, items: list[int], rest: list[Shape], ordered: bool
+) -> None:
+    fault = data.draw(faults(items))
+    with tempfile.TemporaryDirectory() as marker_dir:
+        pipeline = faulty_stage(fault, marker_dir)
+        for shape in rest:
+            pipeline = pipeline | shape_stage(shape)
+        run = pipeline.run(items, ordered=ordered)
+        got = [observed(r) for r in run]
+    expected: list[Outcome] = []
+    for x in items:
+        if x in fault.at and (fault.permanent or not fault.retries):
+            error = WorkerCrashed if fault.fault == "crash" else StageTimeout
+            expected.append((False, ("faulty", x, error)))
+        else:
+            expected += [o for v in first_outputs(fault, x) for o in reference(rest, v)]
+    assert run.statistics().in_flight == 0
+    assert run.statistics().done == len(items)
+    if ordered and not any(s.kind == "batch" for s in rest):
+        assert got == expected
+    else:
+        assert Counter(map(repr, got)) == Counter(map(repr, expected))

@@ -155,6 +155,29 @@ def test_a_timeout_in_a_batch_blames_the_call_that_hung(
     assert (stats.timed_out, stats.restarts) == (1 - retries, 1)
 
 
+def hangs_on_300(x: int) -> int:
+    if x == 300:
+        time.sleep(1.0)
+    return x
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_retry_that_times_out_again_keeps_the_rest_of_its_batch(backend: Backend) -> None:
+    # The replacement of a stuck thread retries the stuck item, then runs the items
+    # after it; when the retry hangs too, the next replacement must carry both on.
+    run = stage(backend=backend, workers=1, timeout=0.2, retries=1, backoff=0.001)(
+        hangs_on_300
+    ).run(range(400))
+    results = list(run)
+    assert [r.unwrap() for i, r in enumerate(results) if i != 300] == [
+        x for x in range(400) if x != 300
+    ]
+    error = results[300].failure()
+    assert isinstance(error.exception, StageTimeout)
+    assert error.attempts == 2
+    assert run.statistics().stages[0].restarts == 2
+
+
 @pytest.mark.parametrize("retries", [0, 1, 2])
 def test_retries_per_backend_and_attempt_counts(backend: Backend, retries: int) -> None:
     flaky = make_flaky(2)

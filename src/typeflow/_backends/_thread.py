@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from typeflow._backends._base import (
     BatchSizer,
@@ -89,6 +90,16 @@ class _Batch:
         return self.gather.done < len(self.items)
 
 
+class _Work(NamedTuple):
+    """Items a replacement thread must see to before it takes new ones."""
+
+    keys: Sequence[Key]
+    items: Sequence[object]
+    attempt: int
+    #: Not None: one item whose call timed out on try ``attempt`` (retry or fail it).
+    error: BaseException | None
+
+
 @dataclass(eq=False)
 class _Slot:
     """One worker position; a new thread takes it over when a call is abandoned."""
@@ -99,6 +110,8 @@ class _Slot:
     batch: _Batch | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     retired: list[threading.Thread] = field(default_factory=list[threading.Thread])
+    #: Left by a replacement whose own call timed out (see ``_take_over``).
+    backlog: list[_Work] = field(default_factory=list[_Work])
 
 
 class ThreadGroup:
@@ -244,32 +257,39 @@ class ThreadGroup:
         self, slot: _Slot, batch: _Batch, error: BaseException, ctx: WorkerContext
     ) -> bool:
         """The first job of a thread that replaces one whose call timed out: pass on
-        what its batch had done, retry or fail the stuck item, run the items after it.
+        what its batch had done, retry or fail the stuck item, run the items after it,
+        then what an earlier replacement of this slot had left (``slot.backlog``).
 
-        False if a call timed out again (and the next replacement carries on).
+        False if a call timed out again: the next replacement carries the backlog on.
         """
         emitter, done = slot.emitter, batch.gather.done
         if done:
             emitter.emit(batch.gather.outcome())
-        key, item = batch.keys[done], batch.items[done]
+        keys, items = batch.keys, batch.items
+        ahead = [_Work(keys[done : done + 1], items[done : done + 1], batch.attempt, error)]
+        if done + 1 < len(items):
+            ahead.append(_Work(keys[done + 1 :], items[done + 1 :], 1, None))
+        backlog = slot.backlog
+        backlog[:0] = ahead
         options = self._node.options
-        if options.should_retry(error, batch.attempt):
-            with self._cond:
-                self._cond.wait_for(lambda: self._stopped, retry.delay(options, batch.attempt))
-                if self._stopped:
-                    raise ChannelAborted
-            retried = self._timed(slot, (key,), (item,), batch.attempt + 1, ctx)
-            if retried is None:
+        while backlog:
+            work = backlog.pop(0)
+            attempt = work.attempt
+            if work.error is not None:  # one item that timed out
+                if not options.should_retry(work.error, attempt):
+                    key, item = work.keys[0], work.items[0]
+                    failure = StageError(self._node.name, item, work.error, attempts=attempt)
+                    emitter.emit(Outcome(failed=[(key, failure)], retries=attempt - 1))
+                    continue
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopped, retry.delay(options, attempt))
+                    if self._stopped:
+                        raise ChannelAborted
+                attempt += 1
+            outcome = self._timed(slot, work.keys, work.items, attempt, ctx)
+            if outcome is None:
                 return False
-            emitter.emit(retried)
-        else:
-            failure = StageError(self._node.name, item, error, attempts=batch.attempt)
-            emitter.emit(Outcome(failed=[(key, failure)], retries=batch.attempt - 1))
-        if done + 1 < len(batch.items):
-            rest = self._timed(slot, batch.keys[done + 1 :], batch.items[done + 1 :], 1, ctx)
-            if rest is None:
-                return False
-            emitter.emit(rest)
+            emitter.emit(outcome)
         return True
 
     # -- watchdog ------------------------------------------------------------
