@@ -63,6 +63,8 @@ def _typeflow_stage(st: StageSpec) -> Any:
         kwargs = {"workers": 1, "backend": "thread"}
     if st.buffer is not None:
         kwargs["buffer"] = st.buffer
+    if st.timeout is not None:
+        kwargs["timeout"] = st.timeout
     fn = st.afn if st.backend == "task" else st.fn
     return stage(**kwargs)(fn)
 
@@ -171,7 +173,7 @@ def run_mpire(stages: Stages, items: Iterable[Any], sink: Sink) -> None:
                 continue
             method = "threading" if st.backend == "thread" else "fork"
             pool = stack.enter_context(WorkerPool(n_jobs=st.workers, start_method=method))
-            it = pool.imap(st.fn, it, chunk_size=st.chunk)
+            it = pool.imap(st.fn, it, chunk_size=st.chunk, task_timeout=st.timeout)
         for x in it:
             sink(x)
 
@@ -201,15 +203,19 @@ def run_pypeln(stages: Stages, items: Iterable[Any], sink: Sink) -> None:
     pl: Any = import_pypeln()
     stage: Any = items
     for st in stages:
-        maxsize = st.buffer or 0
+        maxsize, timeout = st.buffer or 0, st.timeout or 0
         if st.backend == "sync":
             stage = pl.sync.map(st.fn, stage)
         elif st.backend == "thread":
-            stage = pl.thread.map(st.fn, stage, workers=st.workers, maxsize=maxsize)
+            stage = pl.thread.map(
+                st.fn, stage, workers=st.workers, maxsize=maxsize, timeout=timeout
+            )
         elif st.backend == "process":
-            stage = pl.process.map(st.fn, stage, workers=st.workers, maxsize=maxsize)
+            stage = pl.process.map(
+                st.fn, stage, workers=st.workers, maxsize=maxsize, timeout=timeout
+            )
         else:
-            stage = pl.task.map(st.afn, stage, workers=st.workers, maxsize=0)
+            stage = pl.task.map(st.afn, stage, workers=st.workers, maxsize=0, timeout=timeout)
     for x in stage:
         sink(x)
 

@@ -42,6 +42,10 @@ WORKLOADS: tuple[str, ...] = (
 
 POOL_PEERS = ("typeflow", "pypeln", "mp_pool", "mp_pool_c1", "cf", "joblib", "mpire")
 TASK_PEERS = ("typeflow", "pypeln", "asyncio_queue", "asyncio_gather")
+#: The peers that can stop a call past its timeout (the others only stop waiting).
+TIMEOUT_PEERS = ("typeflow", "pypeln", "mpire")
+#: The timeout of the overhead cases under one: far above any call's time.
+TIMEOUT_S = 5.0
 PROCESS_PEERS = ("typeflow", "mp_pool", "cf", "mpire", "joblib", "pypeln")
 THREAD_IO_PEERS = ("typeflow", "mp_pool", "cf", "joblib", "mpire", "pypeln")
 MIXED_PEERS = (
@@ -161,6 +165,23 @@ def overhead_cases(quick: bool) -> list[Case]:
                     expected=expected,
                 )
             )
+    # Under a timeout (never reached), against the peers that can stop a call past
+    # one: what a per-call deadline costs a quick item.
+    for backend in ("thread", "process"):
+        cases.append(
+            Case(
+                workload="overhead",
+                name=f"1 stage, {backend}, timeout",
+                stages=(spec(inc, backend, 2, chunk=1024, timeout=TIMEOUT_S),),
+                peers=TIMEOUT_PEERS,
+                n=200_000 if quick else 1_000_000,
+                calibrate=True,
+                budget_s=0.25 if quick else 1.0,
+                paired="chain",
+                n_pair=100_000 if quick else 300_000,
+                expected=_sum_inc,
+            )
+        )
     return cases
 
 

@@ -117,6 +117,8 @@ class StageSpec:
         workers: Concurrent workers of the stage.
         chunk: Chunk size for peers that take one (``Pool.imap``, mpire, executors).
         buffer: Bound of the stage's output queue for peers that take one.
+        timeout: Seconds one call may take (never reached here), for peers that can
+            stop a call past it: typeflow, pypeln (``timeout``), mpire (``task_timeout``).
     """
 
     fn: SyncFn
@@ -125,16 +127,22 @@ class StageSpec:
     workers: int = 2
     chunk: int = 1
     buffer: int | None = None
+    timeout: float | None = None
 
 
 ASYNC_TWINS: dict[SyncFn, AsyncFn] = {inc: ainc, dbl: adbl, io_sleep: aio_sleep}
 
 
 def spec(
-    fn: SyncFn, backend: Backend, workers: int = 2, chunk: int = 1, buffer: int | None = None
+    fn: SyncFn,
+    backend: Backend,
+    workers: int = 2,
+    chunk: int = 1,
+    buffer: int | None = None,
+    timeout: float | None = None,
 ) -> StageSpec:
     """Build a :class:`StageSpec`, attaching the async twin of ``fn`` when it has one."""
-    return StageSpec(fn, ASYNC_TWINS.get(fn), backend, workers, chunk, buffer)
+    return StageSpec(fn, ASYNC_TWINS.get(fn), backend, workers, chunk, buffer, timeout)
 
 
 def compose(fns: tuple[SyncFn, ...]) -> SyncFn:
