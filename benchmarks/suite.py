@@ -151,38 +151,36 @@ def overhead_cases(quick: bool) -> list[Case]:
         peers = TASK_PEERS if backend == "task" else POOL_PEERS
         for fns, expected in (((inc,), _sum_inc), ((inc, dbl, inc), _sum_inc_dbl_inc)):
             label = "1 stage" if len(fns) == 1 else f"{len(fns)} stages"
-            cases.append(
-                Case(
-                    workload="overhead",
-                    name=f"{label}, {backend}",
-                    stages=tuple(spec(f, backend, 2, chunk=1024) for f in fns),
-                    peers=peers,
-                    n=200_000 if quick else 1_000_000,
-                    calibrate=True,
-                    budget_s=0.25 if quick else 1.0,
-                    paired="chain",
-                    n_pair=100_000 if quick else 300_000,
-                    expected=expected,
-                )
-            )
+            stages = tuple(spec(f, backend, 2, chunk=1024) for f in fns)
+            cases.append(_overhead_case(f"{label}, {backend}", stages, peers, expected, quick))
     # Under a timeout (never reached), against the peers that can stop a call past
     # one: what a per-call deadline costs a quick item.
     for backend in ("thread", "process"):
-        cases.append(
-            Case(
-                workload="overhead",
-                name=f"1 stage, {backend}, timeout",
-                stages=(spec(inc, backend, 2, chunk=1024, timeout=TIMEOUT_S),),
-                peers=TIMEOUT_PEERS,
-                n=200_000 if quick else 1_000_000,
-                calibrate=True,
-                budget_s=0.25 if quick else 1.0,
-                paired="chain",
-                n_pair=100_000 if quick else 300_000,
-                expected=_sum_inc,
-            )
-        )
+        stages = (spec(inc, backend, 2, chunk=1024, timeout=TIMEOUT_S),)
+        name = f"1 stage, {backend}, timeout"
+        cases.append(_overhead_case(name, stages, TIMEOUT_PEERS, _sum_inc, quick))
     return cases
+
+
+def _overhead_case(
+    name: str,
+    stages: tuple[StageSpec, ...],
+    peers: tuple[str, ...],
+    expected: Callable[[int], float],
+    quick: bool,
+) -> Case:
+    return Case(
+        workload="overhead",
+        name=name,
+        stages=stages,
+        peers=peers,
+        n=200_000 if quick else 1_000_000,
+        calibrate=True,
+        budget_s=0.25 if quick else 1.0,
+        paired="chain",
+        n_pair=100_000 if quick else 300_000,
+        expected=expected,
+    )
 
 
 def cpu_cases(quick: bool) -> list[Case]:

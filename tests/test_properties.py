@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 from hypothesis import given, settings
@@ -339,44 +340,44 @@ def fault_once(fault: Fault, marker_dir: str, x: int) -> None:
     time.sleep(HANG_S)
 
 
+class _Supervised(TypedDict):
+    workers: int
+    backend: Backend
+    name: str
+    timeout: float | None
+    retries: int
+    backoff: float
+
+
 def faulty_stage(fault: Fault, marker_dir: str) -> Stage[int, int]:
-    workers, backend = fault.workers, fault.backend
     if fault.kind == "keep":  # a filter has no timeout nor retries: crashes only
 
         def odd(x: int) -> bool:
             fault_once(fault, marker_dir, x)
             return is_odd(x)
 
-        return keep(odd, workers=workers, backend=backend, name="faulty")
-    timeout = FAULT_TIMEOUT_S if fault.fault == "hang" else None
-    retries = fault.retries
+        return keep(odd, workers=fault.workers, backend=fault.backend, name="faulty")
+    options: _Supervised = {
+        "workers": fault.workers,
+        "backend": fault.backend,
+        "name": "faulty",
+        "timeout": FAULT_TIMEOUT_S if fault.fault == "hang" else None,
+        "retries": fault.retries,
+        "backoff": 0.001,
+    }
     if fault.kind == "flat":
 
         def explode(x: int) -> list[int]:
             fault_once(fault, marker_dir, x)
             return explode_small(x)
 
-        return flat_map(
-            workers=workers,
-            backend=backend,
-            name="faulty",
-            timeout=timeout,
-            retries=retries,
-            backoff=0.001,
-        )(explode)
+        return flat_map(**options)(explode)
 
     def plus_one(x: int) -> int:
         fault_once(fault, marker_dir, x)
         return inc(x)
 
-    return stage(
-        workers=workers,
-        backend=backend,
-        name="faulty",
-        timeout=timeout,
-        retries=retries,
-        backoff=0.001,
-    )(plus_one)
+    return stage(**options)(plus_one)
 
 
 @st.composite

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from multiprocessing.reduction import DupFd
 from typing import Final, Protocol
 
@@ -38,13 +39,16 @@ class _Detachable(Protocol):
 class Progress:
     """Two shared numbers per worker process: items begun, and when the latest began."""
 
-    __slots__ = ("_fd", "_map", "slots")
+    __slots__ = ("__weakref__", "_close_fd", "_fd", "_map", "slots")
 
     def __init__(self, fd: int | None = None) -> None:
         if fd is None:
             fd = _anonymous_file()
             os.ftruncate(fd, _SIZE)
         self._fd = fd
+        # The descriptor is closed with the object even if close() is never called
+        # (a run that fails before its pump starts).
+        self._close_fd = weakref.finalize(self, os.close, fd)
         self._map = mmap.mmap(fd, _SIZE)
         #: ``slots[0]``: how many items the worker has begun; ``slots[1]``: when it
         #: began the latest (``time.monotonic()``).  Written by the worker only.
@@ -61,9 +65,12 @@ class Progress:
         return int(begun), self.slots[1]
 
     def close(self) -> None:
+        """Release the mapping and the descriptor (again: nothing happens)."""
+        if self._map.closed:
+            return
         self.slots.release()
         self._map.close()
-        os.close(self._fd)
+        self._close_fd()
 
     def __reduce__(self) -> tuple[object, ...]:
         # Only while a worker process is being started (spawn, forkserver): the
