@@ -1,0 +1,151 @@
+"""The floors under two targets of issue 5 that typeflow has not met on this machine.
+
+* ``mixed``: the mixed pipeline (sleep 5 ms on 16 threads -> ~1 ms of CPU on 2
+  processes -> ``x+1``), run by typeflow and the two best peers.  Besides the
+  wall time it reads the CPU time the worker processes used
+  (``RUSAGE_CHILDREN``) and the parent (``RUSAGE_SELF``, its threads
+  included): on two cores no run can end before half of the sum, and a
+  library whose parent took no CPU at all could not end before half of the
+  workers' CPU, whatever it did.
+* ``threads``: 200 threads that do 10 waits of 10 ms each (2 000 items, the
+  io workload's 200-thread case without any library), started by
+  ``threading.Thread.start`` (which waits until each new thread runs) and by
+  ``_thread.start_new_thread`` (which does not, and gives the threads no
+  ``Thread`` object), with the moment the last thread began.  Each thread has
+  its own fixed share, so this is what starting 200 threads costs, not a
+  pipeline.
+
+Each measurement runs in a fresh interpreter, the libraries in turn::
+
+    uv run --group bench python benchmarks/floors.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MIXED_RUNNERS = ("typeflow", "cf", "mp_pool")
+THREAD_STARTS = ("threading", "_thread")
+THREADS, WAITS, WAIT_S = 200, 10, 0.010
+
+
+def _mixed(name: str) -> dict[str, float]:
+    import peers
+    from suite import mixed_cases
+
+    case = mixed_cases(quick=False)[0]
+    runner = {"typeflow": peers.run_typeflow, "cf": peers.run_cf, "mp_pool": peers.run_mp_pool}
+    out: list[object] = []
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own_before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    runner[name](case.stages, iter(range(case.n)), out.append)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own_after = resource.getrusage(resource.RUSAGE_SELF)
+    assert len(out) == case.n
+    return {
+        "n": case.n,
+        "wall_s": wall,
+        "workers_cpu_s": _cpu(after) - _cpu(before),
+        "parent_cpu_s": _cpu(own_after) - _cpu(own_before),
+    }
+
+
+def _cpu(usage: resource.struct_rusage) -> float:
+    return usage.ru_utime + usage.ru_stime
+
+
+def _threads(how: str) -> dict[str, float]:
+    began = [0.0] * THREADS
+    done = threading.Semaphore(0)
+    started = time.perf_counter()
+
+    def work(i: int) -> None:
+        began[i] = time.perf_counter() - started
+        for _ in range(WAITS):
+            time.sleep(WAIT_S)
+        done.release()
+
+    for i in range(THREADS):
+        if how == "threading":
+            threading.Thread(target=work, args=(i,), daemon=True).start()
+        else:
+            _thread.start_new_thread(work, (i,))
+    for _ in range(THREADS):
+        done.acquire()
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "last_began_s": max(began)}
+
+
+def _one(kind: str, name: str) -> dict[str, float]:
+    """One measurement in a fresh interpreter."""
+    argv = [sys.executable, str(Path(__file__)), "--one", kind, name]
+    completed = subprocess.run(argv, check=True, capture_output=True, text=True)
+    result: dict[str, float] = json.loads(completed.stdout.splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        kind, name = args.one
+        sys.path.insert(0, str(HERE))
+        print(json.dumps(_mixed(name) if kind == "mixed" else _threads(name)))
+        return
+    mixed: dict[str, list[dict[str, float]]] = {name: [] for name in MIXED_RUNNERS}
+    threads: dict[str, list[dict[str, float]]] = {how: [] for how in THREAD_STARTS}
+    for _ in range(args.repeats):
+        for name in MIXED_RUNNERS:
+            mixed[name].append(_one("mixed", name))
+        for how in THREAD_STARTS:
+            threads[how].append(_one("threads", how))
+
+    def median(rows: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    print(f"mixed pipeline, medians of {args.repeats} (ms for {mixed['cf'][0]['n']:.0f} items)")
+    print("| library | wall | workers' CPU | parent's CPU | (workers + parent) / 2 | wall / that |")
+    print("|---|---|---|---|---|---|")
+    floors = []
+    for name, rows in mixed.items():
+        wall, cpu = median(rows, "wall_s"), median(rows, "workers_cpu_s")
+        both = (cpu + median(rows, "parent_cpu_s")) / 2
+        floors.append(cpu / 2)
+        print(
+            f"| {name} | {wall * 1e3:.0f} | {cpu * 1e3:.0f} | "
+            f"{median(rows, 'parent_cpu_s') * 1e3:.0f} | {both * 1e3:.0f} | {wall / both:.2f} |"
+        )
+    best_peer = min(median(mixed[n], "wall_s") for n in MIXED_RUNNERS if n != "typeflow")
+    print(
+        f"a library whose parent took no CPU and whose workers never waited "
+        f"(the workers' CPU / 2) would be {best_peer / min(floors):.2f}x the best peer"
+    )
+    print()
+    ideal = WAITS * WAIT_S
+    print(f"{THREADS} threads x {WAITS} waits of {WAIT_S * 1e3:.0f} ms, medians of {args.repeats}")
+    print("| start | wall (ms) | % of ideal | last thread began (ms) |")
+    print("|---|---|---|---|")
+    for how, rows in threads.items():
+        wall = median(rows, "wall_s")
+        print(
+            f"| {how} | {wall * 1e3:.0f} | {ideal / wall * 100:.0f} | "
+            f"{median(rows, 'last_began_s') * 1e3:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
