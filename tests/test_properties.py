@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import time
@@ -328,21 +329,24 @@ class Fault:
     at: frozenset[int]
 
 
-def fault_once(fault: Fault, marker_dir: str, x: int) -> None:
+def fault_once(fault: Fault, marker_dir: str, x: int) -> bool:
+    """Fault on ``x`` if it is one of the stage's; True for a hang left to the caller."""
     if x not in fault.at:
-        return
+        return False
     marker = Path(marker_dir, str(x))
     if not fault.permanent and marker.exists():
-        return
+        return False
     marker.touch()
     if fault.fault == "crash":
         os._exit(9)
+    if fault.backend == "task":
+        return True
     time.sleep(HANG_S)
+    return False
 
 
 class _Supervised(TypedDict):
     workers: int
-    backend: Backend
     name: str
     timeout: float | None
     retries: int
@@ -359,7 +363,6 @@ def faulty_stage(fault: Fault, marker_dir: str) -> Stage[int, int]:
         return keep(odd, workers=fault.workers, backend=fault.backend, name="faulty")
     options: _Supervised = {
         "workers": fault.workers,
-        "backend": fault.backend,
         "name": "faulty",
         "timeout": FAULT_TIMEOUT_S if fault.fault == "hang" else None,
         "retries": fault.retries,
@@ -371,13 +374,22 @@ def faulty_stage(fault: Fault, marker_dir: str) -> Stage[int, int]:
             fault_once(fault, marker_dir, x)
             return explode_small(x)
 
-        return flat_map(**options)(explode)
+        return flat_map(backend=fault.backend, **options)(explode)
+
+    if fault.backend == "task":
+
+        async def aplus_one(x: int) -> int:
+            if fault_once(fault, marker_dir, x):
+                await asyncio.sleep(HANG_S)
+            return inc(x)
+
+        return stage(backend="task", **options)(aplus_one)
 
     def plus_one(x: int) -> int:
         fault_once(fault, marker_dir, x)
         return inc(x)
 
-    return stage(**options)(plus_one)
+    return stage(backend=fault.backend, **options)(plus_one)
 
 
 @st.composite
@@ -388,7 +400,12 @@ def faults(draw: st.DrawFn, items: list[int]) -> Fault:
     kind = draw(st.sampled_from(kinds))
     backend: Backend = "process"
     if fault == "hang":
-        backend = draw(st.sampled_from(["thread", "process"]))
+        # On tasks, a plain map (the kernel keeps its deadlines; flat maps go per call).
+        backend = draw(
+            st.sampled_from(
+                ["thread", "process", "task"] if kind == "map" else ["thread", "process"]
+            )
+        )
     if kind == "keep":
         permanent, retries = True, 0
     else:

@@ -98,11 +98,22 @@ def slow_at_100_and_101(x: int) -> int:
     return x
 
 
-def test_a_process_timeout_counts_from_when_the_worker_begins_the_item() -> None:
-    # Quick items first, so the pump sends the next item ahead while the worker
-    # works: 101 waits behind 100 in the worker's socket for 0.3 s, and must still
-    # have its full 0.5 s once the worker begins it.
-    run = stage(backend="process", workers=1, timeout=0.5)(slow_at_100_and_101).run(range(150))
+async def aslow_at_100_and_101(x: int) -> int:
+    if x in (100, 101):
+        await asyncio.sleep(0.3)
+    return x
+
+
+def test_a_timeout_counts_from_when_the_worker_begins_the_item(backend: Backend) -> None:
+    # Quick items first, so that 100 and 101 travel in one batch (or, on processes,
+    # 101 waits behind 100 in the worker's socket): 101 waits 0.3 s for 100, and
+    # must still have its full 0.5 s once the worker begins it.
+    timed: Stage[int, int]
+    if backend == "task":
+        timed = stage(backend="task", workers=1, timeout=0.5)(aslow_at_100_and_101)
+    else:
+        timed = stage(backend=backend, workers=1, timeout=0.5)(slow_at_100_and_101)
+    run = timed.run(range(150))
     results = list(run)
     assert [r.unwrap() for r in results] == list(range(150))
     stats = run.statistics().stages[0]

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Sequen
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
 
-from typeflow._errors import StageError
+from typeflow._errors import StageError, StageTimeout
 
 if TYPE_CHECKING:
     import asyncio
@@ -410,8 +410,10 @@ class FnKernel(Kernel):
     async def aprocess_columns(
         self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
     ) -> Outcome:
-        if self.kind != "map" or self.options.retries or self.options.timeout is not None:
+        if self.kind != "map" or self.options.retries:
             return await super().aprocess_columns(keys, items, ctx)
+        if self.options.timeout is not None:
+            return await self._amap_timed(keys, items, self.options.timeout)
         import asyncio
 
         # The common case, without the retry and timeout wrappers' frames, in
@@ -439,10 +441,66 @@ class FnKernel(Kernel):
             out.keys, out.values = keys, values
         return out
 
+    async def _amap_timed(
+        self, keys: Sequence[Key], items: Sequence[object], timeout: float
+    ) -> Outcome:
+        """A plain map under a timeout, each call with its own deadline.
+
+        One ``asyncio.timeout`` scope and one timer serve the whole batch: the
+        timer wakes when the earliest call could be due and, if the call in
+        progress began later, sleeps on until that one's deadline; only a call
+        past its own deadline is cancelled (``asyncio.timeout`` per call would cost a
+        timer and a scope, some 5 µs, per item).
+        """
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        fn, name = self.fn, self.name
+        out = Outcome()
+        ok, failed = out.ok, out.failed
+        values: list[object] = []
+        i, n = 0, len(items)
+        while i < n:
+            try:
+                async with asyncio.timeout(None) as scope:
+                    deadlines = _Deadlines(loop, scope, timeout)
+                    try:
+                        while i < n:
+                            deadlines.began = loop.time()
+                            item = items[i]
+                            try:
+                                value = await fn(item)
+                            except (asyncio.CancelledError, WorkerExit):
+                                raise
+                            except BaseException as exc:  # noqa: BLE001 - this item's Failure
+                                if values:
+                                    ok.extend(zip(keys, values, strict=False))
+                                    values = []
+                                failed.append((keys[i], StageError(name, item, exc)))
+                            else:
+                                if failed:
+                                    ok.append((keys[i], value))
+                                else:
+                                    values.append(value)
+                            i += 1
+                    finally:
+                        deadlines.close()
+            except TimeoutError as exc:  # the scope's: the call on items[i] ran past its deadline
+                if values:
+                    ok.extend(zip(keys, values, strict=False))
+                    values = []
+                error = StageTimeout(name, timeout)
+                error.__cause__ = exc
+                failed.append((keys[i], StageError(name, items[i], error)))
+                i += 1
+        if not failed:
+            out.keys, out.values = keys, values
+        return out
+
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         import asyncio
 
-        if self.kind == "map" and not self.options.retries and self.options.timeout is None:
+        if self.kind == "map" and not self.options.retries:
             return await self.aprocess_columns(*_split(batch), ctx)
         out = Outcome()
         for key, item in batch:
@@ -456,6 +514,38 @@ class FnKernel(Kernel):
                 out.retries += attempts - 1
                 self._place(out, key, item, value)
         return out
+
+
+class _Deadlines:
+    """One timer for a batch of async calls, each with its own deadline.
+
+    The caller sets ``began`` as each call begins.  The timer wakes when the
+    call in progress could first be due; if that call began later, it sleeps on
+    until that call's own deadline; a call past it is cancelled through the
+    ``asyncio.timeout`` scope, which then raises ``TimeoutError``.
+    """
+
+    __slots__ = ("_loop", "_scope", "_timeout", "_timer", "began")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, scope: asyncio.Timeout, timeout: float
+    ) -> None:
+        self._loop = loop
+        self._scope = scope
+        self._timeout = timeout
+        self.began = loop.time()
+        self._timer = loop.call_at(self.began + timeout, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        due = self.began + self._timeout
+        if due <= now:
+            self._scope.reschedule(now)  # cancels the call in progress
+        else:
+            self._timer = self._loop.call_at(due, self._check)
+
+    def close(self) -> None:
+        self._timer.cancel()  # (nothing happens if it has fired)
 
 
 class SetupFailed(Exception):
