@@ -237,7 +237,8 @@ def _async_calls(stages: Stages, stack: contextlib.ExitStack) -> list[AsyncCall]
     calls: list[AsyncCall] = []
     for st in stages:
         if st.afn is not None and st.backend != "process":
-            calls.append(st.afn)  # asyncio's native way: a task, not an executor hop
+            # asyncio's native way: a task, not an executor hop (a timeout per call)
+            calls.append(st.afn if st.timeout is None else _with_timeout(st.afn, st.timeout))
         elif st.backend == "sync":
             calls.append(_as_async(st.fn))
         else:
@@ -245,6 +246,14 @@ def _async_calls(stages: Stages, stack: contextlib.ExitStack) -> list[AsyncCall]
             ex = stack.enter_context(pool_cls(st.workers))
             calls.append(functools.partial(_in_executor, loop, ex, st.fn))
     return calls
+
+
+def _with_timeout(afn: AsyncCall, timeout: float) -> AsyncCall:
+    async def call(x: Any) -> Any:
+        async with asyncio.timeout(timeout):
+            return await afn(x)
+
+    return call
 
 
 def _as_async(fn: Callable[[Any], Any]) -> AsyncCall:

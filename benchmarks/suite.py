@@ -44,6 +44,8 @@ POOL_PEERS = ("typeflow", "pypeln", "mp_pool", "mp_pool_c1", "cf", "joblib", "mp
 TASK_PEERS = ("typeflow", "pypeln", "asyncio_queue", "asyncio_gather")
 #: The peers that can stop a call past its timeout (the others only stop waiting).
 TIMEOUT_PEERS = ("typeflow", "pypeln", "mpire")
+#: On tasks: pypeln, and bare asyncio worker tasks with ``asyncio.timeout`` per call.
+TASK_TIMEOUT_PEERS = ("typeflow", "pypeln", "asyncio_queue")
 #: The timeout of the overhead cases under one: far above any call's time.
 TIMEOUT_S = 5.0
 PROCESS_PEERS = ("typeflow", "mp_pool", "cf", "mpire", "joblib", "pypeln")
@@ -155,10 +157,11 @@ def overhead_cases(quick: bool) -> list[Case]:
             cases.append(_overhead_case(f"{label}, {backend}", stages, peers, expected, quick))
     # Under a timeout (never reached), against the peers that can stop a call past
     # one: what a per-call deadline costs a quick item.
-    for backend in ("thread", "process"):
+    for backend in ("thread", "process", "task"):
         stages = (spec(inc, backend, 2, chunk=1024, timeout=TIMEOUT_S),)
         name = f"1 stage, {backend}, timeout"
-        cases.append(_overhead_case(name, stages, TIMEOUT_PEERS, _sum_inc, quick))
+        peers = TASK_TIMEOUT_PEERS if backend == "task" else TIMEOUT_PEERS
+        cases.append(_overhead_case(name, stages, peers, _sum_inc, quick))
     return cases
 
 
