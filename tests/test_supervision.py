@@ -189,6 +189,39 @@ def test_a_retry_that_times_out_again_keeps_the_rest_of_its_batch(backend: Backe
     assert run.statistics().stages[0].restarts == 2
 
 
+def failing_first(path: str) -> Callable[[int], int]:
+    """Notes the time of every call in ``path``; the first call raises."""
+
+    def call(x: int) -> int:
+        with open(path, "a") as log:
+            log.write(f"{time.time()}\n")
+        if len(Path(path).read_text().split()) == 1:
+            raise ConnectionError("the first call fails")
+        return x
+
+    return call
+
+
+def test_a_retry_waits_its_backoff_first(backend: Backend, tmp_path: Path) -> None:
+    log = str(tmp_path / "calls")
+    fn = failing_first(log)
+    timed: Stage[int, int]
+    if backend == "task":
+
+        async def call(x: int) -> int:
+            return fn(x)
+
+        timed = stage(backend="task", retries=2, backoff=0.2)(call)
+    else:
+        timed = stage(backend=backend, retries=2, backoff=0.2)(fn)
+    run = timed.run([7])
+    assert [r.unwrap() for r in run] == [7]
+    first, second = (float(t) for t in Path(log).read_text().split())
+    # tenacity's exponential backoff with jitter: 0.2 s, plus up to 0.2 s of jitter
+    assert second - first >= 0.19
+    assert run.statistics().stages[0].retried == 1
+
+
 @pytest.mark.parametrize("retries", [0, 1, 2])
 def test_retries_per_backend_and_attempt_counts(backend: Backend, retries: int) -> None:
     flaky = make_flaky(2)
