@@ -78,6 +78,8 @@ class Step:
     backend: Backend
     workers: int
     buffer: int
+    #: As an ``async def`` function (always, on tasks), run on the worker's own loop.
+    coroutine: bool = False
 
 
 steps = st.builds(
@@ -86,7 +88,20 @@ steps = st.builds(
     backend=st.sampled_from(["thread", "process", "task"]),
     workers=st.integers(1, 3),
     buffer=st.integers(1, 8),
+    coroutine=st.booleans(),
 )
+
+
+def step_stage(step: Step) -> Stage[int, int]:
+    if not step.coroutine or step.backend == "task":
+        return on(step.backend, step.fn, step.workers, step.buffer)
+    fn = step.fn
+
+    async def call(x: int) -> int:
+        return fn(x)
+
+    call.__qualname__ = fn.__qualname__  # failures name the stage after the function
+    return stage(workers=step.workers, backend=step.backend, buffer=step.buffer)(call)
 
 
 def sequential(chain: list[Step], x: int) -> Outcome:
@@ -107,9 +122,9 @@ def observed(result: Result[int, StageError]) -> Outcome:
 
 
 def build(chain: list[Step]) -> Stage[int, int]:
-    pipeline: Stage[int, int] = on(chain[0].backend, chain[0].fn, chain[0].workers, chain[0].buffer)
+    pipeline = step_stage(chain[0])
     for step in chain[1:]:
-        pipeline = pipeline | on(step.backend, step.fn, step.workers, step.buffer)
+        pipeline = pipeline | step_stage(step)
     return pipeline
 
 
@@ -290,7 +305,7 @@ def test_failures_and_retries_match_the_statistics(
     flaky = stage(workers=2, backend=flaky_backend, retries=retries, backoff=0.0)(make_flaky())
     pipeline: Stage[int, int] = flaky
     for step in chain:
-        pipeline = pipeline | on(step.backend, step.fn, step.workers, step.buffer)
+        pipeline = pipeline | step_stage(step)
     run = pipeline.run(items)
     got = [observed(r) for r in run]
     stats = run.statistics()

@@ -339,8 +339,8 @@ class FnKernel(Kernel):
     # -- batches -------------------------------------------------------------
 
     def process(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
-        if self.is_async:
-            return self._each(batch, lambda item: ctx.run_coroutine(self._acall(item)))
+        if self.is_async:  # one turn of the worker's event loop for the whole batch
+            return cast("Outcome", ctx.run_coroutine(self.aprocess(batch, ctx)))
         if self.options.retries:
             return self._each(batch, lambda item: retry.call(self._call, item, self.options))
         if self.kind != "map":
@@ -350,7 +350,9 @@ class FnKernel(Kernel):
     def process_columns(
         self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
     ) -> Outcome:
-        if self.is_async or self.options.retries or self.kind != "map":
+        if self.is_async:
+            return cast("Outcome", ctx.run_coroutine(self.aprocess_columns(keys, items, ctx)))
+        if self.options.retries or self.kind != "map":
             return super().process_columns(keys, items, ctx)
         return self._map_columns(keys, items)
 
