@@ -40,14 +40,21 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=1, help="chained stages")
     parser.add_argument("--buffer", type=int, default=None, help="each stage's buffer")
     parser.add_argument("--timeout", type=float, default=None, help="each stage's timeout")
+    parser.add_argument("--retries", type=int, default=0, help="each stage's retries")
+    parser.add_argument(
+        "--coroutine", action="store_true", help="x+1 as async def on thread and process stages"
+    )
     args = parser.parse_args()
     options: dict[str, float] = {} if args.buffer is None else {"buffer": args.buffer}
     if args.timeout is not None:
         options["timeout"] = args.timeout
+    if args.retries:
+        options["retries"] = args.retries
     if args.backend == "task":
         stages = [typeflow.stage(workers=2, backend="task", **options)(ainc)] * args.stages
     else:
-        stages = [typeflow.stage(workers=2, backend=args.backend, **options)(inc)] * args.stages
+        fn = ainc if args.coroutine else inc
+        stages = [typeflow.stage(workers=2, backend=args.backend, **options)(fn)] * args.stages
     pipeline = functools.reduce(operator.or_, stages)
     list(pipeline.run(range(100)))  # start-up costs out of the way
     n = args.n
