@@ -93,6 +93,10 @@ class Outcome:
             output, ``values[i]`` from the item keyed ``keys[i]`` (the batch's
             keys, in order; a ``range`` when they are consecutive positions).
             Empty otherwise; a kernel fills either these or ``ok``, never both.
+        whole: roots whose every output is in ``ok`` (none, for a filtered
+            one): the item was the root itself, not one of several items a
+            stage before made from it.  A hint only (``deltas`` still count
+            them): the last stage hands such a root to the caller as one entry.
     """
 
     # Plain ``list`` factories: calling ``list[X]()`` costs ten times ``list()`` (the
@@ -104,6 +108,7 @@ class Outcome:
     filtered: int = 0
     keys: Sequence[Key] = ()
     values: list[object] = field(default_factory=_list)
+    whole: list[int] = field(default_factory=_list)
 
     def envelopes(self) -> list[Envelope]:
         """Every output that goes on, as envelopes, whichever form it is in."""
@@ -123,6 +128,7 @@ class Outcome:
         self.retries += other.retries
         self.deltas += other.deltas
         self.filtered += other.filtered
+        self.whole += other.whole
 
 
 class Gather:
@@ -329,12 +335,16 @@ class FnKernel(Kernel):
             else:
                 out.deltas.append((root_of(key), -1))
                 out.filtered += 1
+                if type(key) is int:
+                    out.whole.append(key)
         else:
             values = cast("list[object]", value)
             out.ok.extend([(child_key(key, i), v) for i, v in enumerate(values)])
             if len(values) != 1:
                 out.deltas.append((root_of(key), len(values) - 1))
                 out.filtered += not values
+            if type(key) is int:
+                out.whole.append(key)
 
     # -- batches -------------------------------------------------------------
 

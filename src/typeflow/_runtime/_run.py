@@ -70,14 +70,16 @@ __all__ = ["AsyncRun", "Run", "RunCore", "default_window"]
 Out = TypeVar("Out", covariant=True)
 
 #: An outcome on its way to the caller: key, kind, and the value, the
-#: StageError or the change in the number of its root's outputs; or, for kind
-#: OKS, the keys and the values of a whole batch of successes.
+#: StageError or the change in the number of its root's outputs; for kind
+#: OKS, the keys and the values of a whole batch of successes; for kind
+#: GROUP, a root and every output it will ever have, as envelopes.
 Entry: TypeAlias = tuple[Any, int, Any]
 #: Entry kinds.
 OK: Final = 0
 FAILED: Final = 1
 DELTA: Final = 2
 OKS: Final = 3
+GROUP: Final = 4
 #: Results on their way to the caller (their type is the run's output type).
 _Results: TypeAlias = list[Result[Any, StageError]]
 
@@ -122,8 +124,11 @@ def _successes(values: tuple[object, ...]) -> _Results:
 
 
 def _results_in(entry: Entry) -> int:
-    """How many results an outbox entry carries (a DELTA counts as one)."""
-    return len(entry[0]) if entry[1] == OKS else 1
+    """How many results an outbox entry carries (a DELTA, or an empty GROUP, counts as one)."""
+    kind = entry[1]
+    if kind == OKS:
+        return len(entry[0])
+    return max(1, len(entry[2])) if kind == GROUP else 1
 
 
 def _result(entry: Entry) -> Result[Any, StageError]:
@@ -215,9 +220,11 @@ class _Emitter:
         counters.succeeded += len(ok) + len(values)
         counters.retried += outcome.retries
         entries: list[Entry] = []
+        # Counted before the outputs they announce can reach the caller.
+        counters.filtered += outcome.filtered
+        if outcome.whole and self._batched:
+            ok, deltas = self._groups(outcome, entries)
         if deltas:
-            # Counted before the outputs they announce can reach the caller.
-            counters.filtered += outcome.filtered
             entries.extend([(root, DELTA, delta) for root, delta in deltas])
         if failed:
             counters.failed += len(failed)
@@ -248,6 +255,24 @@ class _Emitter:
         elif values:
             ok = outcome.envelopes()
         return ok, entries
+
+    @staticmethod
+    def _groups(
+        outcome: Outcome, entries: list[Entry]
+    ) -> tuple[list[Envelope], list[tuple[int, int]]]:
+        """The roots the outcome holds whole, as one GROUP entry each (one entry for
+        the caller's collector instead of a DELTA and one per output); returns the
+        other outputs and deltas."""
+        groups: dict[int, list[Envelope]] = {root: [] for root in outcome.whole}
+        rest: list[Envelope] = []
+        for envelope in outcome.ok:
+            group = groups.get(root_of(envelope[0]))
+            if group is None:
+                rest.append(envelope)
+            else:
+                group.append(envelope)
+        entries.extend([(root, GROUP, group) for root, group in groups.items()])
+        return rest, [(root, delta) for root, delta in outcome.deltas if root not in groups]
 
     def emit(self, outcome: Outcome) -> None:
         ok, entries = self._route(outcome)
@@ -759,6 +784,15 @@ class _Collector(Generic[Out]):
     def _accept_one(self, entry: Entry, complete: list[tuple[int, int, _Results]]) -> None:
         key, kind, payload = entry
         groups = self._groups
+        if kind == GROUP:
+            envelopes = cast("list[Envelope]", payload)
+            if key not in groups:  # always, for a root the last stage held whole
+                complete.append((key, 1, [_success(value) for _, value in envelopes]))
+                return
+            self._accept_one((key, DELTA, len(envelopes) - 1), complete)
+            for child, value in envelopes:
+                self._accept_one((child, OK, value), complete)
+            return
         if kind == FAILED:
             self._failures_released += 1
         if isinstance(key, int) and kind != DELTA and key not in groups:
