@@ -215,7 +215,8 @@ class _Unpicklable(Exception):
 
 class _Gone(Exception):
     """The worker process is gone: ``error`` says why (a ``StageTimeout`` or a
-    ``WorkerCrashed``), ``at`` which item of the batch it was on, when known."""
+    ``WorkerCrashed``), ``at`` which item of the batch it was on, when known.
+    Returned by the waits for a reply, never raised."""
 
     def __init__(self, error: BaseException, at: int | None = None) -> None:
         super().__init__(error, at)

@@ -65,8 +65,8 @@ _STARTED_AT_ONCE = 8
 class _Batch:
     """A batch under deadlines, run one call at a time by its worker thread.
 
-    ``done`` and ``began`` move together, under the slot's lock: the call on
-    ``items[done]`` began at ``began``.  The watchdog reads them when a deadline
+    ``gather.done`` and ``began`` move together, under the slot's lock: the
+    call on ``items[gather.done]`` began at ``began``.  The watchdog reads them when a deadline
     passes; once it sets ``abandoned`` (under the same lock) the stuck thread
     touches nothing here again, and its replacement takes over what is done.
     """
