@@ -223,7 +223,7 @@ class _Emitter:
         # Counted before the outputs they announce can reach the caller.
         counters.filtered += outcome.filtered
         if outcome.whole and self._batched:
-            ok, deltas = self._groups(outcome, entries)
+            ok, deltas = self._whole_roots(outcome, entries)
         if deltas:
             entries.extend([(root, DELTA, delta) for root, delta in deltas])
         if failed:
@@ -257,7 +257,7 @@ class _Emitter:
         return ok, entries
 
     @staticmethod
-    def _groups(
+    def _whole_roots(
         outcome: Outcome, entries: list[Entry]
     ) -> tuple[list[Envelope], list[tuple[int, int]]]:
         """The roots the outcome holds whole, as one GROUP entry each (one entry for
