@@ -422,6 +422,50 @@ def test_route_sends_each_item_to_one_branch(backend: Backend) -> None:
     assert run.statistics().in_flight == 0
 
 
+def test_a_fork_names_the_first_branch_that_failed(backend: Backend) -> None:
+    forked = fork(on(backend, fail_on_x), on(backend, shout) | on(backend, fail_on_x))
+    results = list(forked.run(["ab", "x", "cd"] * 30))
+    assert [r.unwrap() for r in results if isinstance(r, Success)] == [
+        ("ab", "AB"),
+        ("cd", "CD"),
+    ] * 30
+    failures = [r.failure() for r in results if isinstance(r, Failure)]
+    assert [(f.stage, f.item) for f in failures] == [("fail_on_x", "x")] * 30  # branch 0
+
+
+def test_route_passes_on_what_one_to_many_and_filter_branches_make(backend: Backend) -> None:
+    def twice(n: int) -> list[int]:
+        return [n, n]
+
+    async def atwice(n: int) -> AsyncIterator[int]:
+        for x in twice(n):
+            yield x
+
+    def small(n: int) -> bool:
+        return n < 7
+
+    def negate(n: int) -> int:
+        return -n
+
+    # Each branch ends in a one-to-many or filter stage of its own (not a shape
+    # of the run's thread), which hands whole roots on in one entry each.
+    twice_stage: Stage[int, int] = (
+        flat_map(workers=2, backend="task")(atwice)
+        if backend == "task"
+        else flat_map(workers=2, backend=backend)(twice)
+    )
+    filter_stage = keep(small, workers=2, backend="thread" if backend == "task" else backend)
+    routed = route(is_even, twice_stage, filter_stage)
+    for ordered in (True, False):
+        run = (routed | on(backend, negate)).run(range(10), ordered=ordered)
+        got = [r.unwrap() for r in run]
+        expected = [0, 0, -1, -2, -2, -3, -4, -4, -5, -6, -6, -8, -8]
+        assert got == expected if ordered else sorted(got) == sorted(expected)
+        assert run.statistics().in_flight == 0
+    alone = routed.run(range(10))  # the route as the last stage
+    assert [r.unwrap() for r in alone] == [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 8, 8]
+
+
 def test_the_stages_inside_a_fork_have_statistics(backend: Backend) -> None:
     run = fork(on(backend, length), on(backend, shout) | on(backend, fail_on_x)).run(["ab", "x"])
     list(run)

@@ -26,8 +26,18 @@ from typeflow._runtime._kernel import Envelope, Kernel, Key, Node, Outcome, Work
 __all__ = ["SplitGroup", "SplitKernel", "start"]
 
 #: A branch's outcome entry as the joiner gets it: branch index, key, kind, payload.
-_Tagged = tuple[int, Key, int, object]
-_OK, _FAILED, _DELTA = 0, 1, 2  # the entry kinds of typeflow._runtime._run
+_Tagged = tuple[int, Any, int, object]
+#: The entry kinds of typeflow._runtime._run that a branch's last stage sends.
+_FAILED, _DELTA, _OKS, _GROUP = 1, 2, 3, 4
+
+
+class _BranchFailed:
+    """A branch's failure on an item, waiting in the joiner for the other branches."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: StageError) -> None:
+        self.error = error
 
 
 class SplitKernel(Kernel):
@@ -104,6 +114,8 @@ class SplitGroup:
                 nodes, self._firsts[i], _TaggedOutbox(self._join, i), f"{node.name}[{i}]"
             )
         ]
+        #: Branch failures held in the joiner until the other branches finish the item.
+        self._failures_held = 0
         self._threads = [
             threading.Thread(target=self._split, name=f"typeflow:{node.name}:split", daemon=True),
             threading.Thread(target=self._gather, name=f"typeflow:{node.name}:join", daemon=True),
@@ -144,27 +156,18 @@ class SplitGroup:
                 first.put_many(part)
 
     def _gather(self) -> None:
-        width = len(self._kernel.branches)
         joining = self._kernel.mode == "fork"
-        slots: dict[Key, list[tuple[int, object] | None]] = {}
+        #: Fork: per branch, what it has made for items the others have not finished.
+        have: list[dict[Key, object]] = [{} for _ in self._kernel.branches]
         try:
             while True:
                 entries = self._join.get_many(1024)
                 out = Outcome()
                 for branch, key, kind, payload in entries:
-                    if not joining:  # route: pass everything on as it comes
-                        if kind == _OK:
-                            out.ok.append((key, payload))
-                        elif kind == _FAILED:
-                            out.failed.append((key, cast("StageError", payload)))
-                        else:
-                            out.deltas.append((cast("int", key), cast("int", payload)))
-                        continue
-                    row = slots.setdefault(key, [None] * width)
-                    row[branch] = (kind, payload)
-                    if all(cell is not None for cell in row):
-                        del slots[key]
-                        self._joined(out, key, row)
+                    if joining:
+                        self._join_fork(out, have, branch, key, kind, payload)
+                    else:
+                        self._pass_on(out, key, kind, payload)
                 self._emitter.emit(out)
         except (EndOfChannel, ChannelAborted):
             pass
@@ -172,17 +175,63 @@ class SplitGroup:
             self._emitter.done()
 
     @staticmethod
-    def _joined(out: Outcome, key: Key, row: list[tuple[int, object] | None]) -> None:
-        values: list[object] = []
-        for cell in row:
-            assert cell is not None
-            kind, payload = cell
-            if kind != _OK:
-                assert isinstance(payload, StageError)
-                out.failed.append((key, payload))  # the first failing branch names itself
-                return
-            values.append(payload)
-        out.ok.append((key, tuple(values)))
+    def _pass_on(out: Outcome, key: Any, kind: int, payload: object) -> None:
+        """Route: what the chosen branch made goes on as it comes."""
+        if kind == _OKS:
+            out.ok += zip(key, cast("Sequence[object]", payload), strict=True)
+        elif kind == _FAILED:
+            out.failed.append((key, cast("StageError", payload)))
+        elif kind == _DELTA:
+            out.deltas.append((key, cast("int", payload)))
+        else:  # a root with every output it has (none, if filtered out)
+            envelopes = cast("list[Envelope]", payload)
+            out.ok += envelopes
+            if len(envelopes) != 1:
+                out.deltas.append((key, len(envelopes) - 1))
+            out.whole.append(key)
+
+    def _join_fork(
+        self,
+        out: Outcome,
+        have: list[dict[Key, object]],
+        branch: int,
+        key: Any,
+        kind: int,
+        payload: object,
+    ) -> None:
+        """Fork: keep what one branch made; join the items every branch has made.
+
+        Branches make one output per item (checked when the fork is built), so a
+        branch sends its successes as OKS batches and its failures one by one;
+        the lookups and the joins run over whole batches, in C.
+        """
+        mine = have[branch]
+        if kind == _OKS:
+            keys = cast("Sequence[Key]", key)
+            mine.update(zip(keys, cast("Sequence[object]", payload), strict=True))
+        else:
+            assert kind == _FAILED, f"a fork branch sent entry kind {kind}"
+            keys = (key,)
+            mine[key] = _BranchFailed(cast("StageError", payload))
+            self._failures_held += 1
+        done: Sequence[Key] = keys
+        for other in have:
+            if other is not mine:
+                done = list(filter(other.__contains__, done))
+        if not done:
+            return
+        rows = zip(*[map(d.pop, done) for d in have], strict=True)
+        if not self._failures_held:
+            out.ok += zip(done, rows, strict=True)
+            return
+        for row_key, row in zip(done, rows, strict=True):
+            failures = [v for v in row if type(v) is _BranchFailed]
+            if not failures:
+                out.ok.append((row_key, row))
+                continue
+            self._failures_held -= len(failures)
+            # The first failing branch names itself.
+            out.failed.append((row_key, failures[0].error))
 
     def cancel(self) -> None:
         for group in self._groups:

@@ -202,16 +202,13 @@ async def _to_thread(fn: Callable[[], object]) -> None:
 class _Emitter:
     """One worker's way out: successes onward, failures to the outbox, and its counters."""
 
-    __slots__ = ("_batched", "_next", "_outbox", "counters")
+    __slots__ = ("_next", "_outbox", "counters")
 
-    def __init__(
-        self, next_inbox: Channel[Envelope] | None, outbox: Outbox, *, batched: bool = False
-    ) -> None:
+    def __init__(self, next_inbox: Channel[Envelope] | None, outbox: Outbox) -> None:
+        #: None for the last stage of a chain: it sends each batch's successes as
+        #: one OKS entry (read by the caller's collector, or a fork's joiner).
         self._next = next_inbox
         self._outbox = outbox
-        #: The last stage of the main chain sends each batch's successes as one
-        #: OKS entry (the caller's collector reads those); branch chains one by one.
-        self._batched = batched and next_inbox is None
         self.counters = Counters()
 
     def _route(self, outcome: Outcome) -> tuple[list[Envelope], list[Entry]]:
@@ -222,7 +219,7 @@ class _Emitter:
         entries: list[Entry] = []
         # Counted before the outputs they announce can reach the caller.
         counters.filtered += outcome.filtered
-        if outcome.whole and self._batched:
+        if outcome.whole and self._next is None:
             ok, deltas = self._whole_roots(outcome, entries)
         if deltas:
             entries.extend([(root, DELTA, delta) for root, delta in deltas])
@@ -235,22 +232,19 @@ class _Emitter:
                     counters.crashed += 1
                 entries.append((key, FAILED, err))
         if self._next is None:
-            if self._batched:
-                if ok:
-                    keys, oks = zip(*ok, strict=True)
-                    entries.append((keys, OKS, oks))
-                if values:
-                    batch_keys = outcome.keys
-                    if len(values) <= _COLLECT_RESULTS:
-                        entries.append((batch_keys, OKS, values))
-                    else:  # the caller takes about _COLLECT_RESULTS at a time
-                        step = _COLLECT_RESULTS
-                        entries.extend(
-                            (batch_keys[i : i + step], OKS, values[i : i + step])
-                            for i in range(0, len(values), step)
-                        )
-            else:
-                entries.extend([(key, OK, value) for key, value in outcome.envelopes()])
+            if ok:
+                keys, oks = zip(*ok, strict=True)
+                entries.append((keys, OKS, oks))
+            if values:
+                batch_keys = outcome.keys
+                if len(values) <= _COLLECT_RESULTS:
+                    entries.append((batch_keys, OKS, values))
+                else:  # the caller takes about _COLLECT_RESULTS at a time
+                    step = _COLLECT_RESULTS
+                    entries.extend(
+                        (batch_keys[i : i + step], OKS, values[i : i + step])
+                        for i in range(0, len(values), step)
+                    )
             ok = []
         elif values:
             ok = outcome.envelopes()
@@ -479,11 +473,13 @@ class RunCore:
     ) -> list[WorkerGroup]:
         """Start the workers of ``nodes``; ``first`` (the feeder) starts before any
         worker thread: the input is read while they start (a short run waits for
-        its first item less), though after any fork (see _backends._process)."""
-        batched = outbox is self.outbox
+        its first item less), though after any fork (see _backends._process).
+
+        The last stage sends batched entries (OKS, GROUP) into ``outbox``: the
+        caller's collector and a fork's joiner both read them."""
         emitters_of = [
             [
-                _Emitter(inboxes[i + 1] if i + 1 < len(nodes) else None, outbox, batched=batched)
+                _Emitter(inboxes[i + 1] if i + 1 < len(nodes) else None, outbox)
                 for _ in range(node.options.workers)
             ]
             for i, node in enumerate(nodes)
