@@ -12,6 +12,12 @@ each checkout, one after the other, several times (this machine moves by
 
     uv run python benchmarks/probe.py thread
     PYTHONPATH=<other checkout>/src uv run python benchmarks/probe.py thread
+
+``--shape`` puts one more shape after the stages (``--stages 0``: the shape
+alone), with 2 workers where it has workers: ``flat`` (a ``flat_map`` making
+``[x, x]``), ``keep`` (even numbers), ``fork`` (``fork(x+1, 2x)`` then their
+sum) or ``batch`` (``batch(100)`` then ``unbatch()``); figures are then per
+input item.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import gc
 import operator
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, cast
 
-from workloads import ainc, inc
+from workloads import adbl, ainc, dbl, inc
 
 import typeflow
 
@@ -33,11 +40,59 @@ def _items(n: int) -> Iterator[int]:
     yield from range(n)
 
 
+def twice(x: int) -> list[int]:
+    return [x, x]
+
+
+async def atwice(x: int) -> AsyncIterator[int]:
+    yield x
+    yield x
+
+
+def is_even(x: int) -> bool:
+    return x % 2 == 0
+
+
+def add(pair: tuple[int, int]) -> int:
+    return pair[0] + pair[1]
+
+
+def _shape(name: str, backend: str) -> typeflow.Stage[Any, Any] | typeflow.Pipeline[Any, Any]:
+    """The ``--shape`` after the stages (see the module's docstring)."""
+    on = cast("typeflow.Backend", backend)
+    if name == "flat":
+        if on == "task":
+            return typeflow.flat_map(workers=2, backend=on)(atwice)
+        return typeflow.flat_map(workers=2, backend=on)(twice)
+    if name == "keep":
+        return typeflow.keep(is_even, workers=2, backend="thread" if on == "task" else on)
+    if name == "fork":
+        adder = typeflow.stage(workers=2, backend="thread" if on == "task" else on)(add)
+        if on == "task":
+            a, b = (
+                typeflow.stage(workers=2, backend=on)(ainc),
+                typeflow.stage(workers=2, backend=on)(adbl),
+            )
+            return typeflow.fork(a, b) | adder
+        c, d = (
+            typeflow.stage(workers=2, backend=on)(inc),
+            typeflow.stage(workers=2, backend=on)(dbl),
+        )
+        return typeflow.fork(c, d) | adder
+    return typeflow.batch(100) | typeflow.unbatch()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backend", choices=["thread", "process", "task"])
     parser.add_argument("--n", type=int, default=300_000, help="items per run")
     parser.add_argument("--stages", type=int, default=1, help="chained stages")
+    parser.add_argument(
+        "--shape",
+        choices=["flat", "keep", "fork", "batch"],
+        default=None,
+        help="a shape after them",
+    )
     parser.add_argument("--buffer", type=int, default=None, help="each stage's buffer")
     parser.add_argument("--timeout", type=float, default=None, help="each stage's timeout")
     parser.add_argument("--retries", type=int, default=0, help="each stage's retries")
@@ -55,7 +110,10 @@ def main() -> None:
     else:
         fn = ainc if args.coroutine else inc
         stages = [typeflow.stage(workers=2, backend=args.backend, **options)(fn)] * args.stages
-    pipeline = functools.reduce(operator.or_, stages)
+    parts: list[Any] = stages[: args.stages] if args.stages else []
+    if args.shape is not None:
+        parts.append(_shape(args.shape, args.backend))
+    pipeline = functools.reduce(operator.or_, parts)
     list(pipeline.run(range(100)))  # start-up costs out of the way
     n = args.n
     for _ in range(3):

@@ -9,7 +9,7 @@ import os
 import threading
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from typeflow import (
     Backend,
     DefinitionError,
     FeedClosed,
+    Pipeline,
     Stage,
     StageError,
     StatefulStage,
@@ -45,8 +46,29 @@ def is_even(n: int) -> bool:
     return n % 2 == 0
 
 
+def negate(n: int) -> int:
+    return -n
+
+
 def length(word: str) -> int:
     return len(word)
+
+
+def flat_on(backend: Backend, fn: Callable[[int], list[int]]) -> Stage[int, int]:
+    """``fn`` as a flat_map stage on ``backend`` (an async generator on "task")."""
+    if backend == "task":
+
+        async def each(n: int) -> AsyncIterator[int]:
+            for x in fn(n):
+                yield x
+
+        return flat_map(workers=2, backend="task")(each)
+    return flat_map(workers=2, backend=backend)(fn)
+
+
+def filter_on(backend: Backend, predicate: Callable[[int], bool]) -> Stage[int, int]:
+    """``keep(predicate)`` with 2 workers on ``backend`` (a thread for "task")."""
+    return keep(predicate, workers=2, backend="thread" if backend == "task" else backend)
 
 
 def words_on(backend: Backend) -> Stage[str, str]:
@@ -371,6 +393,42 @@ def test_run_accepts_failed_items_from_errors_in_the_middle() -> None:
     assert error_free == []
 
 
+def tens(n: int) -> list[int]:
+    """Nothing for a multiple of 3, n and n + 0.5 otherwise; raises on a multiple of 7."""
+    if n % 7 == 0:
+        raise ValueError(f"{n} is a multiple of 7")
+    return [] if n % 3 == 0 else [10 * n, 10 * n + 5]
+
+
+def test_filters_and_one_to_many_stages_last_hand_whole_batches_over_in_order(
+    backend: Backend,
+) -> None:
+    # Alone, each batch of the last stage is a run of consecutive positions (handed
+    # to the caller in one entry); behind two workers, its batches interleave.
+    def kept(y: int) -> list[int]:
+        return [y] if y % 2 == 0 else []
+
+    def made(y: int) -> list[int]:  # what tens makes of y, or y itself where it fails
+        return [y] if y % 7 == 0 else tens(y)
+
+    n = 3000
+    cases: list[tuple[Stage[int, int] | Pipeline[int, int], Callable[[int], list[int]]]] = [
+        (filter_on(backend, is_even), kept),
+        (on(backend, negate) | filter_on(backend, is_even), lambda x: kept(-x)),
+        (flat_on(backend, tens), made),
+        (on(backend, negate) | flat_on(backend, tens), lambda x: made(-x)),
+    ]
+    for pipeline, reference in cases:
+        expected = [y for x in range(n) for y in reference(x)]
+        for ordered in (True, False):
+            run = pipeline.run(range(n), ordered=ordered)
+            got = [r.unwrap() if isinstance(r, Success) else r.failure().item for r in run]
+            assert got == expected if ordered else Counter(got) == Counter(expected)
+            stats = run.statistics()
+            assert stats.in_flight == 0
+            assert stats.stages[-1].items_in == n
+
+
 # -- fork/join and routing ----------------------------------------------------------------
 
 
@@ -437,24 +495,12 @@ def test_route_passes_on_what_one_to_many_and_filter_branches_make(backend: Back
     def twice(n: int) -> list[int]:
         return [n, n]
 
-    async def atwice(n: int) -> AsyncIterator[int]:
-        for x in twice(n):
-            yield x
-
     def small(n: int) -> bool:
         return n < 7
 
-    def negate(n: int) -> int:
-        return -n
-
     # Each branch ends in a one-to-many or filter stage of its own (not a shape
     # of the run's thread), which hands whole roots on in one entry each.
-    twice_stage: Stage[int, int] = (
-        flat_map(workers=2, backend="task")(atwice)
-        if backend == "task"
-        else flat_map(workers=2, backend=backend)(twice)
-    )
-    filter_stage = keep(small, workers=2, backend="thread" if backend == "task" else backend)
+    twice_stage, filter_stage = flat_on(backend, twice), filter_on(backend, small)
     routed = route(is_even, twice_stage, filter_stage)
     for ordered in (True, False):
         run = (routed | on(backend, negate)).run(range(10), ordered=ordered)

@@ -97,6 +97,11 @@ class Outcome:
             one): the item was the root itself, not one of several items a
             stage before made from it.  A hint only (``deltas`` still count
             them): the last stage hands such a root to the caller as one entry.
+        span: set when every item of the batch was such a root, the batch's
+            keys were the consecutive positions ``span``, and nothing failed:
+            ``ok`` then holds every output of those roots, in input order.  A
+            hint too: the run's last stage hands the whole batch to the caller
+            as one entry.
     """
 
     # Plain ``list`` factories: calling ``list[X]()`` costs ten times ``list()`` (the
@@ -109,6 +114,7 @@ class Outcome:
     keys: Sequence[Key] = ()
     values: list[object] = field(default_factory=_list)
     whole: list[int] = field(default_factory=_list)
+    span: range | None = None
 
     def envelopes(self) -> list[Envelope]:
         """Every output that goes on, as envelopes, whichever form it is in."""
@@ -129,6 +135,7 @@ class Outcome:
         self.deltas += other.deltas
         self.filtered += other.filtered
         self.whole += other.whole
+        self.span = None  # pieces of several batches
 
 
 class Gather:
@@ -332,6 +339,8 @@ class FnKernel(Kernel):
         elif self.kind == "keep":
             if value:
                 out.ok.append((key, item))
+                if type(key) is int:
+                    out.whole.append(key)
             else:
                 out.deltas.append((root_of(key), -1))
                 out.filtered += 1
@@ -409,6 +418,7 @@ class FnKernel(Kernel):
             else:
                 out.retries += attempts - 1
                 self._place(out, key, item, value)
+        _find_span(out, len(batch))
         return out
 
     def _failed(self, out: Outcome, key: Key, item: object, exc: BaseException) -> None:
@@ -525,7 +535,18 @@ class FnKernel(Kernel):
             else:
                 out.retries += attempts - 1
                 self._place(out, key, item, value)
+        _find_span(out, len(batch))
         return out
+
+
+def _find_span(out: Outcome, size: int) -> None:
+    """Set ``out.span`` if the ``size`` items of its batch were consecutive roots,
+    each whole, and none failed (see :class:`Outcome`)."""
+    whole = out.whole
+    if len(whole) == size and size and not out.failed:
+        first = whole[0]
+        if whole == list(range(first, first + size)):
+            out.span = range(first, first + size)
 
 
 class _Deadlines:

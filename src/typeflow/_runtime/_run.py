@@ -72,7 +72,9 @@ Out = TypeVar("Out", covariant=True)
 #: An outcome on its way to the caller: key, kind, and the value, the
 #: StageError or the change in the number of its root's outputs; for kind
 #: OKS, the keys and the values of a whole batch of successes; for kind
-#: GROUP, a root and every output it will ever have, as envelopes.
+#: GROUP, a root and every output it will ever have, as envelopes; for kind
+#: SPAN, a range of consecutive roots and every output they will ever have, in
+#: order (only the caller's collector gets these: the outputs' keys are gone).
 Entry: TypeAlias = tuple[Any, int, Any]
 #: Entry kinds.
 OK: Final = 0
@@ -80,6 +82,7 @@ FAILED: Final = 1
 DELTA: Final = 2
 OKS: Final = 3
 GROUP: Final = 4
+SPAN: Final = 5
 #: Results on their way to the caller (their type is the run's output type).
 _Results: TypeAlias = list[Result[Any, StageError]]
 
@@ -113,7 +116,7 @@ def _success(value: object) -> Result[Any, StageError]:
     return result
 
 
-def _successes(values: tuple[object, ...]) -> _Results:
+def _successes(values: Sequence[object]) -> _Results:
     """``[_success(v) for v in values]`` with the loops in C (most of a run's results),
     except for a few (slow items come one by one: the C loops cost more to set up)."""
     if len(values) < 8:
@@ -128,7 +131,7 @@ def _results_in(entry: Entry) -> int:
     kind = entry[1]
     if kind == OKS:
         return len(entry[0])
-    return max(1, len(entry[2])) if kind == GROUP else 1
+    return max(1, len(entry[2])) if kind in (GROUP, SPAN) else 1
 
 
 def _result(entry: Entry) -> Result[Any, StageError]:
@@ -202,13 +205,17 @@ async def _to_thread(fn: Callable[[], object]) -> None:
 class _Emitter:
     """One worker's way out: successes onward, failures to the outbox, and its counters."""
 
-    __slots__ = ("_next", "_outbox", "counters")
+    __slots__ = ("_next", "_outbox", "_spans", "counters")
 
-    def __init__(self, next_inbox: Channel[Envelope] | None, outbox: Outbox) -> None:
+    def __init__(
+        self, next_inbox: Channel[Envelope] | None, outbox: Outbox, *, spans: bool = False
+    ) -> None:
         #: None for the last stage of a chain: it sends each batch's successes as
         #: one OKS entry (read by the caller's collector, or a fork's joiner).
         self._next = next_inbox
         self._outbox = outbox
+        #: Whether the outbox is the caller's collector, which takes SPAN entries.
+        self._spans = spans and next_inbox is None
         self.counters = Counters()
 
     def _route(self, outcome: Outcome) -> tuple[list[Envelope], list[Entry]]:
@@ -220,7 +227,12 @@ class _Emitter:
         # Counted before the outputs they announce can reach the caller.
         counters.filtered += outcome.filtered
         if outcome.whole and self._next is None:
-            ok, deltas = self._whole_roots(outcome, entries)
+            span = outcome.span
+            if span is not None and self._spans:  # the whole batch in one entry
+                entries.append((span, SPAN, [value for _, value in ok]))
+                ok, deltas = [], []
+            else:
+                ok, deltas = self._whole_roots(outcome, entries)
         if deltas:
             entries.extend([(root, DELTA, delta) for root, delta in deltas])
         if failed:
@@ -479,7 +491,11 @@ class RunCore:
         caller's collector and a fork's joiner both read them."""
         emitters_of = [
             [
-                _Emitter(inboxes[i + 1] if i + 1 < len(nodes) else None, outbox)
+                _Emitter(
+                    inboxes[i + 1] if i + 1 < len(nodes) else None,
+                    outbox,
+                    spans=outbox is self.outbox,
+                )
                 for _ in range(node.options.workers)
             ]
             for i, node in enumerate(nodes)
@@ -731,6 +747,12 @@ class _Collector(Generic[Out]):
         complete: list[tuple[int, int, _Results]] = []
         for entry in entries:
             key, kind, payload = entry
+            if kind == SPAN:
+                span = cast("range", key)
+                if groups and not groups.keys().isdisjoint(span):  # a root is whole or not
+                    raise RuntimeError(f"roots {span} came whole, but some already had outputs")
+                complete.append((span.start, len(span), _successes(payload)))
+                continue
             if kind == OKS:
                 keys = cast("Sequence[Key]", key)
                 first = keys[0]
