@@ -363,7 +363,7 @@ class FnKernel(Kernel):
         if self.options.retries:
             return self._each(batch, lambda item: retry.call(self._call, item, self.options))
         if self.kind != "map":
-            return self._each(batch, lambda item: (self._call(item), 1))
+            return self._shape_columns(*_split(batch))
         return self._map_columns(*_split(batch))
 
     def process_columns(
@@ -371,9 +371,52 @@ class FnKernel(Kernel):
     ) -> Outcome:
         if self.is_async:
             return cast("Outcome", ctx.run_coroutine(self.aprocess_columns(keys, items, ctx)))
-        if self.options.retries or self.kind != "map":
+        if self.options.retries:
             return super().process_columns(keys, items, ctx)
+        if self.kind != "map":
+            return self._shape_columns(keys, items)
         return self._map_columns(keys, items)
+
+    def _shape_columns(self, keys: Sequence[Key], items: Sequence[object]) -> Outcome:
+        """A one-to-many stage or a filter, without retries: ``_each`` and ``_place``
+        in one loop."""
+        fn, flat = self.fn, self.kind == "flat"
+        out = Outcome()
+        ok, deltas, whole, failed = out.ok, out.deltas, out.whole, out.failed
+        filtered = 0
+        for key, item in zip(keys, items, strict=True):
+            try:
+                value = fn(item)
+                if flat:
+                    value = list(value)
+            except WorkerExit:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
+                failed.append((key, StageError(self.name, item, exc)))
+                continue
+            root = key if isinstance(key, int) else None  # the item is its own root
+            if flat:
+                made = len(value)
+                if root is not None:
+                    ok += [((root, i), v) for i, v in enumerate(value)]
+                    whole.append(root)
+                else:
+                    ok += [(child_key(key, i), v) for i, v in enumerate(value)]
+                if made != 1:
+                    deltas.append((root_of(key), made - 1))
+                    filtered += not made
+            elif value:
+                ok.append((key, item))
+                if root is not None:
+                    whole.append(root)
+            else:
+                deltas.append((root_of(key), -1))
+                filtered += 1
+                if root is not None:
+                    whole.append(root)
+        out.filtered = filtered
+        _find_span(out, len(keys))
+        return out
 
     def _map_columns(self, keys: Sequence[Key], items: Sequence[object]) -> Outcome:
         """The common case: a plain map, no retries.  Outputs in column form until
