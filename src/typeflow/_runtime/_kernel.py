@@ -383,6 +383,7 @@ class FnKernel(Kernel):
         fn, flat = self.fn, self.kind == "flat"
         out = Outcome()
         ok, deltas, whole, failed = out.ok, out.deltas, out.whole, out.failed
+        append = ok.append
         filtered = 0
         for key, item in zip(keys, items, strict=True):
             try:
@@ -398,7 +399,8 @@ class FnKernel(Kernel):
             if flat:
                 made = len(value)
                 if root is not None:
-                    ok += [((root, i), v) for i, v in enumerate(value)]
+                    for i, v in enumerate(value):  # no comprehension: its frame costs more
+                        append(((root, i), v))
                     whole.append(root)
                 else:
                     ok += [(child_key(key, i), v) for i, v in enumerate(value)]
@@ -406,7 +408,7 @@ class FnKernel(Kernel):
                     deltas.append((root_of(key), made - 1))
                     filtered += not made
             elif value:
-                ok.append((key, item))
+                append((key, item))
                 if root is not None:
                     whole.append(root)
             else:
