@@ -42,6 +42,7 @@ from collections.abc import (
     Sequence,
 )
 from itertools import repeat
+from operator import itemgetter
 from types import MemberDescriptorType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
@@ -683,6 +684,19 @@ def _sort_key(entry: Entry) -> tuple[int, ...]:
     return (key,) if isinstance(key, int) else key
 
 
+_first = itemgetter(0)
+
+
+def _in_order(entries: list[Entry]) -> _Results:
+    """The results of one root's entries, siblings in the order they were made."""
+    if len(entries) > 1:
+        try:
+            entries.sort(key=_first)  # child keys: tuples, compared in C
+        except TypeError:  # the root's own key among them
+            entries.sort(key=_sort_key)
+    return [_result(entry) for entry in entries]
+
+
 class _Collector(Generic[Out]):
     """Turns outbox entries into ``Result``s, in input order when asked.
 
@@ -765,11 +779,9 @@ class _Collector(Generic[Out]):
                     results = _successes(cast("tuple[object, ...]", payload))
                     complete.append((first, len(keys), results))
                     continue
-                singles = [(k, OK, v) for k, v in zip(keys, payload, strict=True)]
+                self._accept_oks(keys, cast("Sequence[object]", payload), complete)
             else:
-                singles = [entry]
-            for single in singles:
-                self._accept_one(single, complete)
+                self._accept_one(entry, complete)
         if not complete:
             return
         ready = self._ready
@@ -832,8 +844,37 @@ class _Collector(Generic[Out]):
             self._released += 1
         if group.outstanding == 0:
             del groups[root]
-            done = sorted(group.entries, key=_sort_key)
-            complete.append((root, 1, [_result(e) for e in done]))
+            complete.append((root, 1, _in_order(group.entries)))
+
+    def _accept_oks(
+        self,
+        keys: Sequence[Key],
+        values: Sequence[object],
+        complete: list[tuple[int, int, _Results]],
+    ) -> None:
+        """:meth:`_accept_one` for each output of an OKS entry off the fast path (the
+        outputs of a stage behind a one-to-many one), without an entry for each."""
+        groups, ready, ordered = self._groups, self._ready, self._core.ordered
+        for key, value in zip(keys, values, strict=True):
+            if isinstance(key, int):
+                if key not in groups:  # one output for one input: complete
+                    complete.append((key, 1, [_success(value)]))
+                    continue
+                root = key
+            else:
+                root = key[0]
+            group = groups.get(root)
+            if group is None:
+                group = groups[root] = _Group()
+            group.outstanding -= 1
+            if ordered:
+                group.entries.append((key, OK, value))
+            else:
+                ready.append(_success(value))
+                self._released += 1
+            if not group.outstanding:
+                del groups[root]
+                complete.append((root, 1, _in_order(group.entries)))
 
     def pop(self) -> Result[Out, StageError] | None:
         if not self._ready:
