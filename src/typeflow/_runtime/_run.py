@@ -780,6 +780,9 @@ class _Collector(Generic[Out]):
                     complete.append((first, len(keys), results))
                     continue
                 self._accept_oks(keys, cast("Sequence[object]", payload), complete)
+            elif kind == DELTA and payload == -1 and key not in groups:
+                # A root's only output was dropped (a filter said no, a batch took it in).
+                complete.append((key, 1, []))
             else:
                 self._accept_one(entry, complete)
         if not complete:
@@ -817,7 +820,7 @@ class _Collector(Generic[Out]):
         if kind == GROUP:
             envelopes = cast("list[Envelope]", payload)
             if key not in groups:  # always, for a root the last stage held whole
-                complete.append((key, 1, [_success(value) for _, value in envelopes]))
+                complete.append((key, 1, _successes([value for _, value in envelopes])))
                 return
             self._accept_one((key, DELTA, len(envelopes) - 1), complete)
             for child, value in envelopes:
