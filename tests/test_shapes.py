@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import os
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,6 +25,7 @@ from typeflow import (
     Pipeline,
     Stage,
     StageError,
+    StageTimeout,
     StatefulStage,
     batch,
     flat_map,
@@ -165,6 +167,50 @@ def test_keep_type_and_fluent_keep() -> None:
     assert [r.unwrap() for r in pipeline.run(["a", "abcd", "abcde"])] == [4, 5]
     with pytest.raises(DefinitionError, match="needs a class"):
         keep_type(list[int])  # accepted by the type checkers, refused at run time
+
+
+def flaky_check(hang: Callable[[float], object]) -> Callable[[int], bool]:
+    """Keeps what is not a multiple of 3; odd items fail their first call; item 4
+    hangs in ``hang(10)`` (past any timeout here)."""
+    calls: dict[int, int] = {}
+
+    def checked(x: int) -> bool:
+        calls[x] = calls.get(x, 0) + 1
+        if x % 2 and calls[x] == 1:
+            raise ConnectionError(f"flaky {x}")
+        if x == 4:
+            hang(10)
+        return x % 3 != 0
+
+    return checked
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_filter_takes_the_options_of_a_stage(backend: Backend) -> None:
+    release = threading.Event()  # a hung thread is let go at the end; a process is stopped
+    checked = flaky_check(release.wait if backend == "thread" else time.sleep)
+    checks = keep(
+        checked,
+        workers=2,
+        backend=backend,
+        timeout=0.5,
+        retries=1,
+        retry_on=(ConnectionError,),
+        backoff=0.001,
+        max_backoff=0.01,
+    )
+    try:
+        run = checks.run(range(10))
+        results = list(run)
+    finally:
+        release.set()
+    assert [r.unwrap() for r in results if isinstance(r, Success)] == [1, 2, 5, 7, 8]
+    failures = [r.failure() for r in results if isinstance(r, Failure)]
+    assert [(f.item, type(f.exception)) for f in failures] == [(4, StageTimeout)]
+    stats = run.statistics().stages[0]
+    assert (stats.retried, stats.timed_out, stats.filtered) == (5, 1, 4)
+    limited = flat_map(rate=50.0, max_backoff=1.0, buffer=3)(split_words)
+    assert (limited.options.rate, limited.options.max_backoff) == (50.0, 1.0)
 
 
 # -- batches ----------------------------------------------------------------------------

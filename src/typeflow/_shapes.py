@@ -140,6 +140,8 @@ def flat_map(
     retries: int = 0,
     retry_on: tuple[type[BaseException], ...] = (Exception,),
     backoff: float = 0.1,
+    max_backoff: float = 30.0,
+    rate: float | None = None,
 ) -> FlatMapDecorator: ...
 def flat_map(
     fn: Callable[[Any], Any] | None = None,
@@ -153,6 +155,8 @@ def flat_map(
     retries: int = 0,
     retry_on: tuple[type[BaseException], ...] = (Exception,),
     backoff: float = 0.1,
+    max_backoff: float = 30.0,
+    rate: float | None = None,
 ) -> Stage[Any, Any] | FlatMapDecorator:
     """Turn a function that makes several outputs per input into a stage.
 
@@ -170,6 +174,8 @@ def flat_map(
         retries=retries,
         retry_on=retry_on,
         backoff=backoff,
+        max_backoff=max_backoff,
+        rate=rate,
     )
     if fn is None:
         return FlatMapDecorator(options)
@@ -186,7 +192,14 @@ def keep(
     *,
     workers: int = 1,
     backend: Backend = "thread",
+    buffer: int = DEFAULT_BUFFER,
     name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    backoff: float = 0.1,
+    max_backoff: float = 30.0,
+    rate: float | None = None,
 ) -> Stage[A, B]: ...
 @overload
 def keep(
@@ -195,7 +208,14 @@ def keep(
     *,
     workers: int = 1,
     backend: Backend = "thread",
+    buffer: int = DEFAULT_BUFFER,
     name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    backoff: float = 0.1,
+    max_backoff: float = 30.0,
+    rate: float | None = None,
 ) -> Stage[A, B]: ...
 @overload
 def keep(
@@ -204,7 +224,14 @@ def keep(
     *,
     workers: int = 1,
     backend: Backend = "thread",
+    buffer: int = DEFAULT_BUFFER,
     name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    backoff: float = 0.1,
+    max_backoff: float = 30.0,
+    rate: float | None = None,
 ) -> Stage[A, A]: ...
 @overload
 def keep(
@@ -213,7 +240,14 @@ def keep(
     *,
     workers: int = 1,
     backend: Backend = "thread",
+    buffer: int = DEFAULT_BUFFER,
     name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    backoff: float = 0.1,
+    max_backoff: float = 30.0,
+    rate: float | None = None,
 ) -> Stage[A, A]: ...
 def keep(
     predicate: Callable[[Any], Any],
@@ -221,12 +255,21 @@ def keep(
     *,
     workers: int = 1,
     backend: Backend = "thread",
+    buffer: int = DEFAULT_BUFFER,
     name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    backoff: float = 0.1,
+    max_backoff: float = 30.0,
+    rate: float | None = None,
 ) -> Stage[Any, Any]:
     """A stage that passes on the items for which ``predicate`` is true, and drops the rest.
 
     A ``TypeIs``/``TypeGuard`` predicate narrows the output type.  Dropped items
-    yield no result (they count as ``filtered`` in the statistics).
+    yield no result (they count as ``filtered`` in the statistics).  Options are
+    those of :func:`~typeflow.stage`: a predicate that calls a service can have
+    a ``timeout``, ``retries`` and a ``rate``.
 
     Example:
         >>> evens = keep(lambda n: n % 2 == 0, name="evens")
@@ -234,7 +277,18 @@ def keep(
         [0, 2, 4]
     """
     _check_arity(predicate)
-    options = StageOptions(workers=workers, backend=backend, name=name)
+    options = StageOptions(
+        workers=workers,
+        backend=backend,
+        buffer=buffer,
+        name=name,
+        timeout=timeout,
+        retries=retries,
+        retry_on=retry_on,
+        backoff=backoff,
+        max_backoff=max_backoff,
+        rate=rate,
+    )
     return _KeepStage[Any, Any](predicate, options, inspect.iscoroutinefunction(predicate))
 
 
