@@ -292,7 +292,7 @@ class FnKernel(Kernel):
     outputs it made go on.
     """
 
-    __slots__ = ("fn", "kind", "options")
+    __slots__ = ("_generates", "fn", "kind", "options")
 
     def __init__(
         self,
@@ -306,6 +306,8 @@ class FnKernel(Kernel):
         self.fn = fn
         self.options = options
         self.kind = kind
+        #: An async generator function (a one-to-many stage's), drained per call.
+        self._generates = kind == "flat" and inspect.isasyncgenfunction(fn)
 
     def __reduce__(self) -> tuple[object, ...]:
         reference = _main_reference(self.fn, self)
@@ -323,7 +325,7 @@ class FnKernel(Kernel):
         return value
 
     async def _acall_once(self, item: object) -> object:
-        if self.kind == "flat" and inspect.isasyncgenfunction(self.fn):
+        if self._generates:
             return [x async for x in cast("AsyncIterable[object]", self.fn(item))]
         value = await self.fn(item)
         if self.kind == "flat":
@@ -477,8 +479,10 @@ class FnKernel(Kernel):
     async def aprocess_columns(
         self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
     ) -> Outcome:
-        if self.kind != "map" or self.options.retries:
+        if self.options.retries or (self.kind != "map" and self.options.timeout is not None):
             return await super().aprocess_columns(keys, items, ctx)
+        if self.kind != "map":
+            return await self._ashape_columns(keys, items)
         if self.options.timeout is not None:
             return await self._amap_timed(keys, items, self.options.timeout)
         import asyncio
@@ -506,6 +510,24 @@ class FnKernel(Kernel):
                     append(value)
         if not failed:
             out.keys, out.values = keys, values
+        return out
+
+    async def _ashape_columns(self, keys: Sequence[Key], items: Sequence[object]) -> Outcome:
+        """A one-to-many stage or a filter on the event loop, without retries or a
+        timeout: each call awaited as it is, without their wrapper."""
+        import asyncio
+
+        out = Outcome()
+        for key, item in zip(keys, items, strict=True):
+            try:
+                value = await self._acall_once(item)
+            except (asyncio.CancelledError, WorkerExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
+                out.failed.append((key, StageError(self.name, item, exc)))
+            else:
+                self._place(out, key, item, value)
+        _find_span(out, len(keys))
         return out
 
     async def _amap_timed(
