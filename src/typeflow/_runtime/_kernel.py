@@ -479,10 +479,8 @@ class FnKernel(Kernel):
     async def aprocess_columns(
         self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
     ) -> Outcome:
-        if self.options.retries or (self.kind != "map" and self.options.timeout is not None):
-            return await super().aprocess_columns(keys, items, ctx)
-        if self.kind != "map":
-            return await self._ashape_columns(keys, items)
+        if self.kind != "map" or self.options.retries:
+            return await self._aeach(keys, items)
         if self.options.timeout is not None:
             return await self._amap_timed(keys, items, self.options.timeout)
         import asyncio
@@ -510,24 +508,6 @@ class FnKernel(Kernel):
                     append(value)
         if not failed:
             out.keys, out.values = keys, values
-        return out
-
-    async def _ashape_columns(self, keys: Sequence[Key], items: Sequence[object]) -> Outcome:
-        """A one-to-many stage or a filter on the event loop, without retries or a
-        timeout: each call awaited as it is, without their wrapper."""
-        import asyncio
-
-        out = Outcome()
-        for key, item in zip(keys, items, strict=True):
-            try:
-                value = await self._acall_once(item)
-            except (asyncio.CancelledError, WorkerExit):
-                raise
-            except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
-                out.failed.append((key, StageError(self.name, item, exc)))
-            else:
-                self._place(out, key, item, value)
-        _find_span(out, len(keys))
         return out
 
     async def _amap_timed(
@@ -587,14 +567,24 @@ class FnKernel(Kernel):
         return out
 
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
-        import asyncio
 
         if self.kind == "map" and not self.options.retries:
             return await self.aprocess_columns(*_split(batch), ctx)
+        return await self._aeach(*_split(batch))
+
+    async def _aeach(self, keys: Sequence[Key], items: Sequence[object]) -> Outcome:
+        """Call by call, with the stage's timeout and retries when it has them (a
+        bare ``await`` when it has neither), each result placed by its kind."""
+        import asyncio
+
+        wrapped = self.options.retries or self.options.timeout is not None
         out = Outcome()
-        for key, item in batch:
+        for key, item in zip(keys, items, strict=True):
             try:
-                value, attempts = await self._acall(item)
+                if wrapped:
+                    value, attempts = await self._acall(item)
+                else:
+                    value, attempts = await self._acall_once(item), 1
             except (asyncio.CancelledError, WorkerExit):
                 raise
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
@@ -602,7 +592,7 @@ class FnKernel(Kernel):
             else:
                 out.retries += attempts - 1
                 self._place(out, key, item, value)
-        _find_span(out, len(batch))
+        _find_span(out, len(keys))
         return out
 
 
