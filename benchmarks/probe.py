@@ -110,7 +110,7 @@ def main() -> None:
     else:
         fn = ainc if args.coroutine else inc
         stages = [typeflow.stage(workers=2, backend=args.backend, **options)(fn)] * args.stages
-    parts: list[Any] = stages[: args.stages] if args.stages else []
+    parts: list[Any] = list(stages)
     if args.shape is not None:
         parts.append(_shape(args.shape, args.backend))
     pipeline = functools.reduce(operator.or_, parts)
