@@ -489,7 +489,8 @@ class RunCore:
         its first item less), though after any fork (see _backends._process).
 
         The last stage sends batched entries (OKS, GROUP) into ``outbox``: the
-        caller's collector and a fork's joiner both read them."""
+        caller's collector and a fork's joiner both read them; SPAN entries go
+        to the caller's collector only (their outputs have no keys)."""
         emitters_of = [
             [
                 _Emitter(
@@ -708,7 +709,9 @@ class _Collector(Generic[Out]):
 
     The common case has a fast path: a batch of successes (an OKS entry) whose
     keys are consecutive input positions, none of them awaiting more outputs,
-    is wrapped and released (or parked until its turn) as one run of results.
+    is wrapped and released (or parked until its turn) as one run of results;
+    so is a SPAN entry (a filter's or a one-to-many stage's batch whose items
+    were each their own root, with every output they will have).
     """
 
     __slots__ = (
@@ -764,7 +767,11 @@ class _Collector(Generic[Out]):
             if kind == SPAN:
                 span = cast("range", key)
                 if groups and not groups.keys().isdisjoint(span):  # a root is whole or not
-                    raise RuntimeError(f"roots {span} came whole, but some already had outputs")
+                    raise RuntimeError(
+                        f"typeflow lost track of items: input items {span.start} to "
+                        f"{span.stop - 1} came with all their outputs, but some of them "
+                        "already had outputs (a bug in typeflow: please report it)"
+                    )
                 complete.append((span.start, len(span), _successes(payload)))
                 continue
             if kind == OKS:
