@@ -11,7 +11,7 @@ import pickle
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import cast
@@ -159,6 +159,43 @@ def test_a_worker_sends_consecutive_keys_back_as_a_range() -> None:
     for wire, end in ((sender, left), (receiver, right)):
         wire.close()
         end.close()
+
+
+def test_a_batch_is_one_span_only_if_its_roots_are_consecutive_in_order_and_whole() -> None:
+    from typeflow._options import StageOptions
+    from typeflow._runtime._kernel import FnKernel, WorkerContext
+
+    def small(n: int) -> bool:  # fails on 99
+        if n == 99:
+            raise ValueError(n)
+        return n < 5
+
+    def twice(n: int) -> list[int]:
+        return [n, n]
+
+    ctx = WorkerContext(0)
+    keep = FnKernel("small", small, False, StageOptions(), kind="keep")
+    flat = FnKernel("twice", twice, False, StageOptions(), kind="flat")
+    batches: list[tuple[Sequence[Key], list[int]]] = [
+        ((3, 4, 5, 6), [3, 4, 5, 6]),
+        (range(3, 7), [3, 4, 5, 6]),
+        ((4, 3, 5, 6), [4, 3, 5, 6]),  # out of order: released so, they would be wrong
+        ((3, 4, 6), [3, 4, 6]),  # a gap: root 5 is not in the batch
+        ((3, 4, 5), [1, 99, 2]),  # the filter fails on one item
+        (((3, 0), (3, 1)), [1, 2]),  # children of a root split upstream
+    ]
+    spans = [
+        (keep.process_columns(keys, items, ctx).span, flat.process_columns(keys, items, ctx).span)
+        for keys, items in batches
+    ]
+    assert spans == [
+        (range(3, 7), range(3, 7)),
+        (range(3, 7), range(3, 7)),
+        (None, None),
+        (None, None),
+        (None, range(3, 6)),
+        (None, None),
+    ]
 
 
 def test_a_numbered_channel_numbers_its_items_on_the_way_out() -> None:
