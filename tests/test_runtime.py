@@ -8,7 +8,7 @@ import os
 import threading
 import traceback
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 import pytest
 from returns.result import Failure, Result, Success
@@ -419,6 +419,55 @@ def test_in_memory_inputs_are_fed_in_chunks_with_exact_accounting(
     stats = run.statistics()
     assert stats.items_read == stats.done == 3000
     assert stats.in_flight == 0
+
+
+def _thread_names(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads started from now on, in order."""
+    names: list[str] = []
+    start = threading.Thread.start
+
+    def recording(self: threading.Thread) -> None:
+        names.append(self.name)
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", recording)
+    return names
+
+
+@pytest.mark.parametrize("make", IN_MEMORY, ids=["list", "tuple", "range"])
+def test_a_short_input_in_memory_goes_in_from_the_caller_s_thread(
+    backend: Backend, make: Callable[[list[int]], Sequence[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = _thread_names(monkeypatch)
+    items = make(list(range(16)))  # as many as the first buffer holds
+    run = on(backend, increment, buffer=16).run(items)
+    assert [r.unwrap() for r in run] == [x + 1 for x in items]
+    assert "typeflow:feeder" not in started
+    stats = run.statistics()
+    assert stats.items_read == stats.done == 16
+    assert stats.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "window"),
+    [
+        (lambda: list(range(17)), None),
+        (lambda: list(range(10)), 4),
+        (lambda: iter(range(10)), None),
+    ],
+    ids=["longer than the buffer", "longer than the window", "an iterator"],
+)
+def test_an_input_that_does_not_fit_or_is_not_in_memory_has_a_feeder(
+    backend: Backend,
+    make: Callable[[], Iterable[int]],
+    window: int | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = _thread_names(monkeypatch)
+    items = list(make())
+    run = on(backend, increment, buffer=16).run(make(), window=window)
+    assert [r.unwrap() for r in run] == [x + 1 for x in items]
+    assert "typeflow:feeder" in started
 
 
 def test_a_heavy_chunk_respects_the_byte_budget_of_a_process_stage() -> None:

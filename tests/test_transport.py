@@ -19,7 +19,7 @@ from typing import cast
 import pytest
 from returns.result import Failure, Success
 
-from typeflow import StageError, WorkerCrashed, flat_map, keep, stage
+from typeflow import StageError, StatefulStage, WorkerCrashed, flat_map, keep, stage
 from typeflow._backends._base import BatchSizer
 from typeflow._backends._wire import OUT_OF_BAND_MIN, RECV_BUFFER, Wire, encode
 from typeflow._runtime import _channel
@@ -345,6 +345,59 @@ def test_large_payloads_cross_both_ways() -> None:
     assert [r.unwrap() for r in echoed] == payloads
 
 
+def test_a_short_input_too_heavy_for_the_byte_budget_is_fed_by_a_thread() -> None:
+    # Three items of 4 MiB, over a process stage's 8 MiB budget: the caller cannot
+    # put them in at once, so a feeder does, one by one, as the stage takes them.
+    payloads = [bytearray(bytes([i]) * (4 << 20)) for i in range(3)]
+    sizes = list(stage(workers=2, backend="process")(size_of).run(payloads))
+    assert [r.unwrap() for r in sizes] == [4 << 20] * 3
+
+
+class _WholeBatches(BatchSizer):
+    """Batches of up to 100 items from the first one on."""
+
+    def __init__(self, cap: int, target: float, max_bytes: int = 0) -> None:
+        super().__init__(cap, target, max_bytes)
+        self.limit = 100
+
+    def least(self, count: int, seconds: float) -> int:
+        return self.limit
+
+    def record(self, items: int, seconds: float, nbytes: int = 0) -> None:
+        pass
+
+
+class TornDown(StatefulStage[int, int], workers=1, backend="process"):
+    """x + 1, except that 250 kills its worker; each worker that ends leaves a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def process(self, x: int, /) -> int:
+        if x == 250:
+            os._exit(9)
+        return x + 1
+
+    def teardown(self) -> None:
+        Path(self.path, str(os.getpid())).touch()
+
+
+def test_a_worker_told_to_stop_after_its_last_batch_may_still_crash_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The whole input goes out as one batch, the request to stop right behind it;
+    # the worker dies on the batch's first item instead.  Each item then runs on
+    # its own in a fresh worker, and the last of those must be told to stop as
+    # well: it ends politely (its teardown runs), not killed after a wait.
+    from typeflow._backends import _process
+
+    monkeypatch.setattr(_process, "BatchSizer", _WholeBatches)
+    results = list(TornDown(str(tmp_path)).run(range(250, 260)))
+    assert isinstance(results[0].failure().exception, WorkerCrashed)
+    assert [r.unwrap() for r in results[1:]] == list(range(252, 261))
+    assert len(list(tmp_path.iterdir())) == 1  # the worker that ran 251-259
+
+
 def crash_on_marked(path: str) -> Callable[[int], int]:
     def crash(x: int) -> int:
         if x % 500 == 250 and not Path(path, str(x)).exists():
@@ -485,6 +538,33 @@ def test_offer_puts_only_when_there_is_room_and_fails_like_a_put() -> None:
     aborted.abort()
     with pytest.raises(ChannelAborted):
         aborted.offer([1])
+
+
+def test_offer_values_puts_a_whole_chunk_or_none_of_it_and_never_waits() -> None:
+    channel: Channel[tuple[Key, object]] = Channel(3, max_bytes=1 << 20, numbered=True)
+    assert not channel.offer_values(list("abcd"))  # more than the capacity: nothing put
+    assert len(channel) == 0
+    assert channel.offer_values(list("abc"))
+    assert not channel.offer_values(["d"])  # full
+    assert channel.get_many(10) == list(enumerate("abc"))
+    assert not channel.offer_values([bytes(2 << 20)])  # over the byte budget
+    assert len(channel) == 0
+    assert channel.offer_values(["d"])
+    channel.producer_done()
+    with pytest.raises(ChannelClosed):
+        channel.offer_values(["e"])
+    assert channel.get_many(10) == [(3, "d")]
+
+
+def test_a_window_takes_places_now_only_if_all_of_them_are_free() -> None:
+    window = Window(3)
+    assert window.take_now(2)
+    assert not window.take_now(2)  # one place free: none taken
+    assert len(window) == 2
+    assert window.take_now(1)
+    window.abort()
+    with pytest.raises(ChannelAborted):
+        window.take_now(0)
 
 
 def test_a_task_worker_s_emit_waits_only_when_the_next_stage_is_full() -> None:

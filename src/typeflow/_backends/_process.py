@@ -29,6 +29,13 @@ buffers out of band, read straight into place (:mod:`typeflow._backends._wire`).
   pump reads when a deadline passes; before the worker begins a batch, the
   deadline counts from the reply to the one before it.  Under a rate limit the
   pump sends one item at a time, each once its slot has come.
+* **Told to stop early.**  When the pump sends a batch and the inbox is then
+  closed and empty, the request to stop follows it at once: the worker exits
+  (running a stateful stage's teardown) as soon as it has replied, while its
+  last results make their way to the caller, instead of after them.  A stop
+  request is tiny and the batch before it fits into the socket's buffer or is
+  the only one in flight, so this send never blocks on a worker that is
+  itself blocked sending a reply.
 
 A worker that dies (SIGKILL, ``os._exit``, segfault, out-of-memory killer) is
 replaced.  If it held a single item, that item becomes a ``Failure`` carrying
@@ -283,6 +290,8 @@ class _Pump:
         self._wire: Wire | None = None
         self._poller: select.poll | None = None
         self._forked: tuple[BaseProcess, Endpoint] | None = None
+        #: The wire its worker was told to stop on, after its last batch.
+        self._farewell: Wire | None = None
         # Under a timeout the worker writes down which item it is on, so that each
         # call in a batch has its own deadline.
         self._progress = Progress() if self._timeout is not None else None
@@ -395,8 +404,9 @@ class _Pump:
         if proc is None or conn is None:
             return None
         if not kill and wire is not None:
-            with contextlib.suppress(OSError):
-                wire.send(None)
+            if wire is not self._farewell:
+                with contextlib.suppress(OSError):
+                    wire.send(None)
         elif proc.is_alive():
             # SIGTERM ends the current call and runs a stateful stage's teardown;
             # SIGKILL follows if the worker is still there a second later.
@@ -523,6 +533,11 @@ class _Pump:
             self._handed += len(items)
             with contextlib.suppress(OSError):  # the worker is gone: the next _collect sees it
                 wire.send_parts(parts, nbytes)
+                if inbox.closed and not len(inbox):
+                    # Nothing more will come: the worker may go as soon as it has
+                    # replied, and its exit overlaps the last replies' way out.
+                    wire.send(None)
+                    self._farewell = wire
 
     def _pipeline_bytes(self) -> int:
         wire = self._wire

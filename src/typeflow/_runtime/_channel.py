@@ -586,6 +586,29 @@ class Channel(Generic[T]):
         assert self.numbered, "put_values() puts bare items: for a numbered channel only"
         self.put_chunk(cast("list[Any]", values))
 
+    def offer_values(self, values: list[object]) -> bool:
+        """Put a feeder's chunk (bare items, a numbered channel) if all of it fits now,
+        by count and by bytes (True); else put none of it (False).  Never waits.
+
+        Raises:
+            ChannelAborted: the run was cancelled.
+            ChannelClosed: every producer is done.
+        """
+        assert self.numbered, "offer_values() puts bare items: for a numbered channel only"
+        with self._lock:
+            self._check_put()  # raises if the channel is cancelled or closed
+            items = self._items
+            if len(items) + len(values) > self._capacity:
+                return False
+            weight = self._weigh(values) if self._weighed else 0
+            if self._bytes_in - self._bytes_out + weight > self._max_bytes:
+                return False
+            items.extend(values)
+            self._bytes_in += weight
+            if self._getters:
+                self._getters.popleft().wake()
+            return True
+
     def take_columns_nowait(self, limit: int, share: int = 1, least: int = 1) -> Columns:
         """Take up to ``limit`` items (a fair ``share``, at least ``least``) without
         waiting, in the form of :meth:`get_columns` (possibly none)."""
@@ -744,6 +767,20 @@ class Window:
                 with self._lock:
                     self._forget(waiter)
                 raise
+
+    def take_now(self, count: int) -> bool:
+        """Take ``count`` places if that many are free now (True), else none (False).
+
+        Raises:
+            ChannelAborted: the run was cancelled or drained.
+        """
+        with self._lock:
+            if self._aborted:
+                raise ChannelAborted
+            if self._capacity - self._used < count:
+                return False
+            self._used += count
+            return True
 
     def give_back(self, count: int) -> None:
         """``count`` places are free again."""

@@ -447,17 +447,16 @@ class RunCore:
             self._signals = None  # not the main thread: leave signals alone
         try:
             feeder: threading.Thread | None = None
-            if not isinstance(items, AsyncIterable):
-                # Items already in memory cannot keep the feeder waiting: they go in
-                # chunks (one lock trip for many).  Any other iterable may block
-                # between items, so its items go in one by one, each at once.
-                in_memory = isinstance(items, list | tuple | range)
-                feeder = self._feeder = threading.Thread(
-                    target=self._feed_chunks if in_memory else self._feed,
-                    args=(items,),
-                    name="typeflow:feeder",
-                    daemon=True,
-                )
+            if isinstance(items, list | tuple | range):
+                # Items already in memory cannot keep a feeder waiting: a short
+                # input goes in at once, from here (see _pour_now); a longer one
+                # in chunks (one lock trip for many).
+                if not self._pour_now(items):
+                    feeder = self._feeder_for(self._feed_chunks, items)
+            elif not isinstance(items, AsyncIterable):
+                # Any other iterable may block between items: they go in one by
+                # one, each at once.
+                feeder = self._feeder_for(self._feed, items)
             self._groups += self._start_nodes(
                 self.nodes, self.inboxes, self.outbox, self._emitters, first=feeder
             )
@@ -552,6 +551,28 @@ class RunCore:
     def items_read(self) -> int:
         """How many items have been taken from the input and put into the pipeline."""
         return self.inboxes[0].poured
+
+    def _feeder_for(
+        self, feed: Callable[[Iterable[Any]], None], items: Iterable[Any]
+    ) -> threading.Thread:
+        self._feeder = threading.Thread(
+            target=feed, args=(items,), name="typeflow:feeder", daemon=True
+        )
+        return self._feeder
+
+    def _pour_now(self, items: Sequence[Any]) -> bool:
+        """Put a short input that is in memory in at once, from the caller's thread
+        (True); False when it does not fit the first buffer and the window: a
+        feeder thread reads it.  A short run then starts no feeder (the start of a
+        short run is mostly thread starts)."""
+        inbox, window = self.inboxes[0], self.window
+        if len(items) > inbox.capacity or not window.take_now(len(items)):
+            return False
+        if not inbox.offer_values(list(items)):  # too many bytes for a process stage
+            window.give_back(len(items))
+            return False
+        self._close_input()
+        return True
 
     def _feed_chunks(self, items: Iterable[Any]) -> None:
         put_values, window = self.inboxes[0].put_values, self.window
