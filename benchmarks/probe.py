@@ -34,6 +34,7 @@ from typing import Any, cast
 from workloads import adbl, ainc, dbl, inc
 
 import typeflow
+from typeflow._options import DEFAULT_BUFFER
 
 
 def _items(n: int) -> Iterator[int]:
@@ -100,16 +101,22 @@ def main() -> None:
         "--coroutine", action="store_true", help="x+1 as async def on thread and process stages"
     )
     args = parser.parse_args()
-    options: dict[str, float] = {} if args.buffer is None else {"buffer": args.buffer}
-    if args.timeout is not None:
-        options["timeout"] = args.timeout
-    if args.retries:
-        options["retries"] = args.retries
+    buffer: int = DEFAULT_BUFFER if args.buffer is None else args.buffer
+    timeout: float | None = args.timeout
+    retries: int = args.retries
+    stages: list[typeflow.Stage[int, int]]
     if args.backend == "task":
-        stages = [typeflow.stage(workers=2, backend="task", **options)(ainc)] * args.stages
+        stages = [
+            typeflow.stage(
+                workers=2, backend="task", buffer=buffer, timeout=timeout, retries=retries
+            )(ainc)
+        ] * args.stages
     else:
-        fn = ainc if args.coroutine else inc
-        stages = [typeflow.stage(workers=2, backend=args.backend, **options)(fn)] * args.stages
+        on = cast("typeflow.Backend", args.backend)
+        decorate = typeflow.stage(
+            workers=2, backend=on, buffer=buffer, timeout=timeout, retries=retries
+        )
+        stages = [decorate(ainc) if args.coroutine else decorate(inc)] * args.stages
     parts: list[Any] = list(stages)
     if args.shape is not None:
         parts.append(_shape(args.shape, args.backend))
