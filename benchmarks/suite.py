@@ -14,11 +14,14 @@ from typing import Any, Literal
 
 from workloads import (
     IO_SLEEP_S,
+    PAYLOAD_BYTES,
     PAYLOAD_ELEMENTS,
     Backend,
     StageSpec,
     array_sum,
     arrays,
+    blob_ones,
+    blobs,
     cpu_burn,
     dbl,
     inc,
@@ -95,7 +98,8 @@ class Case:
         stages: The pipeline.
         peers: Who runs it (``typeflow`` first).
         n: Items per run.
-        source: ``"ints"`` or ``"arrays"`` (1 MiB float64 arrays).
+        source: ``"ints"``, ``"arrays"`` (1 MiB float64 arrays) or ``"blobs"`` (1 MiB
+            ``bytes``).
         calibrate: Cut ``n`` per peer so that a run takes about ``budget_s``.
         calibrate_typeflow: Whether typeflow's ``n`` is cut too (not in the memory
             workload, whose point is typeflow's memory at exactly ``n`` items).
@@ -114,7 +118,7 @@ class Case:
     stages: tuple[StageSpec, ...]
     peers: tuple[str, ...]
     n: int
-    source: Literal["ints", "arrays"] = "ints"
+    source: Literal["ints", "arrays", "blobs"] = "ints"
     calibrate: bool = False
     calibrate_typeflow: bool = True
     budget_s: float = 1.0
@@ -127,7 +131,9 @@ class Case:
     params: dict[str, float] = field(default_factory=dict)
 
     def items(self, n: int) -> Iterator[Any]:
-        return arrays(n) if self.source == "arrays" else ints(n)
+        if self.source == "arrays":
+            return arrays(n)
+        return blobs(n) if self.source == "blobs" else ints(n)
 
 
 def _sum_inc(n: int) -> float:
@@ -144,6 +150,10 @@ def _sum_inc_dbl_inc(n: int) -> float:
 
 def _sum_arrays(n: int) -> float:
     return float(PAYLOAD_ELEMENTS) * n * (n - 1) / 2
+
+
+def _sum_blob_ones(n: int) -> float:
+    return float(PAYLOAD_BYTES) * sum(1 for i in range(n) if i % 256 == 1)
 
 
 def overhead_cases(quick: bool) -> list[Case]:
@@ -248,18 +258,23 @@ def mixed_cases(quick: bool) -> list[Case]:
 
 
 def payload_cases(quick: bool) -> list[Case]:
-    """Workload 5: fresh 1 MiB float64 arrays into a process stage that sums them."""
+    """Workload 5: fresh 1 MiB float64 arrays, and 1 MiB ``bytes``, into a process
+    stage that reads each whole and returns a number."""
     return [
         Case(
             workload="payload",
-            name="1 MiB arrays, 2 processes",
-            stages=(spec(array_sum, "process", 2, chunk=1),),
+            name=f"1 MiB {label}, 2 processes",
+            stages=(spec(fn, "process", 2, chunk=1),),
             peers=(*PROCESS_PEERS, "serial"),
             n=200 if quick else 500,
-            source="arrays",
+            source=source,
             sample_memory=True,
             pss=True,
-            expected=_sum_arrays,
+            expected=expected,
+        )
+        for label, fn, source, expected in (
+            ("arrays", array_sum, "arrays", _sum_arrays),
+            ("bytes", blob_ones, "blobs", _sum_blob_ones),
         )
     ]
 

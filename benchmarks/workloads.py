@@ -68,6 +68,11 @@ def array_sum(a: Any) -> float:
     return float(a.sum())
 
 
+def blob_ones(b: bytes) -> int:
+    """Read a whole payload of bytes and return how many of them are 1."""
+    return b.count(1)
+
+
 # --- stage functions (async twins for the task backend) ---------------------------
 
 
@@ -98,6 +103,12 @@ def arrays(n: int) -> Iterator[Any]:
 
     for i in range(n):
         yield np.full(PAYLOAD_ELEMENTS, float(i), dtype=np.float64)
+
+
+def blobs(n: int) -> Iterator[bytes]:
+    """Lazily yield ``n`` fresh 1 MiB ``bytes``, blob ``i`` filled with ``i % 256``."""
+    for i in range(n):
+        yield bytes((i % 256,)) * PAYLOAD_BYTES
 
 
 # --- pipeline shapes --------------------------------------------------------------

@@ -21,7 +21,7 @@ from returns.result import Failure, Success
 
 from typeflow import StageError, StatefulStage, WorkerCrashed, flat_map, keep, stage
 from typeflow._backends._base import BatchSizer
-from typeflow._backends._wire import OUT_OF_BAND_MIN, RECV_BUFFER, Wire, encode
+from typeflow._backends._wire import OUT_OF_BAND_MIN, RECV_BUFFER, Wire, encode, lift
 from typeflow._runtime import _channel
 from typeflow._runtime._channel import (
     Channel,
@@ -123,6 +123,31 @@ def test_the_wire_carries_small_and_large_objects_with_out_of_band_buffers() -> 
         assert items[4] is None
         left.send(None)
         assert right.recv() is None
+    finally:
+        left.close()
+        right.close()
+
+
+def test_large_bytes_and_bytearrays_leave_out_of_band_and_arrive_as_they_were() -> None:
+    # Pickle copies bytes and bytearrays into its stream whatever the protocol;
+    # lifted, their data follows the pickle straight from their own memory.
+    big_bytes = os.urandom(2 * OUT_OF_BAND_MIN)
+    big_array = bytearray(os.urandom(OUT_OF_BAND_MIN))
+    values: list[object] = [big_bytes, big_array, b"small", bytearray(b"tiny"), 7]
+    assert lift([7, big_bytes]) == [7, big_bytes]  # a batch that does not begin with bytes
+    parts, size = encode(lift(values))
+    assert [memoryview(part).nbytes for part in parts[2:]] == [len(big_bytes), len(big_array)]
+    assert encode(values)[0][2:] == []  # not lifted: all of it inside the pickle
+    left, right = _pair()
+    try:
+        received: list[object] = []
+        reader = threading.Thread(target=lambda: received.append(right.recv()))
+        reader.start()
+        assert left.send_parts(parts, size) == size
+        reader.join(10)
+        got = cast("list[object]", received[0])
+        assert got == values
+        assert [type(value) for value in got] == [bytes, bytearray, bytes, bytearray, int]
     finally:
         left.close()
         right.close()
@@ -329,20 +354,22 @@ def test_pipelined_batches_keep_every_item_and_failure_in_order() -> None:
             assert result == Success(2 * x)
 
 
-def size_of(data: bytearray) -> int:
+def size_of(data: bytes | bytearray) -> int:
     return len(data)
 
 
-def echo(data: bytearray) -> bytearray:
+def echo(data: bytes | bytearray) -> bytes | bytearray:
     return data
 
 
-def test_large_payloads_cross_both_ways() -> None:
-    payloads = [bytearray(bytes([i]) * ((1 << 20) + i)) for i in range(12)]
+@pytest.mark.parametrize("kind", [bytearray, bytes])
+def test_large_payloads_cross_both_ways(kind: type[bytes | bytearray]) -> None:
+    payloads = [kind(bytes([i]) * ((1 << 20) + i)) for i in range(12)]
     sizes = list(stage(workers=2, backend="process")(size_of).run(payloads))
     assert [r.unwrap() for r in sizes] == [len(p) for p in payloads]
-    echoed = list(stage(workers=2, backend="process")(echo).run(payloads))
-    assert [r.unwrap() for r in echoed] == payloads
+    echoed = [r.unwrap() for r in stage(workers=2, backend="process")(echo).run(payloads)]
+    assert echoed == payloads
+    assert {type(value) for value in echoed} == {kind}
 
 
 def test_a_short_input_too_heavy_for_the_byte_budget_is_fed_by_a_thread() -> None:

@@ -93,7 +93,7 @@ from typeflow._backends._base import (
 )
 from typeflow._backends._process_child import READY, RawFailure, Reply, child_main
 from typeflow._backends._progress import Progress
-from typeflow._backends._wire import Endpoint, Wire, encode
+from typeflow._backends._wire import Endpoint, Wire, encode, lift
 from typeflow._errors import (
     DefinitionError,
     RemoteTraceback,
@@ -510,7 +510,7 @@ class _Pump:
                 least = sizer.least(_LEAST, _LEAST_SECONDS)
                 keys, items = inbox.get_columns(sizer.limit, share, least=least)
             try:
-                parts, nbytes = encode((keys, items))
+                parts, nbytes = encode((keys, lift(items)))
             except Exception:  # noqa: BLE001 - an item does not pickle: the careful path
                 while sent:
                     self._collect(sent)
@@ -600,7 +600,7 @@ class _Pump:
             raise _Cancelled
         seqs, items = zip(*batch, strict=True)
         try:
-            parts, nbytes = encode((seqs, items))
+            parts, nbytes = encode((seqs, lift(items)))
         except Exception as exc:
             raise _Unpicklable from exc
         sent = _Sent(seqs, items, nbytes, time.monotonic(), self._handed)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import cast
 
 from typeflow._backends._progress import Progress
-from typeflow._backends._wire import Endpoint, Wire
+from typeflow._backends._wire import Endpoint, Wire, lift
 from typeflow._runtime._kernel import (
     Envelope,
     Gather,
@@ -159,6 +159,7 @@ def _reply(wire: Wire, stage: str, outcome: Outcome, seconds: float) -> None:
     # must be turned into text first.
     raw = [_raw_failure(seq, err.exception, err.attempts) for seq, err in outcome.failed]
     outcome.failed = []
+    outcome.values = lift(outcome.values)  # large bytes leave out of band
     try:
         wire.send((outcome, raw, seconds))
         return

@@ -5,9 +5,10 @@ A message is one frame on the worker's socket::
     [count u32][pickle length u64][count x buffer length u64][pickle][buffer]...
 
 The pickle is protocol 5.  Buffers of :data:`OUT_OF_BAND_MIN` bytes or more
-(the data of NumPy arrays, ``bytearray``s, anything that offers a
-``pickle.PickleBuffer``) are not copied into the pickle: they follow it, and the
-whole frame leaves in one ``sendmsg`` call straight from the objects' memory.
+(the data of NumPy arrays, anything that offers a ``pickle.PickleBuffer``, and
+items and results that are ``bytes`` or ``bytearray``, see :func:`lift`) are
+not copied into the pickle: they follow it, and the whole frame leaves in one
+``sendmsg`` call straight from the objects' memory.
 The receiver reads whatever has arrived into a receive buffer of
 :data:`RECV_BUFFER` bytes (so a small message, or two, costs one ``recv_into``
 call: every blocking call gives up the GIL and may wait to get it back), and
@@ -28,9 +29,12 @@ import os
 import pickle
 import socket
 import struct
-from typing import Final, Protocol
+from collections.abc import Sequence
+from typing import Final, Protocol, SupportsIndex, TypeVar, cast
 
-__all__ = ["OUT_OF_BAND_MIN", "RECV_BUFFER", "SOCKET_BUFFER", "Endpoint", "Wire"]
+from typing_extensions import Buffer
+
+__all__ = ["OUT_OF_BAND_MIN", "RECV_BUFFER", "SOCKET_BUFFER", "Endpoint", "Wire", "encode", "lift"]
 
 _HEAD: Final = struct.Struct("=IQ")
 #: Buffers smaller than this travel inside the pickle (a frame per buffer costs more).
@@ -176,6 +180,57 @@ class Wire:
             if not n:
                 raise EOFError("the other end of the worker's socket is closed")
             view = view[n:]
+
+
+_Values = TypeVar("_Values", bound=Sequence[object])
+_BYTES: Final = frozenset({bytes, bytearray})
+
+
+class _OutOfBand:
+    """A large ``bytes`` or ``bytearray`` value on its way to the other process.
+
+    The pickle protocol copies ``bytes`` and ``bytearray`` into the stream, even
+    with a ``buffer_callback`` (neither ``reducer_override`` nor a dispatch table
+    is asked about them); wrapped, its data leaves out of band like an array's.
+    On the other side a ``bytearray`` is the very buffer the data was read into,
+    and ``bytes`` one copy of it.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[object, tuple[object]]:
+        data = self.data
+        rebuild = _as_bytes if type(data) is bytes else _as_bytearray
+        return rebuild, (pickle.PickleBuffer(data),)
+
+
+def _as_bytes(buffer: Buffer) -> bytes:
+    return bytes(buffer)
+
+
+def _as_bytearray(buffer: Buffer) -> bytearray:
+    return buffer if type(buffer) is bytearray else bytearray(buffer)
+
+
+def lift(values: _Values) -> _Values | list[object]:
+    """``values`` with every ``bytes`` or ``bytearray`` of :data:`OUT_OF_BAND_MIN`
+    bytes or more wrapped to travel out of band (see :class:`_OutOfBand`).
+
+    Only top-level values: bytes inside other objects travel in the pickle.
+    ``values`` itself unless its first value is ``bytes`` or a ``bytearray``, so
+    that a batch of anything else costs one test.
+    """
+    if not values or type(values[0]) not in _BYTES:
+        return values
+    lifted: list[object] = []
+    for value in values:
+        if type(value) in _BYTES and len(cast("bytes", value)) >= OUT_OF_BAND_MIN:
+            value = _OutOfBand(cast("bytes", value))
+        lifted.append(value)
+    return lifted
 
 
 def encode(obj: object) -> tuple[list[memoryview | bytes], int]:
