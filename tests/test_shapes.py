@@ -359,6 +359,33 @@ def test_a_failing_setup_fails_the_run_fast_with_that_error() -> None:
     assert leftovers() == ([], [])
 
 
+class Flaky(
+    StatefulStage[int, int],
+    retries=2,
+    retry_on=(ConnectionError,),
+    backoff=0.001,
+    max_backoff=0.002,
+):
+    """Fails each item's first two calls, then passes it on."""
+
+    def setup(self) -> None:
+        self.calls: Counter[int] = Counter()
+
+    def process(self, item: int, /) -> int:
+        self.calls[item] += 1
+        if self.calls[item] <= 2:
+            raise ConnectionError(f"try {self.calls[item]}")
+        return item
+
+
+def test_a_stateful_stage_takes_every_retry_option_as_a_class_keyword() -> None:
+    flaky = Flaky()
+    assert (flaky.options.backoff, flaky.options.max_backoff) == (0.001, 0.002)
+    run = flaky.run(range(3))
+    assert [r.unwrap() for r in run] == [0, 1, 2]
+    assert run.statistics().stages[0].retried == 6
+
+
 def test_a_sync_stateful_stage_is_refused_on_the_task_backend() -> None:
     def define() -> None:
         class Wrong(StatefulStage[int, int], backend="task"):

@@ -421,6 +421,8 @@ class _StatefulBase(Stage[In, Out], ABC):
         timeout: float | None = None,
         retries: int = 0,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
+        backoff: float = 0.1,
+        max_backoff: float = 30.0,
         rate: float | None = None,
     ) -> None:
         super().__init_subclass__()
@@ -432,6 +434,8 @@ class _StatefulBase(Stage[In, Out], ABC):
             timeout=timeout,
             retries=retries,
             retry_on=retry_on,
+            backoff=backoff,
+            max_backoff=max_backoff,
             rate=rate,
         )
         if backend == "task" and not cls._is_async:
