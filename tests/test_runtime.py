@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import threading
 import traceback
 from collections import Counter
@@ -498,3 +499,36 @@ def test_a_stage_of_many_threads_starts_them_while_the_first_ones_work() -> None
     run = many.run(itertools.count())
     assert [r.unwrap() for r in run.take(3)] == [1, 2, 3]
     assert leftovers() == ([], [])
+
+
+@pytest.mark.parametrize("items", [None, 42, 3.5])
+def test_run_refuses_an_input_that_is_not_iterable_at_once(items: object) -> None:
+    with pytest.raises(TypeError, match=rf"run\(\) needs an iterable of items, not {items!r}"):
+        on("thread", increment).run(items)  # type: ignore[arg-type] # the point of the test
+    with pytest.raises(TypeError, match="needs an iterable"):
+        on("thread", increment).arun(items)  # type: ignore[arg-type] # the point of the test
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"window": "x"}, "window='x'"),
+        ({"window": 2.5}, "window=2.5"),
+        ({"ordered": "no"}, "ordered='no'"),
+        ({"fail_fast": 1}, "fail_fast=1"),
+        ({"handle_signals": None}, "handle_signals=None"),
+        ({"grace": -1}, "grace=-1"),
+        ({"grace": float("nan")}, "grace=nan"),
+    ],
+)
+def test_run_refuses_bad_options_by_name(options: dict[str, object], named: str) -> None:
+    with pytest.raises(DefinitionError, match=re.escape(named)):
+        on("thread", increment).run([1], **options)  # type: ignore[arg-type] # the point of the test
+
+
+@pytest.mark.parametrize("n", [-1, 1.5, "x", True])
+def test_take_refuses_a_count_that_is_not_a_whole_number(n: object) -> None:
+    run = on("thread", increment).run([1, 2])
+    with pytest.raises(ValueError, match=re.escape(f"not {n!r}")):
+        run.take(n)  # type: ignore[arg-type] # the point of the test
+    assert run.take(1) == [Success(2)]  # the run was left as it was

@@ -593,3 +593,33 @@ def test_the_stages_inside_a_fork_have_statistics(backend: Backend) -> None:
     assert by_name[f"{fork_name}[0]/length"].items_in == 2
     assert by_name[f"{fork_name}[1]/shout"].succeeded == 2
     assert by_name[f"{fork_name}[1]/fail_on_x"].failed == 1
+
+
+class FailingTeardown(StatefulStage[int, int], workers=2):
+    def process(self, item: int, /) -> int:
+        return item
+
+    def teardown(self) -> None:
+        raise RuntimeError("the connection would not close")
+
+
+class AsyncFailingTeardown(AsyncStatefulStage[int, int], workers=2, backend="task"):
+    async def process(self, item: int, /) -> int:
+        return item
+
+    async def teardown(self) -> None:
+        raise RuntimeError("the connection would not close")
+
+
+@pytest.mark.parametrize("make", [FailingTeardown, AsyncFailingTeardown])
+def test_a_failing_teardown_is_logged_and_the_run_ends_with_every_result(
+    make: Callable[[], Stage[int, int]], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("ERROR", logger="typeflow"):
+        results = list(make().run(range(10)))
+    assert [r.unwrap() for r in results] == list(range(10))
+    records = [r for r in caplog.records if r.name == "typeflow"]
+    assert records
+    assert all("teardown of stage" in r.getMessage() for r in records)
+    assert all(r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in records)
+    assert leftovers() == ([], [])

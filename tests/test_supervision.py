@@ -457,3 +457,57 @@ def test_a_thread_worker_survives_what_would_kill_it(monkeypatch: pytest.MonkeyP
     assert [r.unwrap() for r in results if isinstance(r, Success)] == [
         x + 1 for x in range(20) if x not in {f.item for f in failed}
     ]
+
+
+async def cancels_itself_on_three(x: int) -> int:
+    """Raises CancelledError on 3, as code that cancels a task of its own and lets
+    that out may: not the run cancelling the worker."""
+    await asyncio.sleep(0)
+    if x == 3:
+        raise asyncio.CancelledError
+    return x
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_cancelled_error_from_the_function_fails_only_its_item(
+    backend: Backend, workers: int, ordered: bool
+) -> None:
+    run = stage(workers=workers, backend=backend)(cancels_itself_on_three).run(
+        range(8), ordered=ordered
+    )
+    results = list(run)
+    failed = [r.failure() for r in results if isinstance(r, Failure)]
+    assert [(f.item, type(f.exception)) for f in failed] == [(3, asyncio.CancelledError)]
+    assert sorted(r.unwrap() for r in results if isinstance(r, Success)) == [0, 1, 2, 4, 5, 6, 7]
+    stats = run.statistics()
+    assert (stats.in_flight, stats.stages[0].restarts) == (0, 0)
+
+
+def deaf_to_sigterm(fifo: str) -> Callable[[int], int]:
+    """Item 0 says so through ``fifo``, blocks SIGTERM and waits far beyond the
+    test's timeout: a worker that a polite stop cannot end (as one stuck in a long
+    C call, which cannot run the signal's handler)."""
+
+    def call(x: int) -> int:
+        if x == 0:
+            with open(fifo, "wb") as out:
+                out.write(b"x")
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            time.sleep(600)
+        return x
+
+    return call
+
+
+@pytest.mark.timeout(30)
+def test_closing_a_run_kills_a_worker_that_does_not_end_on_sigterm(tmp_path: Path) -> None:
+    fifo = tmp_path / "began"
+    os.mkfifo(fifo)
+    fn = deaf_to_sigterm(str(fifo))
+    run = stage(workers=2, backend="process")(fn).run(itertools.count(), ordered=False)
+    run.start()
+    with fifo.open("rb") as began:
+        assert began.read(1) == b"x"  # item 0's call has begun, SIGTERM blocked
+    run.close()  # SIGTERM, a second's grace, then SIGKILL
+    assert leftovers() == ([], [])

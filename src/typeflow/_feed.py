@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from typeflow._errors import StageError, TypeflowError
+from typeflow._errors import DefinitionError, StageError, TypeflowError, short_repr
 from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
 from typeflow._runtime._run import Run
 
@@ -30,6 +30,31 @@ _CHUNK = 256
 
 class FeedClosed(TypeflowError):
     """An item was put into a feed that is closed, or whose run has stopped."""
+
+
+def _check_capacity(label: str, capacity: object) -> None:
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise DefinitionError(
+            f"{label}: capacity={capacity!r} is not allowed; capacity must be a whole number "
+            "of at least 1 (there is no unbounded setting)"
+        )
+
+
+def _check_source(i: int, source: object) -> None:
+    """Refuse, when ``merge`` is called, a source it cannot read (nothing is consumed)."""
+    if isinstance(source, Iterable) or hasattr(type(source), "__getitem__"):
+        return
+    shown = short_repr(source)
+    if isinstance(source, AsyncIterable):
+        raise DefinitionError(
+            f"merge source {i} is the async iterable {shown}; merge reads "
+            "plain iterables, each in a thread: give async sources to arun() one at a "
+            "time, or read them into a feed"
+        )
+    raise DefinitionError(
+        f"merge source {i} is {shown}, which cannot be iterated; pass "
+        "iterables (a list, a generator, a run...)"
+    )
 
 
 def _drain(channel: Channel[Any]) -> Iterator[Any]:
@@ -63,6 +88,7 @@ class Feed(Generic[In, Out]):
     """
 
     def __init__(self, start_run: Callable[[Iterator[Any]], Run[Out]], capacity: int) -> None:
+        _check_capacity("feed", capacity)  # before anything starts
         self._channel: Channel[Any] = Channel(capacity)
         self._closed = False
         self._lock = threading.Lock()
@@ -146,17 +172,18 @@ class _Merged(Iterator[T]):
             t.start()
 
     def _read(self, source: Iterable[Any]) -> None:
+        channel = self._channel
         try:
             for item in source:
                 if self._error is not None:  # another source failed: stop reading
                     break
-                self._channel.put_many([item])
+                channel.put_many([item])
         except (ChannelAborted, ChannelClosed):
             pass
         except BaseException as exc:  # noqa: BLE001 - raised to the consumer at the end
             self._error = exc
         finally:
-            self._channel.producer_done()
+            channel.producer_done()
 
     def __next__(self) -> T:
         while not self._buffer:
@@ -180,7 +207,9 @@ class _Merged(Iterator[T]):
                 t.join(1.0)
 
     def __del__(self) -> None:
-        self._channel.abort()
+        channel: Channel[Any] | None = getattr(self, "_channel", None)
+        if channel is not None:  # None when __init__ failed before making it
+            channel.abort()
 
 
 @overload
@@ -199,11 +228,16 @@ def merge(*sources: Iterable[Any], capacity: int = _CHUNK) -> Iterator[Any]:
     merges the results of two pipelines.  Use the result as a pipeline's input.
     If a source raises, the others stop at their next item; the items already
     read come out, then the merged stream raises that error.
+    A source that cannot be iterated (an async iterable included), or a
+    ``capacity`` below 1, is refused here, with :class:`~typeflow.DefinitionError`.
 
     Example:
         >>> sorted(merge([1, 2], ["a"]), key=str)
         [1, 2, 'a']
     """
+    _check_capacity("merge", capacity)
+    for i, source in enumerate(sources):
+        _check_source(i, source)
     if not sources:
         return iter(())
     return _Merged(sources, capacity)

@@ -22,6 +22,7 @@ from typeflow._backends._split import SplitKernel
 from typeflow._errors import DefinitionError, short_repr
 from typeflow._options import StageOptions
 from typeflow._runtime._kernel import FnKernel, Node, StatefulKernel
+from typeflow._shapes import check_predicate
 from typeflow._stage import Stage
 
 if TYPE_CHECKING:
@@ -64,8 +65,8 @@ def _check_branches(kind: str, branches: Sequence[object]) -> None:
     for i, branch in enumerate(branches):
         if not isinstance(branch, Stage):
             raise DefinitionError(
-                f"{kind} branch {i} is {short_repr(branch)}, not a stage; decorate the "
-                "function with @stage"
+                f"{kind} branch {i} is {short_repr(branch)}, not a stage or pipeline; "
+                "decorate the function with @stage (or wrap it: stage(fn))"
             )
 
 
@@ -113,9 +114,12 @@ def fork(*branches: Stage[Any, Any]) -> Stage[Any, Any]:
         >>> [r.unwrap() for r in fork(length, shout).run(["hi", "abc"])]
         [(2, 'HI'), (3, 'ABC')]
     """
+    _check_branches("fork", branches)  # first: fork(fn) is a missing @stage, not a count
     if len(branches) < 2:
-        raise DefinitionError(f"fork needs at least two branches, not {len(branches)}")
-    _check_branches("fork", branches)
+        raise DefinitionError(
+            f"fork needs at least two branches, not {len(branches)}; for one branch, use "
+            "the stage itself"
+        )
     compiled = tuple(b._nodes() for b in branches)  # pyright: ignore[reportPrivateUsage]
     for i, nodes in enumerate(compiled):
         for node in nodes:
@@ -162,6 +166,7 @@ def route(
         >>> [r.unwrap() for r in route(lambda n: n % 2 == 0, half, triple).run([2, 3])]
         [1.0, 9.0]
     """
+    check_predicate("route", predicate, allow_async=False)
     _check_branches("route", (then, otherwise))
     compiled = (then._nodes(), otherwise._nodes())  # pyright: ignore[reportPrivateUsage]
     name = f"route({then.name} | {otherwise.name})"

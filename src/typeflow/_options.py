@@ -19,6 +19,15 @@ Backend = Literal["thread", "process", "task"]
 
 BACKENDS: Final[tuple[Backend, ...]] = get_args(Backend)
 
+#: The most workers a stage may have, per backend: each worker is started with
+#: the run (a thread reserves its stack, a process its interpreter), so a mistyped
+#: count fails when the stage is defined, not as a run that never starts.
+MAX_WORKERS: Final[dict[str, int]] = {"thread": 10_000, "process": 1_024, "task": 100_000}
+_FEWER_WORKERS: Final[dict[str, str]] = {
+    "thread": "for many concurrent waits use backend='task'",
+    "process": "processes beyond the machine's cores only add overhead",
+    "task": "split the work between stages",
+}
 #: Default size, in items, of each stage's input buffer.  Large enough that the
 #: workers take items by the hundred: under the GIL a channel fills while its
 #: producer runs and empties while its consumers do, and every such round costs
@@ -85,12 +94,23 @@ class StageOptions:
                 f"use one of {', '.join(map(repr, BACKENDS))}"
             )
         _positive(label, "workers", self.workers)
+        most = MAX_WORKERS[self.backend]
+        if self.workers > most:
+            raise DefinitionError(
+                f"{label}: workers={self.workers!r} is more than a {self.backend} stage "
+                f"can start (at most {most:,}: every worker starts with the run); "
+                + _FEWER_WORKERS[self.backend]
+            )
         _positive(label, "buffer", self.buffer)
         _check_name(self.name)
         if self.timeout is not None:
             _positive_seconds(label, "timeout", self.timeout)
-        if self.rate is not None:
-            _positive_seconds(label, "rate", self.rate)
+        if self.rate is not None and not _above_zero(self.rate):
+            raise DefinitionError(
+                f"{label}: rate={self.rate!r} is not allowed; give the most calls per second "
+                "as a number above 0 (e.g. rate=0.5 for one call every 2 s), or None for no "
+                "limit"
+            )
         _whole(label, "retries", self.retries, 0, "give the number of extra tries (0 for none)")
         _check_retry_on(label, self.retry_on)
         for option in ("backoff", "max_backoff"):
@@ -99,14 +119,24 @@ class StageOptions:
                 raise DefinitionError(
                     f"{label}: {option}={value!r} is not allowed; give seconds (0 or more)"
                 )
+        if self.backoff > self.max_backoff:
+            raise DefinitionError(
+                f"{label}: backoff={self.backoff!r} is more than max_backoff="
+                f"{self.max_backoff!r}; the first wait cannot exceed the longest one: lower "
+                "backoff or raise max_backoff"
+            )
 
     def should_retry(self, exc: BaseException, attempt: int) -> bool:
         """Whether a call that raised ``exc`` on try number ``attempt`` is tried again."""
         return attempt <= self.retries and isinstance(exc, self.retry_on)
 
 
+def _above_zero(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and value > 0
+
+
 def _positive_seconds(label: str, option: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+    if not _above_zero(value):
         raise DefinitionError(
             f"{label}: {option}={value!r} is not allowed; give seconds as a number above 0, "
             "or None for no limit"

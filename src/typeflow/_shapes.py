@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast, final, overload
 
 from typeflow._backends._batcher import BatchKernel
-from typeflow._errors import DefinitionError
+from typeflow._errors import DefinitionError, short_repr
 from typeflow._hints import element_hint, narrowed_hint
 from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
 from typeflow._runtime._kernel import Node, StatefulKernel
@@ -276,7 +276,7 @@ def keep(
         >>> [r.unwrap() for r in evens.run(range(6))]
         [0, 2, 4]
     """
-    _check_arity(predicate)
+    check_predicate("keep", predicate, allow_async=True)
     options = StageOptions(
         workers=workers,
         backend=backend,
@@ -290,6 +290,38 @@ def keep(
         rate=rate,
     )
     return _KeepStage[Any, Any](predicate, options, inspect.iscoroutinefunction(predicate))
+
+
+def check_predicate(kind: str, predicate: object, *, allow_async: bool) -> None:
+    """Refuse, where it is written, a predicate that cannot answer true or false per item."""
+    if not callable(predicate):
+        raise DefinitionError(
+            f"{kind} needs a predicate function, not {short_repr(predicate)}; pass a function "
+            "that takes one item and returns true or false"
+        )
+    label = getattr(predicate, "__qualname__", predicate)
+    if inspect.isgeneratorfunction(predicate) or inspect.isasyncgenfunction(predicate):
+        raise DefinitionError(
+            f"{kind} got the generator function {label!r} as its predicate; a predicate "
+            "returns true or false for each item: return the answer instead of yielding it"
+        )
+    if not allow_async and inspect.iscoroutinefunction(predicate):
+        raise DefinitionError(
+            f"{kind} got the coroutine function {label!r} as its predicate; it runs in the "
+            "run's own thread and cannot be awaited there: make it a plain (cheap) function"
+        )
+    try:
+        sig = inspect.signature(predicate)
+    except (TypeError, ValueError):  # builtins without a signature: trust the caller
+        return
+    try:
+        sig.bind(object())
+    except TypeError as exc:
+        raise DefinitionError(
+            f"{kind}'s predicate is called with one item, but {label!r}{sig} cannot be "
+            f"({exc}); give it exactly one required positional parameter (use "
+            "functools.partial for the others)"
+        ) from None
 
 
 @final

@@ -133,6 +133,8 @@ BATCH_BYTES: Final = 1024 * 1024
 INBOX_BYTES: Final = 8 * 1024 * 1024
 #: How many batches a worker process holds at once: one it works on, one waiting.
 _IN_FLIGHT: Final = 2
+#: How long a cancelled worker has to end on SIGTERM before it is killed.
+_TERM_GRACE: Final = 1.0
 #: Quick items (a full batch of them under 5 ms of work) are not shared out: a
 #: pump takes all that wait, up to its limit, since every batch costs the parent
 #: as much whatever its size (one pump with big batches keeps up with more
@@ -420,6 +422,16 @@ class _Pump:
             wire.close()
         conn.close()
         return proc.exitcode
+
+    def kill_if_cancelled(self) -> None:
+        """SIGKILL the worker of a cancelled pump: it did not end on SIGTERM."""
+        if not self._cancelled.is_set():
+            return
+        with self._lock:
+            proc = self._proc
+        if proc is not None and proc.pid is not None and proc.exitcode is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
 
     def cancel(self) -> None:
         with self._lock:
@@ -756,11 +768,20 @@ class ProcessGroup:
             pump.cancel()
 
     def join(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+        """Wait for the pumps (and so their workers) to end.  A cancelled worker that
+        is still there a second after its SIGTERM (stuck in C code, which cannot run
+        the handler, or ignoring the signal) is killed."""
+        now = time.monotonic()
+        deadline = now + timeout
+        grace = min(deadline, now + _TERM_GRACE)
         for pump in self.pumps:
             if pump.thread.ident is None:  # never started (the run failed to start)
                 pump.discard()
             else:
+                pump.thread.join(max(0.0, grace - time.monotonic()))
+        for pump in self.pumps:
+            if pump.thread.is_alive():
+                pump.kill_if_cancelled()
                 pump.thread.join(max(0.0, deadline - time.monotonic()))
         return not any(p.thread.is_alive() for p in self.pumps)
 

@@ -208,9 +208,11 @@ class ThreadGroup:
         except (EndOfChannel, ChannelAborted):
             pass
         finally:
-            ctx.close()
-            if not replaced:
-                emitter.done()
+            try:
+                ctx.close()
+            finally:
+                if not replaced:
+                    emitter.done()
 
     def _wait(self, seconds: float) -> None:
         """Wait for a rate limit's slot; the run's end cuts the wait short."""

@@ -208,7 +208,10 @@ class WorkerContext:
         try:
             if self.state is not None:
                 state, self.state = self.state, None
-                state.teardown(self)
+                try:
+                    state.teardown(self)
+                except Exception as exc:  # noqa: BLE001 - no item left to fail: logged
+                    state.teardown_failed(exc, self.index)
         finally:
             if self._runner is not None:
                 self._runner.close()
@@ -218,7 +221,10 @@ class WorkerContext:
         """End of a task worker: tear its state down on the running loop."""
         if self.state is not None:
             state, self.state = self.state, None
-            await state.ateardown()
+            try:
+                await state.ateardown()
+            except Exception as exc:  # noqa: BLE001 - no item left to fail: logged
+                state.teardown_failed(exc, self.index)
 
 
 class WorkerState:
@@ -239,6 +245,19 @@ class WorkerState:
         result = self.instance.teardown()
         if inspect.isawaitable(result):
             await result
+
+    def teardown_failed(self, exc: Exception, worker: int) -> None:
+        """A teardown raised.  Every item of the worker is done by then, so there is
+        nothing to fail: the error is logged (logger ``typeflow``; to standard error
+        when logging is not set up) and the worker ends as usual."""
+        import logging
+
+        logging.getLogger("typeflow").error(
+            "the teardown of stage %r failed in its worker %d",
+            self.kernel.name,
+            worker,
+            exc_info=exc,
+        )
 
 
 class Kernel:
@@ -497,9 +516,11 @@ class FnKernel(Kernel):
         for i, item in enumerate(items):
             try:
                 value = await fn(item)
-            except (asyncio.CancelledError, WorkerExit):
+            except WorkerExit:
                 raise
-            except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
+            except BaseException as exc:  # becomes this item's Failure (see below)
+                if isinstance(exc, asyncio.CancelledError) and _cancelled_by_run():
+                    raise
                 if values:
                     ok.extend(zip(keys, values, strict=False))
                     values = []
@@ -542,9 +563,11 @@ class FnKernel(Kernel):
                             item = items[i]
                             try:
                                 value = await fn(item)
-                            except (asyncio.CancelledError, WorkerExit):
+                            except WorkerExit:
                                 raise
-                            except BaseException as exc:  # noqa: BLE001 - this item's Failure
+                            except BaseException as exc:  # this item's Failure (see below)
+                                if isinstance(exc, asyncio.CancelledError) and _cancelled_by_run():
+                                    raise  # the run stops, or the scope's deadline passed
                                 if values:
                                     ok.extend(zip(keys, values, strict=False))
                                     values = []
@@ -588,15 +611,28 @@ class FnKernel(Kernel):
                     value, attempts = await self._acall(item)
                 else:
                     value, attempts = await self._acall_once(item), 1
-            except (asyncio.CancelledError, WorkerExit):
+            except WorkerExit:
                 raise
-            except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
+            except BaseException as exc:  # becomes this item's Failure (see below)
+                if isinstance(exc, asyncio.CancelledError) and _cancelled_by_run():
+                    raise
                 self._failed(out, key, item, exc)
             else:
                 out.retries += attempts - 1
                 self._place(out, key, item, value)
         _find_span(out, len(keys))
         return out
+
+
+def _cancelled_by_run() -> bool:
+    """Whether a ``CancelledError`` means that this worker's own task is being
+    cancelled (the run stops, or a timeout cuts the call short), rather than one
+    that the stage's function raised or let out of a task of its own: that one
+    fails its item like any other exception."""
+    import asyncio
+
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _find_span(out: Outcome, size: int) -> None:

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 from returns.result import Failure, Result, Success
 
 from typeflow._backends._base import Outbox, WorkerBackend, WorkerGroup
-from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed
+from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed, short_repr
 from typeflow._runtime._channel import (
     Channel,
     ChannelAborted,
@@ -125,6 +125,49 @@ def _successes(values: Sequence[object]) -> _Results:
     results: _Results = list(map(_new_object, repeat(Success, len(values))))
     deque(map(_set_inner_value, results, values), maxlen=0)
     return results
+
+
+# The run's options, checked as plain objects: the annotations say what a type
+# checker accepts, not what an unchecked caller may pass.
+
+
+def _check_flag(option: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise DefinitionError(f"{option}={value!r} is not allowed; give True or False")
+
+
+def _check_window(value: object) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise DefinitionError(
+            f"window={value!r} is not allowed; give a whole number of items, at least 1 "
+            "(or None for the default)"
+        )
+
+
+def _check_grace(value: object) -> None:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not 0 <= value < float("inf")
+    ):
+        raise DefinitionError(
+            f"grace={value!r} is not allowed; give the seconds a signalled run may take to "
+            "drain, 0 or more"
+        )
+
+
+def _check_count(value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"take(n) needs a whole number of results, 0 or more, not {value!r}")
+
+
+def _check_items(items: object) -> None:
+    """Refuse, at ``run()``, an input that cannot be iterated (``None``, a number)."""
+    if not isinstance(items, Iterable | AsyncIterable) and not hasattr(type(items), "__getitem__"):
+        raise TypeError(
+            f"run() needs an iterable of items, not {short_repr(items)}; pass a list, a "
+            "generator, any other iterable, or an async iterable"
+        )
 
 
 def _results_in(entry: Entry) -> int:
@@ -377,8 +420,14 @@ class RunCore:
         handle_signals: bool = False,
         grace: float = 10.0,
     ) -> None:
-        if window is not None and (isinstance(window, bool) or window < 1):
-            raise DefinitionError(f"window={window!r} is not allowed; it must be at least 1")
+        for option, flag in (
+            ("ordered", ordered),
+            ("fail_fast", fail_fast),
+            ("handle_signals", handle_signals),
+        ):
+            _check_flag(option, flag)
+        _check_window(window)
+        _check_grace(grace)
         biggest_batch = max((getattr(n.kernel, "size", 1) for n in nodes), default=1)
         if window is not None and window < biggest_batch:
             raise DefinitionError(
@@ -968,6 +1017,7 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
     __slots__ = ("__weakref__", "_collector", "_core", "_items")
 
     def __init__(self, core: RunCore, items: Iterable[Any] | AsyncIterable[Any]) -> None:
+        _check_items(items)  # None included: it also means "started" below
         self._core = core
         self._items: Iterable[Any] | AsyncIterable[Any] | None = items
         self._collector: _Collector[Out] = _Collector(core)
@@ -1020,6 +1070,7 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
             >>> [r.unwrap() for r in square.run(itertools.count()).take(3)]
             [0, 1, 4]
         """
+        _check_count(n)
         try:
             return list(itertools.islice(self, n))
         finally:
@@ -1081,6 +1132,7 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
     __slots__ = ("__weakref__", "_collector", "_core", "_items")
 
     def __init__(self, core: RunCore, items: Iterable[Any] | AsyncIterable[Any]) -> None:
+        _check_items(items)  # None included: it also means "started" below
         self._core = core
         self._items: Iterable[Any] | AsyncIterable[Any] | None = items
         self._collector: _Collector[Out] = _Collector(core)

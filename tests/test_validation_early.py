@@ -1,0 +1,198 @@
+"""Bad input is refused where it is written, with a message that names it and says the fix."""
+
+from __future__ import annotations
+
+import gc
+import re
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from typeflow import Backend, DefinitionError, fork, keep, merge, route, stage
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def length(word: str) -> int:
+    return len(word)
+
+
+def shout(word: str) -> str:
+    return word.upper()
+
+
+def is_short(word: str) -> bool:
+    return len(word) < 3
+
+
+# -- predicates -------------------------------------------------------------------------
+
+
+def test_keep_refuses_a_predicate_that_is_not_callable() -> None:
+    with pytest.raises(DefinitionError, match=r"keep needs a predicate function, not 3; pass"):
+        keep(3)  # type: ignore[call-overload] # untyped callers are what this checks
+
+
+def test_the_keep_method_refuses_a_predicate_that_is_not_callable() -> None:
+    with pytest.raises(DefinitionError, match=r"keep needs a predicate function, not 'x'"):
+        stage(length).keep("x")  # type: ignore[call-overload] # untyped callers
+
+
+def test_keep_refuses_a_generator_predicate() -> None:
+    def gen(word: str) -> Iterator[bool]:
+        yield True
+
+    with pytest.raises(DefinitionError, match=r"keep got the generator function .*gen"):
+        keep(gen)
+
+
+def test_route_refuses_a_predicate_that_is_not_callable() -> None:
+    with pytest.raises(DefinitionError, match=r"route needs a predicate function, not 3; pass"):
+        route(3, stage(length), stage(length))  # type: ignore[call-overload] # untyped callers
+
+
+def test_route_refuses_a_predicate_of_the_wrong_arity() -> None:
+    def two(word: str, other: str) -> bool:
+        return word == other
+
+    with pytest.raises(DefinitionError, match=r"route's predicate is called with one item"):
+        route(two, stage(length), stage(length))  # type: ignore[arg-type] # untyped callers
+
+
+def test_route_refuses_an_async_predicate() -> None:
+    async def check(word: str) -> bool:
+        return len(word) < 3
+
+    # Called in the run's thread, it would return a coroutine: always true.
+    with pytest.raises(DefinitionError, match=r"route got the coroutine function .*check"):
+        route(check, stage(length), stage(length))
+
+
+def test_route_refuses_an_async_generator_predicate() -> None:
+    async def check(word: str) -> AsyncIterator[bool]:
+        yield True
+
+    with pytest.raises(DefinitionError, match=r"route got the generator function .*check"):
+        route(check, stage(length), stage(length))
+
+
+def test_good_predicates_are_still_accepted() -> None:
+    results = route(is_short, stage(length), stage(shout).map(length)).run(["ab", "abcd"])
+    assert [r.unwrap() for r in results] == [2, 4]
+    assert [r.unwrap() for r in keep(is_short).run(["ab", "abcd"])] == ["ab"]
+
+
+# -- branches ---------------------------------------------------------------------------
+
+
+def test_fork_names_a_branch_that_is_not_a_stage_before_counting() -> None:
+    with pytest.raises(DefinitionError, match=r"fork branch 0 is <function length.*@stage"):
+        fork(length)  # type: ignore[call-overload] # untyped callers are what this checks
+    with pytest.raises(DefinitionError, match=r"fork branch 1 is <function shout.*@stage"):
+        fork(stage(length), shout)  # type: ignore[call-overload] # untyped callers
+
+
+def test_fork_still_counts_its_branches() -> None:
+    with pytest.raises(DefinitionError, match="at least two branches, not 1"):
+        fork(stage(length))
+
+
+def test_route_names_a_branch_that_is_not_a_stage() -> None:
+    with pytest.raises(DefinitionError, match=r"route branch 1 is <function shout.*@stage"):
+        route(is_short, stage(shout), shout)  # type: ignore[call-overload] # untyped callers
+
+
+# -- feeds and merges -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capacity", [0, -1, 2.5, True])
+def test_feed_refuses_a_bad_capacity(capacity: object) -> None:
+    named = f"feed: capacity={capacity!r} is not allowed"
+    with pytest.raises(DefinitionError, match=re.escape(named)):
+        stage(length).feed(capacity=capacity)  # type: ignore[arg-type] # untyped callers
+
+
+@pytest.mark.parametrize("capacity", [0, -1, 2.5, True])
+def test_merge_refuses_a_bad_capacity(capacity: object) -> None:
+    named = f"merge: capacity={capacity!r} is not allowed"
+    with pytest.raises(DefinitionError, match=re.escape(named)):
+        merge([1], [2], capacity=capacity)  # type: ignore[call-overload] # untyped callers
+
+
+def test_a_refused_merge_prints_nothing_when_collected(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    unraisable: list[object] = []
+
+    def hook(info: object) -> None:
+        unraisable.append(info)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.unraisablehook", hook)
+        with pytest.raises(ValueError, match="capacity"):  # the channel raised a bare one
+            merge([1], capacity=0)
+        gc.collect()
+    assert unraisable == []
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("source", [3, None, object()])
+def test_merge_refuses_a_source_that_cannot_be_iterated(source: object) -> None:
+    with pytest.raises(DefinitionError, match=r"merge source 1 is .*cannot be iterated"):
+        merge([1], source)  # type: ignore[call-overload] # untyped callers are what this checks
+
+
+def test_merge_refuses_a_lone_bad_source() -> None:
+    with pytest.raises(DefinitionError, match=r"merge source 0 is 3, which cannot be iterated"):
+        merge(3)  # type: ignore[call-overload] # untyped callers are what this checks
+
+
+def test_merge_checks_its_sources_without_consuming_them() -> None:
+    taken: list[int] = []
+
+    def source() -> Iterator[int]:
+        for i in range(3):
+            taken.append(i)
+            yield i
+
+    gen = source()
+    with pytest.raises(DefinitionError):
+        merge(gen, 3)  # type: ignore[call-overload] # untyped callers
+    assert taken == []
+    assert list(gen) == [0, 1, 2]
+
+
+def test_merge_refuses_an_async_source_when_called() -> None:
+    async def numbers() -> AsyncIterator[int]:
+        for i in range(3):
+            yield i
+
+    untyped: object = numbers()  # merge is typed for iterables; untyped callers may pass this
+    with pytest.raises(DefinitionError, match="merge source 1 is the async iterable"):
+        merge([10, 11], untyped)  # type: ignore[call-overload] # untyped callers
+
+
+# -- options ----------------------------------------------------------------------------
+
+
+def test_a_bad_rate_is_described_as_calls_per_second() -> None:
+    with pytest.raises(DefinitionError, match=r"rate=0 is not allowed; .*calls per second") as e:
+        stage(rate=0)
+    assert "seconds as a number" not in str(e.value)
+
+
+def test_a_backoff_above_max_backoff_is_refused() -> None:
+    with pytest.raises(DefinitionError, match=r"backoff=5 is more than max_backoff=1"):
+        stage(backoff=5, max_backoff=1)
+    assert stage(backoff=1, max_backoff=1)(length)("ab") == 2  # equal is fine
+
+
+@pytest.mark.parametrize(
+    ("backend", "most"), [("thread", 10_000), ("process", 1_024), ("task", 100_000)]
+)
+def test_more_workers_than_a_backend_can_start_are_refused_at_definition(
+    backend: Backend, most: int
+) -> None:
+    stage(workers=most, backend=backend)  # the most is allowed
+    with pytest.raises(DefinitionError, match=f"workers={most + 1} is more than a {backend} stage"):
+        stage(workers=most + 1, backend=backend)
