@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gc
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from typeflow import Backend, DefinitionError, fork, keep, merge, route, stage
+from typeflow import Backend, CompositionError, DefinitionError, fork, keep, merge, route, stage
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -196,3 +197,68 @@ def test_more_workers_than_a_backend_can_start_are_refused_at_definition(
     stage(workers=most, backend=backend)  # the most is allowed
     with pytest.raises(DefinitionError, match=f"workers={most + 1} is more than a {backend} stage"):
         stage(workers=most + 1, backend=backend)
+
+
+# -- what the shapes make and take, checked at composition --------------------------
+
+
+def loose(fn: Callable[..., object]) -> Any:
+    """A stage as an untyped caller holds it: only the run-time check stands guard
+    (mypy and pyright reject every bad composition below on their own)."""
+    return stage(fn)
+
+
+def text_length(word: str) -> int:
+    return len(word)
+
+
+def spelled(n: int) -> str:
+    return str(n)
+
+
+def count_items(items: list[int]) -> int:
+    return len(items)
+
+
+def anything(value: object) -> object:
+    return value
+
+
+@pytest.mark.parametrize(
+    ("compose", "message"),
+    [
+        (lambda: loose(text_length).batch(3) | loose(shout), "'batch(3)' produces list"),
+        (
+            lambda: fork(loose(text_length), loose(shout)) | loose(spelled),
+            "produces tuple but 'spelled' accepts int",
+        ),
+        (lambda: loose(text_length).unbatch(), "'text_length' produces int but 'unbatch'"),
+        (
+            lambda: fork(loose(text_length), loose(spelled)),
+            "the fork branches 'text_length' and 'spelled' take the same items",
+        ),
+        (
+            lambda: route(bool, loose(text_length), loose(spelled)),
+            "the route branches 'text_length' and 'spelled' take the same items",
+        ),
+        (
+            lambda: loose(text_length) | fork(loose(anything), loose(shout)),
+            "'text_length' produces int but 'fork(anything, shout)' accepts str",
+        ),
+    ],
+)
+def test_the_shapes_types_are_checked_when_composed(
+    compose: Callable[[], object], message: str
+) -> None:
+    with pytest.raises(CompositionError, match=re.escape(message)):
+        compose()
+
+
+def test_shapes_that_fit_compose() -> None:
+    fitting = [
+        loose(text_length).batch(3) | loose(count_items),
+        loose(text_length).batch(2).unbatch() | loose(spelled),
+        loose(spelled) | fork(loose(anything), loose(text_length)) | loose(anything),
+        route(bool, loose(anything), loose(text_length)),
+    ]
+    assert len(fitting) == 4

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from typeflow._backends._split import SplitKernel
 from typeflow._errors import DefinitionError, short_repr
+from typeflow._hints import Hint, narrower
 from typeflow._options import StageOptions
 from typeflow._runtime._kernel import FnKernel, Node, StatefulKernel
 from typeflow._shapes import check_predicate
@@ -45,10 +46,18 @@ C = TypeVar("C")
 class SplitStage(Stage[Any, Any]):
     """A fork or a route (see :func:`fork` and :func:`route`)."""
 
-    __slots__ = ("_node",)
+    __slots__ = ("_in", "_node", "_out")
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, in_hint: Hint = None, out_hint: Hint = None) -> None:
         self._node = node
+        self._in = in_hint
+        self._out = out_hint
+
+    def _in_hint(self) -> Hint:
+        return self._in
+
+    def _out_hint(self) -> Hint:
+        return self._out
 
     @property
     def name(self) -> str:
@@ -59,6 +68,19 @@ class SplitStage(Stage[Any, Any]):
 
     def _nodes(self) -> tuple[Node, ...]:
         return (self._node,)
+
+
+def _common_input(kind: str, branches: Sequence[Stage[Any, Any]]) -> Hint:
+    """The input every branch accepts (the narrowest of theirs), if it is known;
+    :class:`CompositionError` if no item could be accepted by all of them."""
+    first = branches[0]
+    name, hint = first.name, first._in_hint()  # pyright: ignore[reportPrivateUsage]
+    for branch in branches[1:]:
+        other = branch._in_hint()  # pyright: ignore[reportPrivateUsage]
+        hint = narrower(name, hint, branch.name, other, kind)
+        if hint is other:
+            name = branch.name
+    return hint
 
 
 def _check_branches(kind: str, branches: Sequence[object]) -> None:
@@ -133,9 +155,8 @@ def fork(*branches: Stage[Any, Any]) -> Stage[Any, Any]:
                     "flat_map, keep and batch stages before or after the fork"
                 )
     name = "fork(" + ", ".join(b.name for b in branches) + ")"
-    return SplitStage(
-        Node(name, StageOptions(name=name), SplitKernel(name, "fork", compiled), "split")
-    )
+    node = Node(name, StageOptions(name=name), SplitKernel(name, "fork", compiled), "split")
+    return SplitStage(node, _common_input("fork", branches), tuple)
 
 
 @overload
@@ -171,4 +192,6 @@ def route(
     compiled = (then._nodes(), otherwise._nodes())  # pyright: ignore[reportPrivateUsage]
     name = f"route({then.name} | {otherwise.name})"
     kernel = SplitKernel(name, "route", compiled, predicate)
-    return SplitStage(Node(name, StageOptions(name=name), kernel, "split"))
+    out_hint = then._out_hint() if then._out_hint() == otherwise._out_hint() else None  # pyright: ignore[reportPrivateUsage]
+    node = Node(name, StageOptions(name=name), kernel, "split")
+    return SplitStage(node, _common_input("route", (then, otherwise)), out_hint)

@@ -112,7 +112,9 @@ def _classes(hint: Hint) -> tuple[type, ...] | None:
 
 
 def _fmt(hint: Hint) -> str:
-    return hint.__name__ if isinstance(hint, type) else repr(hint).replace("typing.", "")
+    if isinstance(hint, type):
+        return hint.__name__
+    return repr(hint).replace("typing.", "").replace("collections.abc.", "").replace("~", "")
 
 
 def _accepts(target: type, produced: type) -> bool:
@@ -122,6 +124,26 @@ def _accepts(target: type, produced: type) -> bool:
         return issubclass(produced, target)
     except TypeError:  # e.g. a protocol that is not runtime-checkable
         return True
+
+
+def narrower(name_a: str, a: Hint, name_b: str, b: Hint, kind: str) -> Hint:
+    """Of two input hints that must both accept the same items (a fork's or a route's
+    branches), the narrower one; None when either is unknown.  Raise
+    :class:`CompositionError` when no item can be accepted by both."""
+    if a is None or b is None:
+        return None
+    a_classes, b_classes = _classes(a), _classes(b)
+    if a_classes is None or b_classes is None:
+        return None
+    if object in b_classes or all(any(_accepts(t, c) for t in b_classes) for c in a_classes):
+        return a
+    if object in a_classes or all(any(_accepts(t, c) for t in a_classes) for c in b_classes):
+        return b
+    raise CompositionError(
+        f"the {kind} branches {name_a!r} and {name_b!r} take the same items, but "
+        f"{name_a!r} accepts {_fmt(a)} and {name_b!r} accepts {_fmt(b)}; give them a "
+        "common input type"
+    )
 
 
 def check_composable(left: str, out: Hint, right: str, inp: Hint) -> None:

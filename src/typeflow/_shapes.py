@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast, final, overload
 
 from typeflow._backends._batcher import BatchKernel
@@ -405,6 +405,9 @@ class BatchStage(Stage[A, list[A]]):
     def _nodes(self) -> tuple[Node, ...]:
         return (self._node,)
 
+    def _out_hint(self) -> object:
+        return list
+
 
 def _check_batch(size: object, timeout: object) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -433,7 +436,13 @@ def unbatch() -> Stage[Iterable[A], A]:
 
     Prefer the method form, ``upstream.unbatch()``.
     """
-    return FlatMapStage[Iterable[A], A](iter, StageOptions(name="unbatch"))
+    return FlatMapStage[Iterable[A], A](_elements, StageOptions(name="unbatch"))
+
+
+def _elements(items: Iterable[A]) -> Iterator[A]:
+    """``iter``, annotated: ``x | unbatch()`` is refused at once when ``x`` makes
+    something that is not iterable."""
+    return iter(items)
 
 
 # -- stateful stages --------------------------------------------------------------------
