@@ -17,7 +17,7 @@ from typeflow._errors import DefinitionError, short_repr
 from typeflow._hints import element_hint, narrowed_hint
 from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
 from typeflow._runtime._kernel import Node, StatefulKernel
-from typeflow._stage import Stage, _check_arity, _FnStage  # pyright: ignore[reportPrivateUsage]
+from typeflow._stage import Stage, _FnStage, check_arity  # pyright: ignore[reportPrivateUsage]
 
 if TYPE_CHECKING:
     from typing_extensions import TypeGuard, TypeIs
@@ -102,7 +102,7 @@ def _make_flat(fn: object, options: StageOptions) -> Stage[Any, Any]:
             f"@flat_map got the coroutine function {getattr(fn, '__qualname__', fn)!r}; "
             "make it an async generator (yield each output), or a plain function"
         )
-    _check_arity(fn)
+    check_arity(fn)
     if inspect.isasyncgenfunction(fn):
         return AsyncFlatMapStage(cast("Callable[[Any], AsyncIterator[Any]]", fn), options)
     return FlatMapStage(cast("Callable[[Any], Iterable[Any]]", fn), options)
@@ -310,18 +310,7 @@ def check_predicate(kind: str, predicate: object, *, allow_async: bool) -> None:
             f"{kind} got the coroutine function {label!r} as its predicate; it runs in the "
             "run's own thread and cannot be awaited there: make it a plain (cheap) function"
         )
-    try:
-        sig = inspect.signature(predicate)
-    except (TypeError, ValueError):  # builtins without a signature: trust the caller
-        return
-    try:
-        sig.bind(object())
-    except TypeError as exc:
-        raise DefinitionError(
-            f"{kind}'s predicate is called with one item, but {label!r}{sig} cannot be "
-            f"({exc}); give it exactly one required positional parameter (use "
-            "functools.partial for the others)"
-        ) from None
+    check_arity(predicate, f"{kind}'s predicate")
 
 
 @final

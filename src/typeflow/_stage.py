@@ -461,13 +461,14 @@ def _make(fn: object, options: StageOptions) -> Stage[Any, Any]:
             f"@stage got the generator function {getattr(fn, '__qualname__', fn)!r}; a stage "
             "makes one output per input: decorate it with @flat_map for one-to-many"
         )
-    _check_arity(fn)
+    check_arity(fn)
     if inspect.iscoroutinefunction(fn):
         return AsyncFnStage(cast("Callable[[Any], Coroutine[Any, Any, Any]]", fn), options)
     return FnStage(cast("Callable[[Any], Any]", fn), options)
 
 
-def _check_arity(fn: Callable[..., Any]) -> None:
+def check_arity(fn: Callable[..., Any], role: str = "a stage's function") -> None:
+    """Refuse a function that cannot be called with one item (``role`` names it)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # builtins without a signature: trust the caller
@@ -476,7 +477,7 @@ def _check_arity(fn: Callable[..., Any]) -> None:
         sig.bind(object())
     except TypeError as exc:
         raise DefinitionError(
-            f"a stage's function is called with one item, but "
+            f"{role} is called with one item, but "
             f"{getattr(fn, '__qualname__', fn)!r}{sig} cannot be ({exc}); give it exactly one "
             "required positional parameter (use functools.partial for the others)"
         ) from None
