@@ -245,6 +245,10 @@ def test_a_slow_trickle_is_flushed_by_the_timeout() -> None:
     assert [r.unwrap() for r in run] == [[3]]
 
 
+def ten_copies(word: str) -> list[str]:
+    return [word] * 10
+
+
 def test_batch_options_are_checked() -> None:
     with pytest.raises(DefinitionError, match="batch size"):
         batch(0)
@@ -252,6 +256,12 @@ def test_batch_options_are_checked() -> None:
         batch(2, timeout=0)
     with pytest.raises(DefinitionError, match="smaller than a batch"):
         stage(length).batch(10).run(["a"], window=5)
+
+
+def test_a_batch_behind_a_one_to_many_stage_may_be_larger_than_the_window() -> None:
+    # One input makes ten outputs: a window of 2 inputs still fills a batch of 10.
+    tens = flat_map(ten_copies).batch(10)
+    assert [r.unwrap() for r in tens.run(["a", "b"], window=2)] == [["a"] * 10, ["b"] * 10]
 
 
 # -- stateful stages ----------------------------------------------------------------------

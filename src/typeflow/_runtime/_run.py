@@ -161,6 +161,17 @@ def _check_count(value: object) -> None:
         raise ValueError(f"take(n) needs a whole number of results, 0 or more, not {value!r}")
 
 
+def _biggest_batch(nodes: tuple[Node, ...]) -> int:
+    """The largest batch that only input items can fill: behind a one-to-many stage
+    one input may make a whole batch, which the window (of input items) cannot bound."""
+    biggest = 1
+    for node in nodes:
+        if getattr(node.kernel, "kind", None) == "flat":
+            break
+        biggest = max(biggest, getattr(node.kernel, "size", 1))
+    return biggest
+
+
 def _check_items(items: object) -> None:
     """Refuse, at ``run()``, an input that cannot be iterated (``None``, a number)."""
     if not isinstance(items, Iterable | AsyncIterable) and not hasattr(type(items), "__getitem__"):
@@ -428,7 +439,7 @@ class RunCore:
             _check_flag(option, flag)
         _check_window(window)
         _check_grace(grace)
-        biggest_batch = max((getattr(n.kernel, "size", 1) for n in nodes), default=1)
+        biggest_batch = _biggest_batch(nodes)
         if window is not None and window < biggest_batch:
             raise DefinitionError(
                 f"window={window!r} is smaller than a batch of {biggest_batch} items, so a "
