@@ -21,6 +21,7 @@ from typeflow import (
     Stage,
     StageError,
     StageTimeout,
+    StatefulStage,
     WorkerCrashed,
     stage,
 )
@@ -511,3 +512,40 @@ def test_closing_a_run_kills_a_worker_that_does_not_end_on_sigterm(tmp_path: Pat
         assert began.read(1) == b"x"  # item 0's call has begun, SIGTERM blocked
     run.close()  # SIGTERM, a second's grace, then SIGKILL
     assert leftovers() == ([], [])
+
+
+class SlowToStart(StatefulStage[int, int]):
+    """A setup longer than the timeout (a model to load); item 3 hangs."""
+
+    def __init__(self, journal: str) -> None:
+        self.journal = journal
+
+    def setup(self) -> None:
+        Path(self.journal, f"setup-{os.getpid()}-{time.monotonic_ns()}").touch()
+        time.sleep(0.4)
+
+    def process(self, x: int, /) -> int:
+        if x == 3:
+            time.sleep(2.0)
+        return x
+
+
+class SlowToStartOnThreads(SlowToStart, timeout=0.2):
+    pass
+
+
+class SlowToStartOnProcesses(SlowToStart, backend="process", timeout=0.2):
+    pass
+
+
+@pytest.mark.parametrize("make", [SlowToStartOnThreads, SlowToStartOnProcesses])
+def test_a_setup_longer_than_the_timeout_is_not_a_call_past_it(
+    make: Callable[[str], Stage[int, int]], tmp_path: Path
+) -> None:
+    # The timeout is for each call; the setup (run again by the worker that
+    # replaces the one stuck on item 3) does not count against any of them.
+    results = list(make(str(tmp_path)).run(range(6)))
+    assert [r.unwrap() for r in results if isinstance(r, Success)] == [0, 1, 2, 4, 5]
+    (failed,) = [r.failure() for r in results if isinstance(r, Failure)]
+    assert (failed.item, type(failed.exception)) == (3, StageTimeout)
+    assert len(list(tmp_path.iterdir())) == 2  # the first worker's setup, its replacement's

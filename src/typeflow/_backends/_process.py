@@ -69,6 +69,7 @@ method for every worker, the first ones included.
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import os
 import pickle
@@ -91,7 +92,7 @@ from typeflow._backends._base import (
     fail_batch,
     rate_limiter,
 )
-from typeflow._backends._process_child import READY, RawFailure, Reply, child_main
+from typeflow._backends._process_child import READY, SET_UP, RawFailure, Reply, child_main
 from typeflow._backends._progress import Progress
 from typeflow._backends._wire import Endpoint, Wire, encode, lift
 from typeflow._errors import (
@@ -629,12 +630,18 @@ class _Pump:
             raise _Cancelled
         hung: int | None = None
         try:
-            # A reply already read along with the previous one needs no waiting.
-            if wire.has_message():
-                return cast("Reply", wire.recv())
-            hung = self._readable(conn, proc, sent)
-            if hung is None:
-                return cast("Reply", wire.recv())
+            while True:
+                # A reply already read along with the previous one needs no waiting.
+                if not wire.has_message():
+                    hung = self._readable(conn, proc, sent)
+                    if hung is not None:
+                        break
+                message = wire.recv()
+                if message != SET_UP:
+                    return cast("Reply", message)
+                # A stateful stage's setup is over: the first call's deadline
+                # counts from now (the worker noted so too), not from the send.
+                sent.started = time.monotonic()
         except (OSError, EOFError):
             pass
         if self._cancelled.is_set():
@@ -664,7 +671,8 @@ class _Pump:
                 now = time.monotonic()
                 if deadline <= now and at is not None:
                     return at
-                timeout = max(0.0, deadline - now) * 1000
+                # An infinite deadline: the worker is setting up (it says when done).
+                timeout = max(0.0, deadline - now) * 1000 if deadline < math.inf else None
             events = poller.poll(timeout)
             if events:
                 break
@@ -684,7 +692,8 @@ class _Pump:
         begun, began = self._progress.read()
         at = begun - 1 - sent.first
         if at < 0:
-            return None, sent.started + self._timeout
+            # Not begun: from the send, or from the end of a setup (infinite during one).
+            return None, max(sent.started, began) + self._timeout
         if at >= len(sent.items):  # done with it: its reply is on its way
             return None, time.monotonic() + self._timeout
         return at, max(began, sent.started) + self._timeout

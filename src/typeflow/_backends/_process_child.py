@@ -9,6 +9,7 @@ stop.  Messages go through :class:`~typeflow._backends._wire.Wire`.
 
 from __future__ import annotations
 
+import math
 import pickle
 import signal
 import sys
@@ -28,10 +29,13 @@ from typeflow._runtime._kernel import (
     WorkerExit,
 )
 
-__all__ = ["READY", "RawFailure", "Reply", "child_main"]
+__all__ = ["READY", "SET_UP", "RawFailure", "Reply", "child_main"]
 
 #: The first message of a worker process: it is up and holds the kernel.
 READY = b"ready"
+#: Sent by a timed worker once a stateful stage's setup is over (see ``_tracked``);
+#: a reply is always a tuple, so this string never stands for one.
+SET_UP = "set up"
 
 #: A failure as it crosses back to the parent: position, exception, formatted
 #: traceback, number of tries.
@@ -95,7 +99,7 @@ def child_main(
             if progress is None:
                 outcome = kernel.process_columns(seqs, items, ctx)
             else:
-                outcome = _tracked(kernel, seqs, items, ctx, progress)
+                outcome = _tracked(wire, kernel, seqs, items, ctx, progress)
             _reply(wire, kernel.name, outcome, clock() - started)
     except WorkerExit:
         pass  # told to stop: the teardown below is all that is left to do
@@ -106,6 +110,7 @@ def child_main(
 
 
 def _tracked(
+    wire: Wire,
     kernel: Kernel,
     keys: Sequence[Key],
     items: Sequence[object],
@@ -115,6 +120,14 @@ def _tracked(
     """Run a batch one call at a time, writing down before each which one it is."""
     slots = progress.slots
     clock = time.monotonic
+    if kernel.needs_setup(ctx):
+        # A stateful stage's setup is not a call: no deadline runs while it does
+        # (an endless start), and the parent, told when it is over, counts the
+        # first call's deadline from then.
+        slots[1] = math.inf
+        kernel.prepare(ctx)
+        slots[1] = clock()
+        wire.send(SET_UP)
     begun = slots[0]
     gather = Gather(keys)
     for key, item in zip(keys, items, strict=True):

@@ -232,6 +232,7 @@ class ThreadGroup:
         """Run a batch one call at a time, each under its own deadline; None if a call
         was abandoned meanwhile (the thread that replaced this one carries on)."""
         clock, kernel, lock = time.monotonic, self._node.kernel, slot.lock
+        kernel.prepare(ctx)  # a stateful stage's setup: before the first call's deadline
         batch = _Batch(keys, items, attempt, clock())
         gather = batch.gather
         with self._cond:

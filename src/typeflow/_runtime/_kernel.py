@@ -188,13 +188,15 @@ class WorkerContext:
     process workers, created on first use and closed when the worker ends.
     """
 
-    __slots__ = ("_runner", "index", "state")
+    __slots__ = ("_runner", "index", "setup_failure", "state")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self._runner: asyncio.Runner | None = None
         #: What a stateful stage built for this worker (see :class:`StatefulKernel`).
         self.state: WorkerState | None = None
+        #: What its ``setup`` raised, when :meth:`Kernel.prepare` ran it.
+        self.setup_failure: Exception | None = None
 
     def run_coroutine(self, coro: Coroutine[Any, Any, object]) -> object:
         if self._runner is None:
@@ -272,6 +274,15 @@ class Kernel:
     def process(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         """Run the batch in a thread or process worker."""
         raise NotImplementedError
+
+    def needs_setup(self, ctx: WorkerContext) -> bool:
+        """Whether :meth:`prepare` has something to do for this worker."""
+        return False
+
+    def prepare(self, ctx: WorkerContext) -> None:
+        """Set the worker up before its first call (a stateful stage's ``setup``),
+        so that a timed worker starts its first call's deadline after it: a
+        stage's ``timeout`` is for one call, not for the setup."""
 
     def process_columns(
         self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
@@ -731,18 +742,29 @@ class StatefulKernel(Kernel):
         failure = SetupFailed(self.name, error)
         return Outcome(failed=[(key, StageError(self.name, item, failure)) for key, item in batch])
 
+    def needs_setup(self, ctx: WorkerContext) -> bool:
+        return ctx.state is None and ctx.setup_failure is None
+
+    def prepare(self, ctx: WorkerContext) -> None:
+        if not self.needs_setup(ctx):
+            return
+        instance = self._fresh()
+        try:
+            result = instance.setup()
+            if inspect.isawaitable(result):
+                ctx.run_coroutine(cast("Coroutine[Any, Any, object]", result))
+        except Exception as exc:  # noqa: BLE001 - ends the run with this error (see process)
+            ctx.setup_failure = exc
+            return
+        ctx.state = WorkerState(
+            instance, FnKernel(self.name, instance.process, self.is_async, self.options)
+        )
+
     def process(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
+        self.prepare(ctx)
         if ctx.state is None:
-            instance = self._fresh()
-            try:
-                result = instance.setup()
-                if inspect.isawaitable(result):
-                    ctx.run_coroutine(cast("Coroutine[Any, Any, object]", result))
-            except Exception as exc:  # noqa: BLE001 - ends the run with this error
-                return self._failed_setup(batch, exc)
-            ctx.state = WorkerState(
-                instance, FnKernel(self.name, instance.process, self.is_async, self.options)
-            )
+            assert ctx.setup_failure is not None
+            return self._failed_setup(batch, ctx.setup_failure)
         return ctx.state.kernel.process(batch, ctx)
 
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
