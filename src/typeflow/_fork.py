@@ -73,10 +73,11 @@ class SplitStage(Stage[Any, Any]):
 def _common_input(kind: str, branches: Sequence[Stage[Any, Any]]) -> Hint:
     """The input every branch accepts (the narrowest of theirs), if it is known;
     :class:`CompositionError` if no item could be accepted by all of them."""
+    # A stage's hints are package-internal: what composition checks, not API.
     first = branches[0]
-    name, hint = first.name, first._in_hint()  # pyright: ignore[reportPrivateUsage]
+    name, hint = first.name, first._in_hint()  # pyright: ignore[reportPrivateUsage] - see above
     for branch in branches[1:]:
-        other = branch._in_hint()  # pyright: ignore[reportPrivateUsage]
+        other = branch._in_hint()  # pyright: ignore[reportPrivateUsage] - see above
         hint = narrower(name, hint, branch.name, other, kind)
         if hint is other:
             name = branch.name
@@ -142,7 +143,7 @@ def fork(*branches: Stage[Any, Any]) -> Stage[Any, Any]:
             f"fork needs at least two branches, not {len(branches)}; for one branch, use "
             "the stage itself"
         )
-    compiled = tuple(b._nodes() for b in branches)  # pyright: ignore[reportPrivateUsage]
+    compiled = tuple(b._nodes() for b in branches)  # pyright: ignore[reportPrivateUsage] - a branch's nodes run inside the split
     for i, nodes in enumerate(compiled):
         for node in nodes:
             one_to_one = isinstance(node.kernel, StatefulKernel) or (
@@ -189,9 +190,11 @@ def route(
     """
     check_predicate("route", predicate, allow_async=False)
     _check_branches("route", (then, otherwise))
-    compiled = (then._nodes(), otherwise._nodes())  # pyright: ignore[reportPrivateUsage]
+    compiled = (then._nodes(), otherwise._nodes())  # pyright: ignore[reportPrivateUsage] - as in fork
     name = f"route({then.name} | {otherwise.name})"
     kernel = SplitKernel(name, "route", compiled, predicate)
-    out_hint = then._out_hint() if then._out_hint() == otherwise._out_hint() else None  # pyright: ignore[reportPrivateUsage]
+    # Both branches' outputs go on in one stream: known only when they agree.
+    then_out = then._out_hint()  # pyright: ignore[reportPrivateUsage] - package-internal hints
+    out_hint = then_out if then_out == otherwise._out_hint() else None  # pyright: ignore[reportPrivateUsage] - the same
     node = Node(name, StageOptions(name=name), kernel, "split")
     return SplitStage(node, _common_input("route", (then, otherwise)), out_hint)

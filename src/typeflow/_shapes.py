@@ -17,7 +17,9 @@ from typeflow._errors import DefinitionError, short_repr
 from typeflow._hints import element_hint, narrowed_hint
 from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
 from typeflow._runtime._kernel import Node, StatefulKernel
-from typeflow._stage import Stage, _FnStage, check_arity  # pyright: ignore[reportPrivateUsage]
+
+# _FnStage: the shapes' base class, package-internal.
+from typeflow._stage import Stage, _FnStage, check_arity  # pyright: ignore[reportPrivateUsage] - see above
 
 if TYPE_CHECKING:
     from typing_extensions import TypeGuard, TypeIs
