@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from typeflow._errors import DefinitionError, StageError, TypeflowError, short_repr
+from typeflow._options import check_whole
 from typeflow._runtime._channel import Channel, ChannelAborted, ChannelClosed, EndOfChannel
 from typeflow._runtime._run import Run
 
@@ -33,11 +34,13 @@ class FeedClosed(TypeflowError):
 
 
 def _check_capacity(label: str, capacity: object) -> None:
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise DefinitionError(
-            f"{label}: capacity={capacity!r} is not allowed; capacity must be a whole number "
-            "of at least 1 (there is no unbounded setting)"
-        )
+    check_whole(
+        label,
+        "capacity",
+        capacity,
+        1,
+        "capacity must be a whole number of at least 1 (there is no unbounded setting)",
+    )
 
 
 def _check_source(i: int, source: object) -> None:

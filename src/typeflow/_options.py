@@ -111,7 +111,9 @@ class StageOptions:
                 "as a number above 0 (e.g. rate=0.5 for one call every 2 s), or None for no "
                 "limit"
             )
-        _whole(label, "retries", self.retries, 0, "give the number of extra tries (0 for none)")
+        check_whole(
+            label, "retries", self.retries, 0, "give the number of extra tries (0 for none)"
+        )
         _check_retry_on(label, self.retry_on)
         for option in ("backoff", "max_backoff"):
             value: object = getattr(self, option)
@@ -165,7 +167,7 @@ def _check_name(name: object) -> None:
 
 
 def _positive(label: str, option: str, value: object) -> None:
-    _whole(
+    check_whole(
         label,
         option,
         value,
@@ -174,6 +176,7 @@ def _positive(label: str, option: str, value: object) -> None:
     )
 
 
-def _whole(label: str, option: str, value: object, minimum: int, hint: str) -> None:
+def check_whole(label: str, option: str, value: object, minimum: int, hint: str) -> None:
+    """Refuse ``value`` unless it is a whole number (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise DefinitionError(f"{label}: {option}={value!r} is not allowed; {hint}")

@@ -50,6 +50,7 @@ from returns.result import Failure, Result, Success
 
 from typeflow._backends._base import Outbox, WorkerBackend, WorkerGroup
 from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed, short_repr
+from typeflow._options import check_whole
 from typeflow._runtime._channel import (
     Channel,
     ChannelAborted,
@@ -137,11 +138,9 @@ def _check_flag(option: str, value: object) -> None:
 
 
 def _check_window(value: object) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise DefinitionError(
-            f"window={value!r} is not allowed; give a whole number of items, at least 1 "
-            "(or None for the default)"
-        )
+    if value is not None:
+        hint = "give a whole number of items, at least 1 (or None for the default)"
+        check_whole("run", "window", value, 1, hint)
 
 
 def _check_grace(value: object) -> None:
