@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -348,21 +349,23 @@ def test_random_kills_exceptions_and_timeouts_lose_nothing() -> None:
         | on("task", plus_one)
     )
     started = time.monotonic()
-    run = pipeline.run(range(n), ordered=False)
     outcomes: dict[int, Result[int, StageError]] = {}
     killed = 0
-    for i, result in enumerate(run):
-        if i in kill_at and (pids := worker_pids()):
-            os.kill(rng.choice(pids), signal.SIGKILL)
-            killed += 1
-        if isinstance(result, Success):
-            key = (result.unwrap() - 1) // 2
-        else:
-            item = result.failure().item
-            assert isinstance(item, int)
-            key = item
-        assert key not in outcomes, f"item {key} came out twice"
-        outcomes[key] = result
+    # `with`: a failed assertion still closes the run (its workers and the task loop)
+    with pipeline.run(range(n), ordered=False) as run:
+        for i, result in enumerate(run):
+            if i in kill_at and (pids := worker_pids()):
+                with contextlib.suppress(ProcessLookupError):  # it may have ended (a timeout)
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    killed += 1
+            if isinstance(result, Success):
+                key = (result.unwrap() - 1) // 2
+            else:
+                item = result.failure().item
+                assert isinstance(item, int)
+                key = item
+            assert key not in outcomes, f"item {key} came out twice"
+            outcomes[key] = result
     elapsed = time.monotonic() - started
     # Every input yields exactly one outcome...
     assert sorted(outcomes) == list(range(n))
