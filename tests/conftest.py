@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -68,26 +69,43 @@ def worker_pids() -> list[int]:
     return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in servers]
 
 
+#: What an earlier test left running is blamed on that test alone, so that one
+#: leak fails one test rather than every test after it.
+_BLAMED_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_BLAMED_PIDS: set[int] = set()
+
+
+def _leftover_objects(timeout: float) -> tuple[list[threading.Thread], list[psutil.Process]]:
+    deadline = time.monotonic() + timeout
+    threads = [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("typeflow:") and t not in _BLAMED_THREADS
+    ]
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    servers = _multiprocessing_servers() | _BLAMED_PIDS
+    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in servers]
+    _, alive = psutil.wait_procs(procs, timeout=max(0.0, deadline - time.monotonic()))
+    return [t for t in threads if t.is_alive()], alive
+
+
 def leftovers(timeout: float = 3.0) -> tuple[list[str], list[int]]:
     """typeflow threads and worker processes (not multiprocessing's helper servers) still alive.
 
     Shutdown is synchronous, so normally nothing is found at once; the timeout
     only lets the kernel finish reaping a process that was just killed.
     """
-    deadline = time.monotonic() + timeout
-    threads = [t for t in threading.enumerate() if t.name.startswith("typeflow:")]
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    servers = _multiprocessing_servers()
-    procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in servers]
-    _, alive = psutil.wait_procs(procs, timeout=max(0.0, deadline - time.monotonic()))
-    return [t.name for t in threads if t.is_alive()], [p.pid for p in alive]
+    threads, procs = _leftover_objects(timeout)
+    return [t.name for t in threads], [p.pid for p in procs]
 
 
 @pytest.fixture(autouse=True)
 def no_leftovers() -> Iterator[None]:
     """After every test: no typeflow thread and no worker process is left."""
     yield
-    threads, procs = leftovers()
-    assert not threads, f"typeflow threads left running: {threads}"
-    assert not procs, f"worker processes left running: {procs}"
+    threads, procs = _leftover_objects(3.0)
+    _BLAMED_THREADS.update(threads)
+    _BLAMED_PIDS.update(p.pid for p in procs)
+    assert not threads, f"typeflow threads left running: {[t.name for t in threads]}"
+    assert not procs, f"worker processes left running: {[p.pid for p in procs]}"
