@@ -517,6 +517,40 @@ def test_closing_a_run_kills_a_worker_that_does_not_end_on_sigterm(tmp_path: Pat
     assert leftovers() == ([], [])
 
 
+class CancelledInSetup(StatefulStage[int, int], backend="process", workers=1):
+    """Says (through a FIFO) that its setup has begun, then takes a moment to finish it."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def setup(self) -> None:
+        with Path(self.folder, "began").open("wb") as began:
+            began.write(b"x")
+        time.sleep(0.2)  # the run is closed meanwhile
+        Path(self.folder, "set-up").touch()
+
+    def process(self, x: int, /) -> int:
+        return x
+
+    def teardown(self) -> None:
+        Path(self.folder, "torn-down").touch()
+
+
+@pytest.mark.timeout(30)
+def test_a_run_closed_during_a_setup_still_tears_that_setup_down(tmp_path: Path) -> None:
+    # SIGTERM waits for the setup to end (it would otherwise land in it and
+    # leave what it opened without a teardown), then ends the worker.
+    os.mkfifo(tmp_path / "began")
+    run = CancelledInSetup(str(tmp_path)).run(itertools.count())
+    run.start()
+    with (tmp_path / "began").open("rb") as began:
+        assert began.read(1) == b"x"
+    run.close()
+    assert (tmp_path / "set-up").exists()
+    assert (tmp_path / "torn-down").exists()
+    assert leftovers() == ([], [])
+
+
 class SlowToStart(StatefulStage[int, int]):
     """A setup longer than the timeout (a model to load); item 3 hangs."""
 

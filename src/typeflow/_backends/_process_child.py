@@ -97,6 +97,8 @@ def child_main(
             seqs, items = cast("tuple[Sequence[Key], Sequence[object]]", message)
             started = clock()
             if progress is None:
+                if kernel.needs_setup(ctx):
+                    _set_up(kernel, ctx)
                 outcome = kernel.process_columns(seqs, items, ctx)
             else:
                 outcome = _tracked(wire, kernel, seqs, items, ctx, progress)
@@ -125,7 +127,7 @@ def _tracked(
         # (an endless start), and the parent, told when it is over, counts the
         # first call's deadline from then.
         slots[1] = math.inf
-        kernel.prepare(ctx)
+        _set_up(kernel, ctx)
         slots[1] = clock()
         wire.send(SET_UP)
     begun = slots[0]
@@ -136,6 +138,22 @@ def _tracked(
         slots[0] = begun
         gather.add(kernel.process_columns((key,), (item,), ctx))
     return gather.outcome()
+
+
+def _set_up(kernel: Kernel, ctx: WorkerContext) -> None:
+    """Run a stateful stage's ``setup`` with SIGTERM held back until it is over.
+
+    A cancellation that lands in a setup would leave what it opened without a
+    teardown (the state is recorded only once ``setup`` returns); held back, it
+    lands right after, and the teardown runs.  A setup that never ends is
+    killed a second after the SIGTERM, like a stuck call.
+    """
+    held = {signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        kernel.prepare(ctx)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 #: Set by SIGTERM.  The WorkerExit raised with it can land in a finalizer, which
