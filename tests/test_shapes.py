@@ -52,6 +52,10 @@ def negate(n: int) -> int:
     return -n
 
 
+def plus_one(n: int) -> int:
+    return n + 1
+
+
 def length(word: str) -> int:
     return len(word)
 
@@ -453,6 +457,45 @@ def test_feed_from_several_threads(backend: Backend) -> None:
         feed.put("late")
 
 
+def test_a_feed_is_read_with_async_for_without_blocking_the_event_loop(backend: Backend) -> None:
+    async def main() -> tuple[list[int], int]:
+        async with on(backend, length).feed(capacity=4) as feed:
+
+            async def producer() -> None:
+                await reading.wait()  # only once the reader waits for results
+                for i in range(300):
+                    await feed.aput("x" * (i % 5 + 1))
+                feed.close()
+
+            reading = asyncio.Event()
+            task = asyncio.get_running_loop().create_task(producer())
+            results: list[int] = []
+            iterator = aiter(feed)
+            first = asyncio.ensure_future(anext(iterator))
+            await asyncio.sleep(0)  # the reader is waiting now: a blocked loop would hang
+            reading.set()
+            results.append((await first).unwrap())
+            results.extend([r.unwrap() async for r in iterator])
+            await task
+        return results, feed.run.statistics().in_flight
+
+    results, in_flight = asyncio.run(main())
+    assert results == [i % 5 + 1 for i in range(300)]
+    assert in_flight == 0
+    assert leftovers() == ([], [])
+
+
+def test_leaving_async_with_on_an_error_cancels_the_feed() -> None:
+    async def main() -> None:
+        async with stage(length).feed() as feed:
+            await feed.aput("ab")
+            raise LookupError("the consumer failed")
+
+    with pytest.raises(LookupError):
+        asyncio.run(main())
+    assert leftovers() == ([], [])
+
+
 def test_merge_sources_and_pipelines() -> None:
     merged = list(merge(range(5), ["a", "b"]))
     assert Counter(merged) == Counter([*range(5), "a", "b"])
@@ -550,6 +593,21 @@ def test_fork_branches_must_be_one_to_one() -> None:
         fork(stage(length))
 
 
+def test_a_fork_may_hold_a_fork_or_a_route_that_makes_one_output_per_input(
+    backend: Backend,
+) -> None:
+    inner_route = route(is_even, on(backend, negate), on(backend, plus_one))
+    inner_fork = fork(on(backend, negate), on(backend, plus_one))
+    forked = fork(on(backend, negate), inner_route, inner_fork)
+    for ordered in (True, False):
+        got = [r.unwrap() for r in forked.run(range(20), ordered=ordered)]
+        expected = [(-x, -x if x % 2 == 0 else x + 1, (-x, x + 1)) for x in range(20)]
+        assert got == expected if ordered else Counter(got) == Counter(expected)
+    # A route that may drop or multiply an item does not join one result per branch.
+    with pytest.raises(DefinitionError, match="exactly one output"):
+        fork(on(backend, negate), route(is_even, on(backend, negate), filter_on(backend, is_even)))
+
+
 def test_route_sends_each_item_to_one_branch(backend: Backend) -> None:
     def half(n: int) -> float:
         return n / 2
@@ -603,6 +661,12 @@ def test_the_stages_inside_a_fork_have_statistics(backend: Backend) -> None:
     assert by_name[f"{fork_name}[0]/length"].items_in == 2
     assert by_name[f"{fork_name}[1]/shout"].succeeded == 2
     assert by_name[f"{fork_name}[1]/fail_on_x"].failed == 1
+
+
+def test_a_route_is_named_like_its_call() -> None:
+    # The branches' own pipes stay readable: the predicate, then, otherwise.
+    routed = route(is_even, stage(negate) | stage(plus_one), stage(plus_one) | stage(negate))
+    assert routed.name == "route(is_even, negate | plus_one, plus_one | negate)"
 
 
 class FailingTeardown(StatefulStage[int, int], workers=2):

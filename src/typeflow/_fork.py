@@ -10,7 +10,8 @@ At run time a split node is one worker of its own (see
 :mod:`typeflow._backends._split`).
 
 Fork branches must make exactly one output per input (no ``flat_map``,
-``keep`` or ``batch`` inside), which is checked when the fork is built.
+``keep`` or ``batch`` inside, and a route inside only if its own branches make
+one output per input), which is checked when the fork is built.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typeflow._hints import Hint, narrower
 from typeflow._options import StageOptions
 from typeflow._runtime._kernel import FnKernel, Node, StatefulKernel
 from typeflow._shapes import check_predicate
-from typeflow._stage import Stage
+from typeflow._stage import Stage, function_name
 
 if TYPE_CHECKING:
     from typing_extensions import TypeIs
@@ -146,10 +147,7 @@ def fork(*branches: Stage[Any, Any]) -> Stage[Any, Any]:
     compiled = tuple(b._nodes() for b in branches)  # pyright: ignore[reportPrivateUsage] - a branch's nodes run inside the split
     for i, nodes in enumerate(compiled):
         for node in nodes:
-            one_to_one = isinstance(node.kernel, StatefulKernel) or (
-                isinstance(node.kernel, FnKernel) and node.kernel.kind == "map"
-            )
-            if not one_to_one:
+            if not _one_to_one(node):
                 raise DefinitionError(
                     f"fork branch {i} contains stage {node.name!r}, which does not make exactly "
                     "one output per input; a fork joins one result per branch, so put "
@@ -158,6 +156,19 @@ def fork(*branches: Stage[Any, Any]) -> Stage[Any, Any]:
     name = "fork(" + ", ".join(b.name for b in branches) + ")"
     node = Node(name, StageOptions(name=name), SplitKernel(name, "fork", compiled), "split")
     return SplitStage(node, _common_input("fork", branches), tuple)
+
+
+def _one_to_one(node: Node) -> bool:
+    """Whether ``node`` makes exactly one output per input: a map, a stateful stage,
+    a fork, or a route whose branches all do."""
+    kernel = node.kernel
+    if isinstance(kernel, SplitKernel):
+        return kernel.mode == "fork" or all(
+            _one_to_one(inner) for branch in kernel.branches for inner in branch
+        )
+    return isinstance(kernel, StatefulKernel) or (
+        isinstance(kernel, FnKernel) and kernel.kind == "map"
+    )
 
 
 @overload
@@ -191,7 +202,7 @@ def route(
     check_predicate("route", predicate, allow_async=False)
     _check_branches("route", (then, otherwise))
     compiled = (then._nodes(), otherwise._nodes())  # pyright: ignore[reportPrivateUsage] - as in fork
-    name = f"route({then.name} | {otherwise.name})"
+    name = f"route({function_name(predicate)}, {then.name}, {otherwise.name})"
     kernel = SplitKernel(name, "route", compiled, predicate)
     # Both branches' outputs go on in one stream: known only when they agree.
     then_out = then._out_hint()  # pyright: ignore[reportPrivateUsage] - package-internal hints

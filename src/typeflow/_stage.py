@@ -28,7 +28,15 @@ if TYPE_CHECKING:
     from typeflow._feed import Feed
     from typeflow._runtime._run import AsyncRun, Run
 
-__all__ = ["AsyncFnStage", "FnStage", "Pipeline", "Stage", "StageDecorator", "stage"]
+__all__ = [
+    "AsyncFnStage",
+    "FnStage",
+    "Pipeline",
+    "Stage",
+    "StageDecorator",
+    "function_name",
+    "stage",
+]
 
 In = TypeVar("In", contravariant=True)
 Out = TypeVar("Out", covariant=True)
@@ -351,7 +359,7 @@ class _FnStage(Stage[In, Out]):
     def __init__(
         self, fn: Callable[..., Any], options: StageOptions, is_async: bool, kind: Kind = "map"
     ) -> None:
-        name = options.name or _function_name(fn)
+        name = options.name or function_name(fn)
         if options.backend == "task" and not is_async:
             raise DefinitionError(
                 f"stage {name!r}: backend='task' runs coroutines on an event loop, but "
@@ -430,7 +438,7 @@ class AsyncFnStage(_FnStage[In, Out]):
         return cast("Coroutine[Any, Any, Out]", self._fn(item))
 
 
-def _function_name(fn: Callable[..., Any]) -> str:
+def function_name(fn: Callable[..., Any]) -> str:
     """A readable default name: the qualified name, also through functools.partial."""
     inner: object = fn
     while isinstance(inner, functools.partial):
