@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
@@ -144,6 +144,10 @@ class Feed(Generic[In, Out]):
     def __iter__(self) -> Iterator[Result[Out, StageError]]:
         return self._run
 
+    def __aiter__(self) -> AsyncIterator[Result[Out, StageError]]:
+        """``async for result in feed``: waiting for results never blocks the event loop."""
+        return self._run._async_twin()  # pyright: ignore[reportPrivateUsage] - a feed is part of its run
+
     def __enter__(self) -> Self:
         return self
 
@@ -158,6 +162,24 @@ class Feed(Generic[In, Out]):
         else:
             self.cancel()
         self._run.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Like leaving a ``with`` block, with the workers joined off the event loop."""
+        import asyncio  # not at import: it costs typeflow's import a third more
+
+        if exc_type is None:
+            self.close()
+        else:
+            self._closed = True
+        await asyncio.to_thread(self._run.close)
 
 
 class _Merged(Iterator[T]):

@@ -1067,6 +1067,12 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
         """Stop the run now: every worker is stopped and joined."""
         self._collector.close()
 
+    def _async_twin(self) -> AsyncRun[Out]:
+        """The same started run, read with ``async for`` (a feed's): one stream of
+        results, whichever of the two takes each."""
+        self.start()
+        return AsyncRun(self._core, None, self._collector)
+
     def take(self, n: int, /) -> list[Result[Out, StageError]]:
         """The next ``n`` results (fewer if the run ends first); then the run is closed,
         which stops every stage upstream.
@@ -1141,11 +1147,18 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
 
     __slots__ = ("__weakref__", "_collector", "_core", "_items")
 
-    def __init__(self, core: RunCore, items: Iterable[Any] | AsyncIterable[Any]) -> None:
-        _check_items(items)  # None included: it also means "started" below
+    def __init__(
+        self,
+        core: RunCore,
+        items: Iterable[Any] | AsyncIterable[Any] | None,
+        collector: _Collector[Out] | None = None,
+    ) -> None:
+        if collector is None:
+            _check_items(items)  # None included: it also means "started" below
         self._core = core
-        self._items: Iterable[Any] | AsyncIterable[Any] | None = items
-        self._collector: _Collector[Out] = _Collector(core)
+        #: None once started (or started by the sync twin whose ``collector`` it shares).
+        self._items = items
+        self._collector: _Collector[Out] = _Collector(core) if collector is None else collector
 
     def __aiter__(self) -> Self:
         return self

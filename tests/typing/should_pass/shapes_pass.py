@@ -301,6 +301,13 @@ async def feeding_async() -> None:
     feed = (encode | chunks).feed()
     await feed.aput("text")
     feed.close()
+    async for result in feed:
+        assert_type(result, Result[bytes, StageError])
+    async with (parse | double).feed() as numbers:
+        assert_type(numbers, Feed[str, int])
+        await numbers.aput("1")
+        numbers.close()
+        assert_type([r async for r in numbers], list[Result[int, StageError]])
 
 
 # -- merge ------------------------------------------------------------------------------------
