@@ -159,15 +159,16 @@ def _sum_blob_ones(n: int) -> float:
 def overhead_cases(quick: bool) -> list[Case]:
     """Workload 1: ``x+1`` (and ``x+1 -> 2x -> x+1``), 2 workers per stage."""
     cases = []
-    for backend in ("thread", "process", "task"):
-        peers = TASK_PEERS if backend == "task" else POOL_PEERS
+    backends: tuple[Backend, ...] = ("thread", "process", "task")
+    for backend in backends:
+        peers: tuple[str, ...] = TASK_PEERS if backend == "task" else POOL_PEERS
         for fns, expected in (((inc,), _sum_inc), ((inc, dbl, inc), _sum_inc_dbl_inc)):
             label = "1 stage" if len(fns) == 1 else f"{len(fns)} stages"
             stages = tuple(spec(f, backend, 2, chunk=1024) for f in fns)
             cases.append(_overhead_case(f"{label}, {backend}", stages, peers, expected, quick))
     # Under a timeout (never reached), against the peers that can stop a call past
     # one: what a per-call deadline costs a quick item.
-    for backend in ("thread", "process", "task"):
+    for backend in backends:
         stages = (spec(inc, backend, 2, chunk=1024, timeout=TIMEOUT_S),)
         name = f"1 stage, {backend}, timeout"
         peers = TASK_TIMEOUT_PEERS if backend == "task" else TIMEOUT_PEERS
@@ -257,6 +258,15 @@ def mixed_cases(quick: bool) -> list[Case]:
     ]
 
 
+#: The payload cases: label, stage function, source, the expected sum of the results.
+_PAYLOADS: tuple[
+    tuple[str, Callable[[Any], Any], Literal["arrays", "blobs"], Callable[[int], float]], ...
+] = (
+    ("arrays", array_sum, "arrays", _sum_arrays),
+    ("bytes", blob_ones, "blobs", _sum_blob_ones),
+)
+
+
 def payload_cases(quick: bool) -> list[Case]:
     """Workload 5: fresh 1 MiB float64 arrays, and 1 MiB ``bytes``, into a process
     stage that reads each whole and returns a number."""
@@ -272,10 +282,7 @@ def payload_cases(quick: bool) -> list[Case]:
             pss=True,
             expected=expected,
         )
-        for label, fn, source, expected in (
-            ("arrays", array_sum, "arrays", _sum_arrays),
-            ("bytes", blob_ones, "blobs", _sum_blob_ones),
-        )
+        for label, fn, source, expected in _PAYLOADS
     ]
 
 
