@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import re
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+
+from typeflow import stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "signal_me.py"
@@ -67,3 +72,53 @@ def test_sigterm_drains_then_exits_with_143() -> None:
     assert status == 128 + signal.SIGTERM
     assert report["in_flight"] == 0
     assert report["yielded"] == report["read"]
+
+
+# -- runs left early give the signals back --------------------------------------------------
+
+
+def plus_one(n: int) -> int:
+    return n + 1
+
+
+def first_of(run: Iterator[object]) -> object:
+    for result in run:
+        return result  # leaves the loop early: the run is dropped and collected
+    return None
+
+
+def test_a_run_left_by_break_or_return_gives_the_signals_back() -> None:
+    # pytest runs tests in the main thread, where a run takes SIGINT and SIGTERM.
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    for _ in range(3):
+        for _result in stage(plus_one).run(range(10)):
+            break
+        gc.collect()
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    first_of(stage(plus_one).run(range(10)))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_runs_that_end_out_of_order_give_the_signals_back() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    short, long = stage(plus_one).run(range(3)), stage(plus_one).run(range(5))
+    for _ in zip(short, long, strict=False):  # the first run ends, the second is left
+        pass
+    del short, long
+    gc.collect()
+    assert signal.getsignal(signal.SIGINT) == before
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C interrupts again
+
+
+def test_a_stale_handler_passes_the_signal_on() -> None:
+    # A run shut down outside the main thread cannot give the signals back there;
+    # a signal that reaches its handler goes where it would have gone.
+    run = stage(plus_one).run(range(5))
+    next(run)
+    closer = threading.Thread(target=run.close)
+    closer.start()
+    closer.join()
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -722,6 +722,10 @@ class RunCore:
             return
         self._stopped = True
         _live_runs.discard(self)
+        if self._signals is not None:
+            # Given back here too, not only by release_signals(): a run left by a
+            # ``break`` is shut down by garbage collection, which raises nothing.
+            self._signals.retire()
         for callback in self._on_shutdown:
             callback()
         channels: list[Channel[Any]] = [*self.inboxes, self.outbox]

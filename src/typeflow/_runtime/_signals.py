@@ -30,8 +30,12 @@ class SignalGuard:
         self._drain = drain
         self._cancel = cancel
         self._grace = grace
+        #: The handlers this guard replaced (kept after they are given back: a
+        #: retired guard that still gets a signal passes it on to them).
         self._previous: dict[int, _Handler] = {}
+        self._installed = False
         self._timer: threading.Timer | None = None
+        self._retired = False
         self.received: int | None = None
 
     def install(self) -> bool:
@@ -44,6 +48,7 @@ class SignalGuard:
                 continue  # somebody chose to ignore SIGTERM: keep it that way
             self._previous[signum] = previous
             signal.signal(signum, self._handle)
+        self._installed = True
         return True
 
     def restore(self) -> None:
@@ -51,14 +56,33 @@ class SignalGuard:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if threading.current_thread() is not threading.main_thread():
+        if not self._installed or threading.current_thread() is not threading.main_thread():
             return
-        for signum, previous in self._previous.items():
-            if previous is not None:
-                signal.signal(signum, previous)
-        self._previous.clear()
+        self._installed = False
+        for signum in self._previous:
+            handler = self._live(signum, self._previous[signum])
+            if handler is not None:
+                signal.signal(signum, handler)
+
+    def retire(self) -> None:
+        """The run has stopped: give the signals back now if this is the main thread.
+
+        Whatever the thread, a signal that still reaches this guard afterwards
+        (its run was dropped by a ``break`` and collected elsewhere, say) gives
+        the signals back and goes to the handler it replaced; the run itself is
+        let go.
+        """
+        self._retired = True
+        self._drain = self._cancel = _nothing
+        self.restore()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._retired:
+            handler = self._live(signum, self._previous.get(signum))
+            if handler is not None:
+                signal.signal(signum, handler)  # handlers run in the main thread
+            _forward(signum, frame, handler)
+            return
         if self.received is None:
             self.received = signum
             self._timer = threading.Timer(self._grace, self._cancel)
@@ -68,9 +92,31 @@ class SignalGuard:
         else:
             self._cancel()
 
+    @staticmethod
+    def _live(signum: int, handler: _Handler) -> _Handler:
+        """``handler``, or if it belongs to a guard whose run has stopped (runs that
+        did not end in the order they began), the handler that guard replaced."""
+        guard = getattr(handler, "__self__", None)
+        while isinstance(guard, SignalGuard) and guard._retired:
+            handler = guard._previous.get(signum)
+            guard = getattr(handler, "__self__", None)
+        return handler
+
     def raise_received(self) -> None:
         """Raise what the received signal stands for (after the run has stopped)."""
         if self.received == signal.SIGTERM:
             raise SystemExit(128 + signal.SIGTERM)
         if self.received is not None:
             raise KeyboardInterrupt
+
+
+def _nothing() -> None:
+    pass
+
+
+def _forward(signum: int, frame: FrameType | None, handler: _Handler) -> None:
+    """Act on a signal as ``handler`` (the one a retired guard replaced) would."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)  # the default action, now that it is back
