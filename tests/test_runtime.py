@@ -178,6 +178,40 @@ def test_an_item_that_does_not_pickle_fails_alone() -> None:
     assert "cannot be sent to a worker process" in str(error.exception)
 
 
+def return_unpicklable_every_hundredth(x: int) -> object:
+    # Pickles in the worker; does not unpickle in the parent (two required arguments).
+    return Unpicklable(x, x) if x % 100 == 1 else x
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_result_that_does_not_unpickle_fails_its_item_alone(workers: int) -> None:
+    # It used to end the pump's thread: lost items (one worker) or a hang (two).
+    run = on("process", return_unpicklable_every_hundredth, workers=workers).run(range(1000))
+    results = list(run)
+    assert len(results) == 1000
+    for x, result in enumerate(results):
+        if x % 100 == 1:
+            error = result.failure()
+            assert error.item == x
+            assert isinstance(error.exception, TypeError)
+            assert "cannot be received from its worker process" in str(error.exception)
+            assert "__reduce__" in str(error.exception)  # the fix
+        else:
+            assert result.unwrap() == x
+    stats = run.statistics()
+    assert (stats.succeeded, stats.failed, stats.in_flight) == (990, 10, 0)
+    assert stats.stages[0].restarts == 0  # the worker was never in trouble
+
+
+def test_an_item_that_does_not_unpickle_in_the_worker_fails_alone() -> None:
+    odd = Unpicklable(3, 4)  # pickles here, does not unpickle in the worker
+    results = list(on("process", repr).run([1, odd, 2]))
+    assert [r.unwrap() for r in (results[0], results[2])] == ["1", "2"]
+    error = results[1].failure()
+    assert error.item is odd
+    assert "cannot be received by a worker process" in str(error.exception)
+
+
 def test_fail_fast_raises_the_first_failure(backend: Backend) -> None:
     with pytest.raises(StageError) as caught:
         for _ in on(backend, reciprocal).run([1, 2, 0, 3], fail_fast=True):

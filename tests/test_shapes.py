@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import sys
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from typeflow import (
     DefinitionError,
     FeedClosed,
     Pipeline,
+    RemoteTraceback,
     Stage,
     StageError,
     StageTimeout,
@@ -373,6 +375,50 @@ def test_a_failing_setup_fails_the_run_fast_with_that_error() -> None:
     assert leftovers() == ([], [])
 
 
+class DatabaseDown(Exception):
+    def __init__(self, host: str, code: int) -> None:  # does not unpickle: two arguments
+        super().__init__(f"cannot reach {host}: {code}")
+
+
+class SetupRaisesWhatDoesNotPickle(StatefulStage[int, int], workers=2, backend="process"):
+    def setup(self) -> None:
+        raise DatabaseDown("db.local", 61)
+
+    def process(self, item: int, /) -> int:
+        return item
+
+
+class SetupExits(StatefulStage[int, int], workers=2):
+    def setup(self) -> None:
+        sys.exit("no configuration")
+
+    def process(self, item: int, /) -> int:
+        return item
+
+
+class SetupExitsInAProcess(SetupExits, backend="process"):
+    pass
+
+
+def test_a_setup_error_that_does_not_pickle_still_stops_the_run() -> None:
+    # It used to fail every item (endlessly, on an endless input) as a RuntimeError.
+    with pytest.raises(RuntimeError, match=r"DatabaseDown: cannot reach db.local: 61") as caught:
+        list(SetupRaisesWhatDoesNotPickle().run(itertools.count()))
+    assert isinstance(caught.value.__cause__, RemoteTraceback)  # the worker's traceback
+    assert "DatabaseDown" in caught.value.__cause__.text
+    assert leftovers() == ([], [])
+
+
+@pytest.mark.parametrize("make", [SetupExits, SetupExitsInAProcess])
+def test_a_setup_that_exits_stops_the_run_with_its_system_exit(
+    make: Callable[[], Stage[int, int]],
+) -> None:
+    # It used to fail every item on threads and crash every worker on processes.
+    with pytest.raises(SystemExit, match="no configuration"):
+        list(make().run(itertools.count()))
+    assert leftovers() == ([], [])
+
+
 class Flaky(
     StatefulStage[int, int],
     retries=2,
@@ -553,6 +599,29 @@ def test_filters_and_one_to_many_stages_last_hand_whole_batches_over_in_order(
             stats = run.statistics()
             assert stats.in_flight == 0
             assert stats.stages[-1].items_in == n
+
+
+def make_a_lock_from_one(n: int) -> list[object]:
+    return [n, threading.Lock(), n] if n == 1 else [n, n]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_one_to_many_call_with_an_output_that_does_not_pickle_fails_as_one_item(
+    ordered: bool,
+) -> None:
+    # Item 1's outputs do not go on (not even those that pickle), its failure names it.
+    expand = flat_map(workers=1, backend="process")(make_a_lock_from_one)
+    run = expand.run(range(6), ordered=ordered)
+    results = list(run)
+    (failure,) = [r.failure() for r in results if isinstance(r, Failure)]
+    assert failure.item == 1
+    assert "cannot be sent back from its worker process" in str(failure.exception)
+    values = [r.unwrap() for r in results if isinstance(r, Success)]
+    expected = [0, 0, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert values == expected if ordered else Counter(values) == Counter(expected)
+    stats = run.statistics()
+    assert (stats.items_read, stats.done, stats.in_flight) == (6, 6, 0)
+    assert (stats.succeeded, stats.failed) == (10, 1)
 
 
 # -- fork/join and routing ----------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_a_worker_sends_consecutive_keys_back_as_a_range() -> None:
     sender, receiver = Wire(left), Wire(right)
     sent: list[tuple[Key, ...]] = [(5, 6, 7), (5, 7, 6), ((5, 0), (5, 1))]
     for keys in sent:
-        reply(sender, "stage", Outcome(keys=keys, values=list(range(len(keys)))), 0.0)
+        reply(sender, "stage", keys, Outcome(keys=keys, values=list(range(len(keys)))), 0.0)
     got = [cast("_process_child.Reply", receiver.recv())[0].keys for _ in sent]
     assert got == [range(5, 8), (5, 7, 6), ((5, 0), (5, 1))]
     for wire, end in ((sender, left), (receiver, right)):

@@ -69,6 +69,7 @@ method for every worker, the first ones included.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import multiprocessing
 import os
@@ -92,9 +93,16 @@ from typeflow._backends._base import (
     fail_batch,
     rate_limiter,
 )
-from typeflow._backends._process_child import READY, SET_UP, RawFailure, Reply, child_main
+from typeflow._backends._process_child import (
+    READY,
+    SET_UP,
+    RawFailure,
+    Reply,
+    Unreadable,
+    child_main,
+)
 from typeflow._backends._progress import Progress
-from typeflow._backends._wire import Endpoint, Wire, encode, lift
+from typeflow._backends._wire import Endpoint, Undecodable, Wire, encode, lift
 from typeflow._errors import (
     DefinitionError,
     RemoteTraceback,
@@ -105,7 +113,16 @@ from typeflow._errors import (
 )
 from typeflow._runtime import _retry as retry
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Failed, Key, Node, Outcome, rows, ship
+from typeflow._runtime._kernel import (
+    Envelope,
+    Failed,
+    Key,
+    Node,
+    Outcome,
+    SetupFailed,
+    rows,
+    ship,
+)
 
 __all__ = [
     "BATCH_BYTES",
@@ -221,6 +238,16 @@ _START_ATTEMPTS: Final = 3
 
 class _Unpicklable(Exception):
     pass
+
+
+class _Garbled(Exception):
+    """A reply arrived whole but is of no use: the worker could not unpickle the
+    batch, or this process cannot unpickle the reply.  The worker is fine and in
+    step with its socket.  Raised by the waits for a reply."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
 
 
 class _Gone(Exception):
@@ -495,8 +522,35 @@ class _Pump:
         a reply is due), and sent early only if it is small enough to fit into
         the socket's buffer, so that the two sides never block each other.
         """
-        inbox, share, sizer = self._inbox, self._options.workers, self._sizer
         sent: deque[_Sent] = deque()
+        while True:
+            try:
+                self._pipeline(sent)
+            except (EndOfChannel, ChannelAborted, _Cancelled):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug in typeflow: fail, do not hang
+                self._lost(sent, exc)
+
+    def _lost(self, sent: deque[_Sent], error: Exception) -> None:
+        """What the pump did not expect: the batches the worker held fail with
+        ``error`` (rather than wait forever), and a new worker goes on."""
+        logging.getLogger("typeflow").error(
+            "the pump of stage %r failed; the %d item(s) its worker held fail with this "
+            "error (a bug in typeflow: please report it)",
+            self._node.name,
+            sum(len(s.items) for s in sent),
+            exc_info=error,
+        )
+        batches = [s.batch for s in sent]
+        sent.clear()
+        self._stop_worker(kill=True)
+        self._emitter.restarted()
+        for batch in batches:
+            self._emitter.emit(fail_batch(self._node, batch, error))
+
+    def _pipeline(self, sent: deque[_Sent]) -> None:
+        """The body of :meth:`_pipelined`: runs until the input ends or the run stops."""
+        inbox, share, sizer = self._inbox, self._options.workers, self._sizer
         keys: Sequence[Key]
         items: Sequence[object]
         while True:
@@ -558,7 +612,16 @@ class _Pump:
 
     def _collect(self, sent: deque[_Sent]) -> None:
         """Wait for the reply to the oldest batch in the worker, and pass it on."""
-        reply = self._await_reply(sent[0])
+        try:
+            reply = self._await_reply(sent[0])
+        except _Garbled as garbled:
+            done = sent.popleft()
+            if sent:
+                sent[0].started = time.monotonic()
+            while sent:  # replies come in the order of the batches: the later ones first
+                self._collect(sent)
+            self._emitter.emit(self._garbled(done.batch, garbled))
+            return
         if isinstance(reply, _Gone):
             # The worker died in the oldest batch; the later ones were not started.
             batches = [s.batch for s in sent]
@@ -587,19 +650,36 @@ class _Pump:
     def _roundtrip(self, batch: list[Envelope]) -> Outcome:
         unsendable: list[Failed] = []
         try:
-            reply = self._exchange(batch)
-        except _Unpicklable:
-            batch, unsendable = self._split_unpicklable(batch)
-            if not batch:
-                return Outcome(failed=unsendable)
-            reply = self._exchange(batch)
-        if isinstance(reply, _Gone):
-            outcome = self._retry_alone(batch, reply)
+            try:
+                reply = self._exchange(batch)
+            except _Unpicklable:
+                batch, unsendable = self._split_unpicklable(batch)
+                if not batch:
+                    return Outcome(failed=unsendable)
+                reply = self._exchange(batch)
+        except _Garbled as garbled:
+            outcome = self._garbled(batch, garbled)
         else:
-            outcome, raw, _ = reply
-            outcome.failed = self._failures(batch, raw)
+            if isinstance(reply, _Gone):
+                outcome = self._retry_alone(batch, reply)
+            else:
+                outcome, raw, _ = reply
+                outcome.failed = self._failures(batch, raw)
         outcome.failed += unsendable
         return outcome
+
+    def _garbled(self, batch: list[Envelope], garbled: _Garbled) -> Outcome:
+        """A batch whose reply was of no use: each item runs again alone, so that only
+        the items whose own reply is of no use fail (the others may run twice)."""
+        if len(batch) > 1:
+            outcome = Outcome()
+            for envelope in batch:
+                outcome.absorb(self._roundtrip([envelope]))
+            return outcome
+        ((seq, item),) = batch
+        return Outcome(
+            failed=[(seq, StageError(self._node.name, item, TypeError(garbled.problem)))]
+        )
 
     def _exchange(self, batch: list[Envelope]) -> Reply | _Gone:
         """Send a batch and wait for the reply, the worker's death or a deadline.
@@ -636,7 +716,22 @@ class _Pump:
                     hung = self._readable(conn, proc, sent)
                     if hung is not None:
                         break
-                message = wire.recv()
+                try:
+                    message = wire.recv()
+                except Undecodable as exc:
+                    raise _Garbled(
+                        f"stage {self._node.name!r} returned a value that cannot be received "
+                        f"from its worker process ({type(exc.error).__name__}: {exc.error}); "
+                        "return plain data (an exception class whose __init__ takes other "
+                        "arguments than it passes to Exception.__init__ does not unpickle: give "
+                        "it a __reduce__), or use backend='thread'"
+                    ) from None
+                if type(message) is Unreadable:
+                    raise _Garbled(
+                        f"the item cannot be received by a worker process of stage "
+                        f"{self._node.name!r} ({message.error}); pass plain data that the "
+                        "worker can import, or use backend='thread'"
+                    )
                 if message != SET_UP:
                     return cast("Reply", message)
                 # A stateful stage's setup is over: the first call's deadline
@@ -724,7 +819,12 @@ class _Pump:
             if self._cancelled.wait(retry.delay(self._options, attempt)):
                 raise _Cancelled
             attempt += 1
-            reply = self._exchange(batch)
+            try:
+                reply = self._exchange(batch)
+            except _Garbled as garbled:
+                outcome = self._garbled(batch, garbled)
+                outcome.retries += attempt - 1
+                return outcome
             if not isinstance(reply, _Gone):
                 outcome, raw, _ = reply
                 outcome.failed = self._failures(batch, raw)
@@ -743,7 +843,10 @@ class _Pump:
         failed: list[Failed] = []
         for seq, exc, text, attempts in raw:
             if text:
-                exc.__cause__ = RemoteTraceback(text)
+                # A failed setup stops the run with the setup's own error: the
+                # worker's traceback goes with that one.
+                shown = exc.error if isinstance(exc, SetupFailed) else exc
+                shown.__cause__ = RemoteTraceback(text)
             failed.append(
                 (seq, StageError(self._node.name, items.get(seq), exc, attempts=attempts))
             )

@@ -14,28 +14,42 @@ import pickle
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import cast
 
 from typeflow._backends._progress import Progress
-from typeflow._backends._wire import Endpoint, Wire, lift
+from typeflow._backends._wire import Endpoint, Undecodable, Wire, lift
 from typeflow._runtime._kernel import (
-    Envelope,
     Gather,
     Kernel,
     Key,
     Outcome,
+    SetupFailed,
     WorkerContext,
     WorkerExit,
+    root_of,
 )
 
-__all__ = ["READY", "SET_UP", "RawFailure", "Reply", "child_main"]
+__all__ = ["READY", "SET_UP", "RawFailure", "Reply", "Unreadable", "child_main"]
 
 #: The first message of a worker process: it is up and holds the kernel.
 READY = b"ready"
 #: Sent by a timed worker once a stateful stage's setup is over (see ``_tracked``);
 #: a reply is always a tuple, so this string never stands for one.
 SET_UP = "set up"
+
+
+class Unreadable:
+    """The reply to a batch that arrived whole but does not unpickle in the worker
+    (a class the worker cannot import, say): the parent sends its items again
+    one at a time, to find which."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
 
 #: A failure as it crosses back to the parent: position, exception, formatted
 #: traceback, number of tries.
@@ -92,6 +106,9 @@ def child_main(
                 message = wire.recv()
             except EOFError:  # the parent is gone
                 break
+            except Undecodable as exc:
+                wire.send(Unreadable(f"{type(exc.error).__name__}: {exc.error}"))
+                continue
             if message is None:
                 break
             seqs, items = cast("tuple[Sequence[Key], Sequence[object]]", message)
@@ -102,7 +119,7 @@ def child_main(
                 outcome = kernel.process_columns(seqs, items, ctx)
             else:
                 outcome = _tracked(wire, kernel, seqs, items, ctx, progress)
-            _reply(wire, kernel.name, outcome, clock() - started)
+            _reply(wire, kernel.name, seqs, outcome, clock() - started)
     except WorkerExit:
         pass  # told to stop: the teardown below is all that is left to do
     finally:
@@ -173,7 +190,7 @@ def _terminate(signum: int, frame: object) -> None:
     raise WorkerExit(128 + signum)
 
 
-def _reply(wire: Wire, stage: str, outcome: Outcome, seconds: float) -> None:
+def _reply(wire: Wire, stage: str, batch: Sequence[Key], outcome: Outcome, seconds: float) -> None:
     keys = outcome.keys
     if (
         outcome.values
@@ -198,29 +215,58 @@ def _reply(wire: Wire, stage: str, outcome: Outcome, seconds: float) -> None:
         raise
     except Exception:  # noqa: BLE001 - some result does not pickle: find which
         pass
-    kept: list[Envelope] = []
-    for seq, value in outcome.envelopes():
+    # The input item whose call made a value that does not pickle fails, and none
+    # of that call's outputs goes on (a one-to-many call's siblings included).
+    inputs = set(batch)
+    outputs = outcome.envelopes()
+    made = Counter(_source(seq, inputs) for seq, _ in outputs)
+    problems: dict[Key, TypeError] = {}
+    for seq, value in outputs:
+        source = _source(seq, inputs)
+        if source in problems:
+            continue
         try:
             pickle.dumps(value, protocol=5)
         except Exception as exc:  # noqa: BLE001 - reported as this item's failure
-            problem = TypeError(
+            problems[source] = TypeError(
                 f"stage {stage!r} returned a value that cannot be sent back from its worker "
                 f"process ({type(exc).__name__}: {exc}); return plain data, or use "
                 "backend='thread'"
             )
-            raw.append((seq, problem, "", 1))
-        else:
-            kept.append((seq, value))
-    outcome.ok, outcome.keys, outcome.values = kept, (), []
+    for source, problem in problems.items():
+        raw.append((source, problem, "", 1))
+        if made[source] != 1:  # its outputs no longer count: the failure is its one
+            outcome.deltas.remove((root_of(source), made[source] - 1))
+    outcome.ok = [(seq, value) for seq, value in outputs if _source(seq, inputs) not in problems]
+    outcome.keys, outcome.values, outcome.span = (), [], None
+    outcome.whole = [root for root in outcome.whole if root not in problems]
     wire.send((outcome, raw, seconds))
+
+
+def _source(key: Key, inputs: set[Key]) -> Key:
+    """The key of the batch's item that made the output keyed ``key``: the same key,
+    or for an output of a one-to-many call, its parent's (see ``child_key``)."""
+    if key in inputs:
+        return key
+    assert isinstance(key, tuple)
+    return key[0] if len(key) == 2 else key[:-1]
 
 
 def _raw_failure(seq: Key, exc: BaseException, attempts: int) -> RawFailure:
     import traceback  # on the first failure only: with textwrap, 2-3 ms of every start-up
 
     text = "".join(traceback.format_exception(exc))
+    if isinstance(exc, SetupFailed):  # it must stay one: it stops the run
+        exc = SetupFailed(exc.stage, _sendable(exc.error))
+    else:
+        exc = _sendable(exc)
+    return (seq, exc, text, attempts)
+
+
+def _sendable(exc: BaseException) -> BaseException:
+    """``exc``, or a stand-in naming it when it does not survive pickling."""
     try:
         pickle.loads(pickle.dumps(exc, protocol=5))
     except Exception:  # noqa: BLE001 - the exception itself does not survive pickling
-        exc = RuntimeError(f"{type(exc).__qualname__}: {exc} (the exception could not be pickled)")
-    return (seq, exc, text, attempts)
+        return RuntimeError(f"{type(exc).__qualname__}: {exc} (the exception could not be pickled)")
+    return exc

@@ -34,7 +34,16 @@ from typing import Final, Protocol, SupportsIndex, TypeVar, cast
 
 from typing_extensions import Buffer
 
-__all__ = ["OUT_OF_BAND_MIN", "RECV_BUFFER", "SOCKET_BUFFER", "Endpoint", "Wire", "encode", "lift"]
+__all__ = [
+    "OUT_OF_BAND_MIN",
+    "RECV_BUFFER",
+    "SOCKET_BUFFER",
+    "Endpoint",
+    "Undecodable",
+    "Wire",
+    "encode",
+    "lift",
+]
 
 _HEAD: Final = struct.Struct("=IQ")
 #: Buffers smaller than this travel inside the pickle (a frame per buffer costs more).
@@ -45,6 +54,16 @@ SOCKET_BUFFER: Final = 4 * 1024 * 1024
 _MAX_PARTS: Final = 512
 #: The receive buffer: messages up to this size are read in as few calls as can be.
 RECV_BUFFER: Final = 256 * 1024
+
+
+class Undecodable(Exception):
+    """A whole message arrived but does not unpickle here (an exception whose
+    ``__init__`` wants other arguments than its ``args``, a class this process
+    cannot import...).  The stream is intact: the next message can be read."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class Endpoint(Protocol):
@@ -111,7 +130,12 @@ class Wire:
     # -- receiving -----------------------------------------------------------
 
     def recv(self) -> object:
-        """Receive one message.  Raises ``EOFError`` if the other side is gone."""
+        """Receive one message.
+
+        Raises:
+            EOFError: the other side is gone.
+            Undecodable: the message arrived whole but does not unpickle.
+        """
         self._fill(_HEAD.size)
         count, length = _HEAD.unpack_from(self._buf, self._start)
         self._start += _HEAD.size
@@ -120,7 +144,10 @@ class Wire:
             sizes = struct.unpack(f"={count}Q", self._take(8 * count))
         data = self._take(length)
         buffers = [self._take_into(bytearray(size)) for size in sizes]
-        return pickle.loads(data, buffers=buffers)
+        try:
+            return pickle.loads(data, buffers=buffers)
+        except Exception as exc:
+            raise Undecodable(exc) from exc
 
     def _take(self, n: int) -> bytes | bytearray:
         """The next ``n`` bytes: from the receive buffer when they fit in it."""

@@ -196,7 +196,7 @@ class WorkerContext:
         #: What a stateful stage built for this worker (see :class:`StatefulKernel`).
         self.state: WorkerState | None = None
         #: What its ``setup`` raised, when :meth:`Kernel.prepare` ran it.
-        self.setup_failure: Exception | None = None
+        self.setup_failure: BaseException | None = None
 
     def run_coroutine(self, coro: Coroutine[Any, Any, object]) -> object:
         if self._runner is None:
@@ -753,7 +753,11 @@ class StatefulKernel(Kernel):
             result = instance.setup()
             if inspect.isawaitable(result):
                 ctx.run_coroutine(cast("Coroutine[Any, Any, object]", result))
-        except Exception as exc:  # noqa: BLE001 - ends the run with this error (see process)
+        except WorkerExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - ends the run with this error (see process)
+            # SystemExit and KeyboardInterrupt too: a setup that cannot work stops the
+            # run rather than fail every item (or, in a process, crash every worker).
             ctx.setup_failure = exc
             return
         ctx.state = WorkerState(
@@ -769,12 +773,16 @@ class StatefulKernel(Kernel):
 
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         if ctx.state is None:
+            import asyncio
+
             instance = self._fresh()
             try:
                 result = instance.setup()
                 if inspect.isawaitable(result):
                     await result
-            except Exception as exc:  # noqa: BLE001 - ends the run with this error
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError) and _cancelled_by_run():
+                    raise  # the worker is stopping, not the setup failing
                 return self._failed_setup(batch, exc)
             ctx.state = WorkerState(
                 instance, FnKernel(self.name, instance.process, self.is_async, self.options)

@@ -836,7 +836,7 @@ class _Collector(Generic[Out]):
                 core.shutdown()
                 original = error.exception.error
                 original.add_note(f"(raised by the setup of stage {error.stage!r})")
-                raise original from None
+                raise original  # with its cause: a process worker's traceback
             if core.fail_fast:
                 core.shutdown()
                 self._released += 1
@@ -1000,6 +1000,9 @@ class _Collector(Generic[Out]):
             error, core.input_error = core.input_error, None
             raise error
         waiting = len(self._groups) + sum(count for count, _ in self._pending.values())
+        # Items that never reached the caller in any form count too (read, and not
+        # completed, nor waiting for more outputs).
+        waiting = max(waiting, core.items_read - self.completed)
         if waiting:
             # Every stage has ended, so these can never be released: say so loudly
             # rather than end the run as if nothing were missing.
