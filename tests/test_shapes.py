@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from returns.result import Failure, Success
@@ -359,6 +360,35 @@ def test_stateful_teardown_after_failures_and_cancellation(
     run = make_numberer(backend, cancelled).run(itertools.count())
     run.take(10)  # closes the run: every worker is cancelled
     assert cancelled.count("teardown") == cancelled.count("setup") >= 1
+
+
+class SlowToClose(AsyncStatefulStage[int, int], workers=2, backend="task"):
+    """Its teardown awaits, as closing a client session does."""
+
+    events: ClassVar[list[str]] = []
+
+    async def setup(self) -> None:
+        SlowToClose.events.append("opened")
+
+    async def process(self, item: int, /) -> int:
+        return item
+
+    async def teardown(self) -> None:
+        await asyncio.sleep(0.02)
+        await asyncio.sleep(0)
+        SlowToClose.events.append("closed")
+
+
+def test_a_run_closed_early_waits_for_an_async_teardown_to_end() -> None:
+    # A cancelled task worker's teardown was cancelled in turn at its first await.
+    events = SlowToClose.events
+    events.clear()
+    assert [r.unwrap() for r in SlowToClose().run(itertools.count()).take(3)] == [0, 1, 2]
+    assert events.count("closed") == events.count("opened") >= 1  # before take() returned
+    with SlowToClose().run(itertools.count()) as run:
+        next(run)
+    assert events.count("closed") == events.count("opened") >= 2
+    assert leftovers() == ([], [])
 
 
 class BrokenSetup(StatefulStage[int, int]):

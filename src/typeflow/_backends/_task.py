@@ -9,9 +9,11 @@ calls pass their results on one by one.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from typeflow._backends._base import (
     BatchSizer,
@@ -37,22 +39,48 @@ _LEAST_SECONDS = 0.0005
 
 
 class TaskGroup:
-    """The worker tasks of one stage, owned by one supervising coroutine."""
+    """The worker tasks of one stage, owned by one supervising task on the run's loop.
 
-    def __init__(self, future: concurrent.futures.Future[None], loop: asyncio.AbstractEventLoop):
-        self._future = future
+    :meth:`join` waits for that task itself, not for a future that says it was
+    cancelled: a cancelled worker still runs its stateful stage's ``teardown``,
+    which may await (close a session), and the run waits for it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, None]) -> None:
         self._loop = loop
+        self._task: asyncio.Task[None] | None = None
+        self._cancelled = False
+        self._ended = threading.Event()
+        self._error: BaseException | None = None
+        loop.call_soon_threadsafe(self._begin, work)
+
+    def _begin(self, work: Coroutine[Any, Any, None]) -> None:  # on the loop
+        if self._cancelled:  # before it began: nothing to tear down
+            work.close()
+            self._ended.set()
+            return
+        self._task = self._loop.create_task(work)
+        self._task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:  # on the loop
+        if not task.cancelled():
+            self._error = task.exception()
+        self._ended.set()
 
     def cancel(self) -> None:
-        self._future.cancel()
+        def cancel() -> None:  # on the loop
+            self._cancelled = True
+            if self._task is not None:
+                self._task.cancel()
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs on it
+            self._loop.call_soon_threadsafe(cancel)
 
     def join(self, timeout: float) -> bool:
-        try:
-            self._future.result(timeout)
-        except (concurrent.futures.CancelledError, ChannelAborted):
-            pass
-        except TimeoutError:
+        if not self._ended.wait(timeout):
             return False
+        if self._error is not None and not isinstance(self._error, ChannelAborted):
+            raise self._error
         return True
 
 
@@ -89,9 +117,28 @@ async def _work(
         pass
     finally:
         try:
-            await ctx.aclose()  # a stateful stage's teardown, also when cancelled
+            await _to_the_end(ctx.aclose())  # a stateful stage's teardown, also when cancelled
         finally:
             emitter.done()
+
+
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
+    """Await ``work`` until it ends, even if this task is cancelled meanwhile (a run
+    that stops cancels its workers, then waits for them: a teardown should close
+    what it opened, not be cut short at its first ``await``).  The run's join
+    bounds the wait; a cancellation that came meanwhile is raised afterwards."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                cancelled = True
+                continue
+        break
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _supervise(node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter]) -> None:
@@ -105,6 +152,4 @@ async def _supervise(node: Node, inbox: Channel[Envelope], emitters: Sequence[Em
 def start(
     node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter], env: RunEnv
 ) -> TaskGroup:
-    loop = env.event_loop()
-    future = asyncio.run_coroutine_threadsafe(_supervise(node, inbox, emitters), loop)
-    return TaskGroup(future, loop)
+    return TaskGroup(env.event_loop(), _supervise(node, inbox, emitters))
