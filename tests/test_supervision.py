@@ -8,6 +8,7 @@ import itertools
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -317,6 +318,49 @@ def test_statistics_account_for_every_item(backend: Backend) -> None:
     assert (first.items_in, first.succeeded, first.failed) == (100, 50, 50)
     assert (second.items_in, second.succeeded, second.failed) == (50, 50, 0)
     assert "odd_fails" in str(stats)
+
+
+def even_fails_and_one_is_held(
+    gate: threading.Event, reached: threading.Event | None = None
+) -> Callable[[int], int]:
+    def work(x: int) -> int:
+        if x == 1:
+            gate.wait(30)  # holds back every later result of an ordered run
+        if x == 40 and reached is not None:
+            reached.set()
+        if x % 2 == 0 and x > 0:
+            raise ValueError(x)
+        return x
+
+    return work
+
+
+def test_statistics_count_what_the_caller_was_given() -> None:
+    # Failures held back behind a slow item, or dropped by close(), are not "failed".
+    gate, reached = threading.Event(), threading.Event()
+    pipeline = stage(workers=4)(even_fails_and_one_is_held(gate, reached))
+    with pipeline.run(range(200), window=64) as run:
+        assert next(run).unwrap() == 0
+        assert reached.wait(30)  # later items have failed meanwhile
+        stats = run.statistics()
+        assert (stats.succeeded, stats.failed) == (1, 0)
+        gate.set()
+        taken = [next(run) for _ in range(9)]  # items 1 to 9: 1, 3, 5, 7, 9 succeed
+        stats = run.statistics()
+        assert (stats.succeeded, stats.failed) == (6, 4)
+        assert stats.failed == sum(isinstance(r, Failure) for r in taken)
+    # Closed: the results not taken are dropped, not counted.
+    stats = run.statistics()
+    assert (stats.succeeded, stats.failed) == (6, 4)
+    assert stats.items_read == stats.done + stats.in_flight
+
+
+def test_fail_fast_counts_the_failure_it_raised_as_done() -> None:
+    run = stage(even_fails_and_one_is_held(threading.Event())).run([2], fail_fast=True)
+    with pytest.raises(StageError):
+        next(run)
+    stats = run.statistics()
+    assert (stats.items_read, stats.done, stats.failed, stats.in_flight) == (1, 1, 1, 0)
 
 
 # -- fault injection ----------------------------------------------------------------

@@ -772,6 +772,10 @@ def _sort_key(entry: Entry) -> tuple[int, ...]:
 _first = itemgetter(0)
 
 
+def _failures_in(results: Iterable[Result[Any, StageError]]) -> int:
+    return sum(1 for r in results if type(r) is Failure)
+
+
 def _in_order(entries: list[Entry]) -> _Results:
     """The results of one root's entries, siblings in the order they were made."""
     if len(entries) > 1:
@@ -801,7 +805,7 @@ class _Collector(Generic[Out]):
     __slots__ = (
         "_core",
         "_done",
-        "_failures_released",
+        "_failures_accepted",
         "_groups",
         "_next_seq",
         "_pending",
@@ -812,10 +816,11 @@ class _Collector(Generic[Out]):
 
     def __init__(self, core: RunCore) -> None:
         self._core = core
-        #: Results put into ``_ready`` so far, and how many of them are failures
-        #: (what was yielded is counted from these when asked, not per item).
+        #: Results put into ``_ready`` so far, and failures accepted (released or
+        #: held back in an ordered run): what was yielded is counted from these
+        #: when asked, not per item.
         self._released = 0
-        self._failures_released = 0
+        self._failures_accepted = 0
         self.completed = 0
         #: Results ready for the caller, in the order they are to be yielded.
         self._ready: deque[Result[Any, StageError]] = deque()
@@ -828,7 +833,7 @@ class _Collector(Generic[Out]):
 
     def accept(self, entries: list[Entry]) -> None:
         core = self._core
-        for _, kind, payload in entries:
+        for key, kind, payload in entries:
             if kind != FAILED:
                 continue
             error = cast("StageError", payload)
@@ -840,7 +845,9 @@ class _Collector(Generic[Out]):
             if core.fail_fast:
                 core.shutdown()
                 self._released += 1
-                self._failures_released += 1
+                self._failures_accepted += 1
+                if isinstance(key, int) and key not in self._groups:
+                    self.completed += 1  # its item's one outcome: raised
                 raise error
         ordered = core.ordered
         groups = self._groups
@@ -918,7 +925,7 @@ class _Collector(Generic[Out]):
                 self._accept_one((child, OK, value), complete)
             return
         if kind == FAILED:
-            self._failures_released += 1
+            self._failures_accepted += 1
         if isinstance(key, int) and kind != DELTA and key not in groups:
             # One output for one input: complete.
             complete.append((key, 1, [_result(entry)]))
@@ -978,12 +985,22 @@ class _Collector(Generic[Out]):
     def yielded(self) -> tuple[int, int]:
         """How many successes and failures the caller has been given so far."""
         waiting = list(self._ready)  # a copy: the caller's thread may be popping
-        failed = self._failures_released - sum(1 for r in waiting if type(r) is Failure)
+        failed = self._failures_accepted - _failures_in(waiting) - self._failures_held()
         return self._released - len(waiting) - failed, failed
 
+    def _failures_held(self) -> int:
+        """Failures accepted but not released yet: in an ordered run, those of complete
+        roots waiting for their turn, and of roots waiting for more outputs."""
+        parked = [r for _, results in list(self._pending.values()) for r in results]
+        entries = [e for group in list(self._groups.values()) for e in list(group.entries)]
+        return _failures_in(parked) + sum(1 for _, kind, _ in entries if kind == FAILED)
+
     def close(self) -> None:
-        """The caller closed the run: drop what it has not taken."""
+        """The caller closed the run: drop what it has not taken (not counted as yielded)."""
         self._done = True
+        dropped = list(self._ready)
+        self._failures_accepted -= _failures_in(dropped) + self._failures_held()
+        self._released -= len(dropped)
         self._ready.clear()
         self._pending.clear()
         self._groups.clear()

@@ -66,10 +66,12 @@ class StageStatistics:
 class RunStatistics:
     """A snapshot of a run: what came in, what came out, and each stage's counters.
 
-    Every item read is either done (all its results yielded, or filtered out) or
-    still in flight: ``items_read == done + in_flight`` at any time, and
-    ``in_flight == 0`` once the run has ended normally.  Without one-to-many
-    stages and filters, ``done == succeeded + failed``.
+    Every item read is either done (all its results ready for the caller, or
+    filtered out) or still in flight: ``items_read == done + in_flight`` at any
+    time, and ``in_flight == 0`` once the run has ended normally.  ``succeeded``
+    and ``failed`` count the results the caller has been given (not those
+    dropped by ``close()``); once the run has ended, without one-to-many stages
+    and filters, ``done == succeeded + failed``.
 
     Attributes:
         items_read: items taken from the input.
