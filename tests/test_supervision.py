@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from returns.result import Failure, Result, Success
@@ -559,6 +560,52 @@ def test_closing_a_run_kills_a_worker_that_does_not_end_on_sigterm(tmp_path: Pat
         assert began.read(1) == b"x"  # item 0's call has begun, SIGTERM blocked
     run.close()  # SIGTERM, a second's grace, then SIGKILL
     assert leftovers() == ([], [])
+
+
+class HeldTeardown(StatefulStage[int, int], workers=1):
+    # Class attributes: each worker gets its own copy of the stage object.
+    tearing: ClassVar[threading.Event] = threading.Event()
+    release: ClassVar[threading.Event] = threading.Event()
+
+    def process(self, item: int, /) -> int:
+        return item
+
+    def teardown(self) -> None:
+        HeldTeardown.tearing.set()
+        HeldTeardown.release.wait(30)
+
+
+def test_a_second_close_returns_only_once_the_run_has_stopped() -> None:
+    tearing, release = HeldTeardown.tearing, HeldTeardown.release
+    tearing.clear()
+    release.clear()
+    run = HeldTeardown().run(itertools.count())
+    next(run)
+    first = threading.Thread(target=run.close)
+    first.start()
+    assert tearing.wait(30)  # the first close() is joining the worker, in its teardown
+    second = threading.Thread(target=run.close)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # it used to return at once: "closed" before it was
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert not first.is_alive()
+    assert not second.is_alive()
+    assert leftovers() == ([], [])
+
+
+def test_runs_closed_as_they_start_leave_no_traces_on_stderr(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # A SIGTERM could land in a worker before its own handler was in place (it ran
+    # the parent's) or outside the code that expects it: tracebacks on stderr.
+    pipeline = stage(workers=2, backend="process")(plus_one)
+    for _ in range(40):
+        assert [r.unwrap() for r in pipeline.run(itertools.count()).take(1)] == [1]
+    assert leftovers() == ([], [])
+    assert capfd.readouterr().err == ""
 
 
 class CancelledInSetup(StatefulStage[int, int], backend="process", workers=1):

@@ -75,6 +75,7 @@ import multiprocessing
 import os
 import pickle
 import select
+import signal
 import socket
 import sys
 import threading
@@ -359,9 +360,13 @@ class _Pump:
             name=f"typeflow:{self._node.name}:{self._index}",
             daemon=True,
         )
+        # SIGTERM waits until the worker has its own handler: a forked worker
+        # starts with the parent's (a run's drain) and would run it.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             proc.start()
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             child.close()
         self._forked = (proc, parent)
 

@@ -9,6 +9,7 @@ stop.  Messages go through :class:`~typeflow._backends._wire.Wire`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import signal
@@ -82,50 +83,67 @@ def child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM (a cancelled run) ends the current call; the finally below still
     # tears a stateful stage down before the process exits.  (This also replaces
-    # the run's own handler, which a forked worker inherits.)
+    # the run's own handler, which a forked worker inherits: the parent holds
+    # SIGTERM back while it forks, so it is let through only now.)
     signal.signal(signal.SIGTERM, _terminate)
-    sys.unraisablehook = _quiet_worker_exit
-    for other in inherited:
-        other.close()
-    if kernel is None:
-        assert kernel_bytes is not None
-        kernel = pickle.loads(kernel_bytes)
-    assert kernel is not None
-    ctx = WorkerContext(index)
-    wire = Wire(conn)
-    if handshake:
-        # Started by spawn or the forkserver: ``conn`` is a multiprocessing Connection.
-        from multiprocessing.connection import Connection
-
-        assert isinstance(conn, Connection)
-        conn.send_bytes(READY)  # the parent starts its clock for timeouts from here
-    clock = time.perf_counter
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    ctx: WorkerContext | None = None
+    wire: Wire | None = None
     try:
-        while not _stopping:
-            try:
-                message = wire.recv()
-            except EOFError:  # the parent is gone
-                break
-            except Undecodable as exc:
-                wire.send(Unreadable(f"{type(exc.error).__name__}: {exc.error}"))
-                continue
-            if message is None:
-                break
-            seqs, items = cast("tuple[Sequence[Key], Sequence[object]]", message)
-            started = clock()
-            if progress is None:
-                if kernel.needs_setup(ctx):
-                    _set_up(kernel, ctx)
-                outcome = kernel.process_columns(seqs, items, ctx)
-            else:
-                outcome = _tracked(wire, kernel, seqs, items, ctx, progress)
-            _reply(wire, kernel.name, seqs, outcome, clock() - started)
+        sys.unraisablehook = _quiet_worker_exit
+        for other in inherited:
+            other.close()
+        if kernel is None:
+            assert kernel_bytes is not None
+            kernel = pickle.loads(kernel_bytes)
+        assert kernel is not None
+        ctx = WorkerContext(index)
+        wire = Wire(conn)
+        if handshake:
+            # Started by spawn or the forkserver: ``conn`` is a multiprocessing Connection.
+            from multiprocessing.connection import Connection
+
+            assert isinstance(conn, Connection)
+            conn.send_bytes(READY)  # the parent starts its clock for timeouts from here
+        _serve(kernel, ctx, wire, progress)
     except WorkerExit:
         pass  # told to stop: the teardown below is all that is left to do
     finally:
-        ctx.close()
-        wire.close()
-        conn.close()
+        try:
+            if ctx is not None:
+                with contextlib.suppress(WorkerExit):  # a SIGTERM that came during it
+                    ctx.close()
+            if wire is not None:
+                wire.close()
+            conn.close()
+        finally:
+            # Done: a SIGTERM from here on (a run that stops while this process
+            # exits) ends it quietly, with no WorkerExit out of the interpreter's exit.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _serve(kernel: Kernel, ctx: WorkerContext, wire: Wire, progress: Progress | None) -> None:
+    """Batches in, replies out, until the parent says stop or is gone."""
+    clock = time.perf_counter
+    while not _stopping:
+        try:
+            message = wire.recv()
+        except EOFError:  # the parent is gone
+            break
+        except Undecodable as exc:
+            wire.send(Unreadable(f"{type(exc.error).__name__}: {exc.error}"))
+            continue
+        if message is None:
+            break
+        seqs, items = cast("tuple[Sequence[Key], Sequence[object]]", message)
+        started = clock()
+        if progress is None:
+            if kernel.needs_setup(ctx):
+                _set_up(kernel, ctx)
+            outcome = kernel.process_columns(seqs, items, ctx)
+        else:
+            outcome = _tracked(wire, kernel, seqs, items, ctx, progress)
+        _reply(wire, kernel.name, seqs, outcome, clock() - started)
 
 
 def _tracked(

@@ -476,6 +476,8 @@ class RunCore:
         self._cancel_async_feed: Callable[[], object] | None = None
         self._started = False
         self._stopped = False
+        self._stop_lock = threading.Lock()
+        self._stop_done = threading.Event()
         self._on_shutdown: list[Callable[[], object]] = []
         self._input_lock = threading.Lock()
         self._input_closed = False
@@ -717,10 +719,22 @@ class RunCore:
     # -- stopping ------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Stop everything the run started and wait for it; safe to call again."""
-        if self._stopped:
+        """Stop everything the run started and wait for it; safe to call again, and
+        from several threads at once (each returns once the run has stopped)."""
+        with self._stop_lock:
+            first, self._stopped = not self._stopped, True
+        if not first:
+            # Another thread is stopping the run: closed means joined, so wait for it,
+            # unless this is one of the run's own threads (the one it may be joining).
+            if not threading.current_thread().name.startswith("typeflow:"):
+                self._stop_done.wait(JOIN_TIMEOUT + 1.0)
             return
-        self._stopped = True
+        try:
+            self._stop()
+        finally:
+            self._stop_done.set()
+
+    def _stop(self) -> None:
         _live_runs.discard(self)
         if self._signals is not None:
             # Given back here too, not only by release_signals(): a run left by a
