@@ -212,6 +212,43 @@ def test_an_item_that_does_not_unpickle_in_the_worker_fails_alone() -> None:
     assert "cannot be received by a worker process" in str(error.exception)
 
 
+class NoText(Exception):
+    """An exception whose ``__str__`` raises (holding a lock, it does not pickle either)."""
+
+    def __init__(self) -> None:
+        super().__init__(threading.Lock())
+
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def raise_no_text(x: int) -> int:
+    raise NoText
+
+
+def test_an_exception_whose_str_raises_still_makes_a_readable_failure(backend: Backend) -> None:
+    (result,) = on(backend, raise_no_text).run([1])
+    error = result.failure()
+    assert "str failed" in str(error)
+    assert "str failed" in repr(result)  # returns' Failure shows the StageError's str
+    assert error.item == 1
+
+
+def count_up_to_on_processes(n: int) -> list[int]:
+    return [r.unwrap() for r in on("process", inc).run(range(n))]
+
+
+def test_a_process_stage_inside_a_process_worker_is_refused_by_name() -> None:
+    (result,) = on("process", count_up_to_on_processes).run([2])
+    error = result.failure().exception
+    assert isinstance(error, DefinitionError)
+    assert "inside a worker process" in str(error)
+    assert "backend='thread'" in str(error)
+    # On threads the same inner pipeline works.
+    (ok,) = on("thread", count_up_to_on_processes).run([2])
+    assert ok.unwrap() == [1, 2]
+
+
 def test_fail_fast_raises_the_first_failure(backend: Backend) -> None:
     with pytest.raises(StageError) as caught:
         for _ in on(backend, reciprocal).run([1, 2, 0, 3], fail_fast=True):

@@ -52,6 +52,15 @@ def short_repr(value: object) -> str:
         return f"<{type(value).__qualname__} object (repr failed)>"
 
 
+def short_str(error: BaseException) -> str:
+    """``str(error)``, or a stand-in when its ``__str__`` raises (the failure must
+    still be shown)."""
+    try:
+        return str(error)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the failure
+        return f"<{type(error).__qualname__} object (str failed)>"
+
+
 class TypeflowError(Exception):
     """Root of every exception that typeflow raises on purpose."""
 
@@ -200,11 +209,11 @@ class StageError(TypeflowError):
         tries = f" after {self.attempts} attempts" if self.attempts > 1 else ""
         return (
             f"stage {self.stage!r} failed on item {short_repr(self.item)}{tries}: "
-            f"{type(self.exception).__name__}: {self.exception}"
+            f"{type(self.exception).__name__}: {short_str(self.exception)}"
         )
 
     def __repr__(self) -> str:
-        return f"StageError({self.stage!r}, {short_repr(self.item)}, {self.exception!r})"
+        return f"StageError({self.stage!r}, {short_repr(self.item)}, {short_repr(self.exception)})"
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild_stage_error, (self.stage, self.item, self.exception, self.attempts))

@@ -952,6 +952,12 @@ def start(
     node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter], env: RunEnv
 ) -> ProcessGroup:
     start_method()  # a bad TYPEFLOW_START_METHOD fails the run before it starts
+    if multiprocessing.current_process().daemon:
+        raise DefinitionError(
+            f"stage {node.name!r} uses backend='process', but this run is inside a worker "
+            "process (of another process stage), which cannot start processes of its own; "
+            f"give {node.name!r} backend='thread' or 'task', or the outer stage backend='thread'"
+        )
     try:
         kernel_bytes = ship(node.kernel)
     except Exception as exc:

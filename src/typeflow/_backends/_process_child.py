@@ -21,6 +21,7 @@ from typing import cast
 
 from typeflow._backends._progress import Progress
 from typeflow._backends._wire import Endpoint, Undecodable, Wire, lift
+from typeflow._errors import short_str
 from typeflow._runtime._kernel import (
     Gather,
     Kernel,
@@ -286,5 +287,6 @@ def _sendable(exc: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(exc, protocol=5))
     except Exception:  # noqa: BLE001 - the exception itself does not survive pickling
-        return RuntimeError(f"{type(exc).__qualname__}: {exc} (the exception could not be pickled)")
+        name, shown = type(exc).__qualname__, short_str(exc)
+        return RuntimeError(f"{name}: {shown} (the exception could not be pickled)")
     return exc
