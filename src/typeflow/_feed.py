@@ -157,11 +157,15 @@ class Feed(Generic[In, Out]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.cancel()
+        self._leave(failed=exc_type is not None)
         self._run.close()
+
+    def _leave(self, *, failed: bool) -> None:
+        """Leaving a ``with`` block: no more items; the caller stops the run."""
+        if failed:
+            self._closed = True  # a put from now on says "closed"
+        else:
+            self.close()  # what was put is still processed, until the run is closed
 
     async def __aenter__(self) -> Self:
         return self
@@ -175,10 +179,7 @@ class Feed(Generic[In, Out]):
         """Like leaving a ``with`` block, with the workers joined off the event loop."""
         import asyncio  # not at import: it costs typeflow's import a third more
 
-        if exc_type is None:
-            self.close()
-        else:
-            self._closed = True
+        self._leave(failed=exc_type is not None)
         await asyncio.to_thread(self._run.close)
 
 
