@@ -467,6 +467,96 @@ def test_a_rate_limit_spaces_calls_across_all_workers(backend: Backend) -> None:
     assert max(times) - started >= 11 / rate
 
 
+class Tries:
+    """Counts the tries of each item in files, so that every backend's workers share them."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(folder)
+
+    def next(self, x: int) -> int:
+        """Record one more try of ``x``; returns its number (1 for the first)."""
+        path = Path(self.folder, f"{x}-{time.monotonic_ns()}-{os.getpid()}")
+        path.touch()
+        return len(list(Path(self.folder).glob(f"{x}-*")))
+
+    def stamps(self) -> list[float]:
+        return sorted(int(p.name.split("-")[1]) / 1e9 for p in Path(self.folder).iterdir())
+
+
+def fails_three_times(tries: Tries) -> Callable[[int], int]:
+    def call(x: int) -> int:
+        if tries.next(x) <= 3:
+            raise ConnectionError("reset")
+        return x
+
+    return call
+
+
+def hangs_on_the_second_try(tries: Tries) -> Callable[[int], int]:
+    def call(x: int) -> int:
+        if tries.next(x) == 2:
+            time.sleep(3)
+        raise ConnectionError("reset")
+
+    return call
+
+
+def always_refused(tries: Tries) -> Callable[[int], int]:
+    def call(x: int) -> int:
+        tries.next(x)
+        raise ConnectionError("429 too many requests")
+
+    return call
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_timeout_is_for_each_try_not_for_the_backoff_between_them(
+    backend: Backend, tmp_path: Path
+) -> None:
+    # Three instant failures with 0.4-0.6 s of backoff between them: 1.2 s of
+    # waiting, more than the 1 s timeout, which is each try's alone.
+    fn = fails_three_times(Tries(tmp_path))
+    flaky = stage(backend=backend, timeout=1.0, retries=3, backoff=0.4, max_backoff=0.6)(fn)
+    run = flaky.run([7])
+    assert [r.unwrap() for r in run] == [7]
+    assert run.statistics().stages[0].retried == 3
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_a_try_past_its_deadline_uses_up_one_of_the_retries(
+    backend: Backend, tmp_path: Path
+) -> None:
+    tries = Tries(tmp_path)
+    fn = hangs_on_the_second_try(tries)
+    stuck = stage(backend=backend, timeout=0.3, retries=3, backoff=0.01, max_backoff=0.01)(fn)
+    (result,) = stuck.run([5])
+    assert result.failure().attempts == 4
+    assert len(list(tmp_path.iterdir())) == 4  # 1 + retries, the timed-out one included
+
+
+@pytest.mark.parametrize("backend", ["thread", "task"])  # not process: see docs/supervision.md
+def test_every_try_takes_a_slot_of_the_rate(backend: Backend, tmp_path: Path) -> None:
+    # A service answering "429" is tried again no faster than the stage's rate.
+    tries = Tries(tmp_path)
+    if backend == "task":
+
+        async def refused(x: int) -> int:
+            return always_refused(tries)(x)
+
+        limited: Stage[int, int] = stage(
+            workers=2, backend="task", rate=20.0, retries=2, backoff=0.0, max_backoff=0.0
+        )(refused)
+    else:
+        limited = stage(workers=2, rate=20.0, retries=2, backoff=0.0, max_backoff=0.0)(
+            always_refused(tries)
+        )
+    results = list(limited.run(range(3)))
+    assert all(r.failure().attempts == 3 for r in results)
+    stamps = tries.stamps()
+    assert len(stamps) == 9
+    assert stamps[-1] - stamps[0] >= 8 / 20.0 * 0.95  # 9 tries: 8 slots of 1/rate apart
+
+
 def test_the_rate_limiter_hands_out_evenly_spaced_slots() -> None:
     from typeflow._backends._base import RateLimiter
 

@@ -256,10 +256,12 @@ class _Gone(Exception):
     ``WorkerCrashed``), ``at`` which item of the batch it was on, when known.
     Returned by the waits for a reply, never raised."""
 
-    def __init__(self, error: BaseException, at: int | None = None) -> None:
+    def __init__(self, error: BaseException, at: int | None = None, tried: int = 0) -> None:
         super().__init__(error, at)
         self.error = error
         self.at = at
+        #: Tries of item ``at`` before the one that passed its deadline.
+        self.tried = tried
 
 
 class _Sent:
@@ -686,8 +688,10 @@ class _Pump:
             failed=[(seq, StageError(self._node.name, item, TypeError(garbled.problem)))]
         )
 
-    def _exchange(self, batch: list[Envelope]) -> Reply | _Gone:
+    def _exchange(self, batch: list[Envelope], tried: int = 0) -> Reply | _Gone:
         """Send a batch and wait for the reply, the worker's death or a deadline.
+        ``tried``: the tries its one item had already (the worker's own retries
+        go on from there).
 
         Returns the reply, or why the worker is gone (it is then stopped).
         """
@@ -698,7 +702,7 @@ class _Pump:
             raise _Cancelled
         seqs, items = zip(*batch, strict=True)
         try:
-            parts, nbytes = encode((seqs, lift(items)))
+            parts, nbytes = encode((seqs, lift(items), tried) if tried else (seqs, lift(items)))
         except Exception as exc:
             raise _Unpicklable from exc
         sent = _Sent(seqs, items, nbytes, time.monotonic(), self._handed)
@@ -751,7 +755,9 @@ class _Pump:
         name = self._node.name
         if hung is not None:
             assert self._timeout is not None
-            return _Gone(StageTimeout(name, self._timeout), hung)
+            assert self._progress is not None
+            tried = int(self._progress.slots[2])
+            return _Gone(StageTimeout(name, self._timeout), hung, tried)
         return _Gone(WorkerCrashed(name, exitcode))
 
     def _readable(self, conn: Endpoint, proc: BaseProcess, sent: _Sent) -> int | None:
@@ -819,13 +825,13 @@ class _Pump:
             for envelope in batch:
                 outcome.absorb(self._roundtrip([envelope]))
             return outcome
-        (seq, item), attempt, error = batch[0], 1, gone.error
+        (seq, item), attempt, error = batch[0], 1 + gone.tried, gone.error
         while self._options.should_retry(error, attempt):
             if self._cancelled.wait(retry.delay(self._options, attempt)):
                 raise _Cancelled
             attempt += 1
             try:
-                reply = self._exchange(batch)
+                reply = self._exchange(batch, attempt - 1)
             except _Garbled as garbled:
                 outcome = self._garbled(batch, garbled)
                 outcome.retries += attempt - 1

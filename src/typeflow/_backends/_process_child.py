@@ -37,8 +37,9 @@ __all__ = ["READY", "SET_UP", "RawFailure", "Reply", "Unreadable", "child_main"]
 
 #: The first message of a worker process: it is up and holds the kernel.
 READY = b"ready"
-#: Sent by a timed worker once a stateful stage's setup is over (see ``_tracked``);
-#: a reply is always a tuple, so this string never stands for one.
+#: Sent by a timed worker once a stateful stage's setup is over (see ``_tracked``),
+#: or a retried call's next try begins (see ``_Pacer``): the deadline counts from
+#: now.  A reply is always a tuple, so this string never stands for one.
 SET_UP = "set up"
 
 
@@ -136,7 +137,9 @@ def _serve(kernel: Kernel, ctx: WorkerContext, wire: Wire, progress: Progress | 
             continue
         if message is None:
             break
-        seqs, items = cast("tuple[Sequence[Key], Sequence[object]]", message)
+        seqs, items, *tried = cast("tuple[Sequence[Key], Sequence[object], int]", message)
+        before = tried[0] if tried else 0  # tries an item sent again alone had before
+        ctx.pacer = _Pacer(wire, progress, before) if progress is not None or before else None
         started = clock()
         if progress is None:
             if kernel.needs_setup(ctx):
@@ -145,6 +148,32 @@ def _serve(kernel: Kernel, ctx: WorkerContext, wire: Wire, progress: Progress | 
         else:
             outcome = _tracked(wire, kernel, seqs, items, ctx, progress)
         _reply(wire, kernel.name, seqs, outcome, clock() - started)
+
+
+class _Pacer:
+    """Between the tries of a retried call in this worker: under a timeout, no
+    deadline runs during the backoff, and the parent is told when the next try
+    begins (its deadline counts from then)."""
+
+    __slots__ = ("_progress", "_wire", "attempts_before")
+
+    def __init__(self, wire: Wire, progress: Progress | None, before: int) -> None:
+        self._wire, self._progress = wire, progress
+        self.attempts_before = before
+
+    def resting(self) -> None:
+        if self._progress is not None:
+            self._progress.slots[1] = math.inf  # as during a setup
+
+    def trying(self) -> None:
+        if self._progress is not None:
+            slots = self._progress.slots
+            slots[2] += 1  # read by the parent if this try passes its deadline
+            slots[1] = time.monotonic()
+            self._wire.send(SET_UP)  # the parent waits for no deadline meanwhile: wake it
+
+    async def atrying(self) -> None:
+        self.trying()
 
 
 def _tracked(
@@ -169,6 +198,7 @@ def _tracked(
     begun = slots[0]
     gather = Gather(keys)
     for key, item in zip(keys, items, strict=True):
+        slots[2] = 0.0
         slots[1] = clock()  # the start first, then the count (see _progress)
         begun += 1
         slots[0] = begun

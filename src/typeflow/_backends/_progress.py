@@ -28,8 +28,9 @@ from typing import Final, Protocol
 
 __all__ = ["Progress"]
 
-#: Two float64 values: items begun (exact up to 2**53), and when the latest began.
-_SIZE: Final = 16
+#: Three float64 values: items begun (exact up to 2**53), when the latest began,
+#: and how many tries of it came before the one in progress (retries in place).
+_SIZE: Final = 24
 
 
 class _Detachable(Protocol):
@@ -37,7 +38,8 @@ class _Detachable(Protocol):
 
 
 class Progress:
-    """Two shared numbers per worker process: items begun, and when the latest began."""
+    """Shared numbers per worker process: items begun, when the latest began, and
+    the tries of it before the one in progress."""
 
     __slots__ = ("__weakref__", "_close_fd", "_fd", "_map", "slots")
 
@@ -51,13 +53,16 @@ class Progress:
         self._close_fd = weakref.finalize(self, os.close, fd)
         self._map = mmap.mmap(fd, _SIZE)
         #: ``slots[0]``: how many items the worker has begun; ``slots[1]``: when it
-        #: began the latest (``time.monotonic()``).  Written by the worker only.
+        #: began the latest (``time.monotonic()``, or the latest try of it; infinite
+        #: between two tries and during a setup); ``slots[2]``: the tries of that
+        #: item before the one in progress.  Written by the worker only.
         self.slots = memoryview(self._map).cast("d")
 
     def reset(self) -> None:
         """Before a new worker process starts: nothing begun yet."""
         self.slots[0] = 0.0
         self.slots[1] = 0.0
+        self.slots[2] = 0.0
 
     def read(self) -> tuple[int, float]:
         """How many items the worker has begun, and when it began the latest."""

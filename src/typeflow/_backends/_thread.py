@@ -21,6 +21,7 @@ limit takes one item at a time.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ from typeflow._runtime._kernel import (
     Node,
     Outcome,
     WorkerContext,
+    WorkerExit,
     rows,
 )
 
@@ -71,7 +73,7 @@ class _Batch:
     touches nothing here again, and its replacement takes over what is done.
     """
 
-    __slots__ = ("abandoned", "attempt", "began", "gather", "items", "keys")
+    __slots__ = ("abandoned", "attempt", "began", "gather", "items", "keys", "retried")
 
     def __init__(
         self, keys: Sequence[Key], items: Sequence[object], attempt: int, began: float
@@ -80,7 +82,11 @@ class _Batch:
         self.items = items
         #: Which try this is (more than 1 only for a timed-out item tried again alone).
         self.attempt = attempt
+        #: When the try in progress began; infinite between two tries of a call
+        #: (the backoff of a retry is not part of any try's time).
         self.began = began
+        #: Tries of the call in progress before the current one (retries in place).
+        self.retried = 0
         self.gather = Gather(keys)
         self.abandoned: bool = False
 
@@ -88,6 +94,57 @@ class _Batch:
         """Whether a call of the batch is still in progress (a method: it changes
         under the checker's feet, so it must not be narrowed like an attribute)."""
         return self.gather.done < len(self.items)
+
+
+class _Stop(WorkerExit):
+    """Raised by a pacer into a retry loop: the thread's call was abandoned, or the
+    run stops.  Never an item's failure."""
+
+
+class _RatePacer:
+    """Between the tries of a retried call: each try takes a slot of the stage's rate."""
+
+    __slots__ = ("_group", "attempts_before")
+
+    def __init__(self, group: ThreadGroup) -> None:
+        self._group = group
+        self.attempts_before = 0
+
+    def resting(self) -> None:
+        pass
+
+    def trying(self) -> None:
+        self._group.wait_for_rate(1)
+
+    async def atrying(self) -> None:
+        import asyncio
+
+        limiter = self._group.limiter
+        if limiter is not None:
+            await asyncio.sleep(limiter.reserve(1))
+
+
+class _TimedPacer(_RatePacer):
+    """The same for a call under a deadline: none runs between two tries, and each
+    try's runs from when it begins."""
+
+    __slots__ = ("_batch", "_slot")
+
+    def __init__(self, group: ThreadGroup, slot: _Slot, batch: _Batch) -> None:
+        super().__init__(group)
+        self._slot, self._batch = slot, batch
+        self.attempts_before = batch.attempt - 1
+
+    def resting(self) -> None:
+        batch = self._batch
+        with self._slot.lock:
+            if batch.abandoned:
+                raise _Stop
+            batch.began = math.inf
+
+    def trying(self) -> None:
+        super().trying()
+        self._group.began_again(self._slot, self._batch)
 
 
 class _Work(NamedTuple):
@@ -121,7 +178,7 @@ class ThreadGroup:
         self._node = node
         self._inbox = inbox
         self._timeout = node.options.timeout if not node.kernel.is_async else None
-        self._limiter = rate_limiter(node)
+        self.limiter = rate_limiter(node)
         self._cond = threading.Condition()
         self._stopped = False
         self._slots = [_Slot(i, e) for i, e in enumerate(emitters)]
@@ -177,9 +234,11 @@ class ThreadGroup:
         node, inbox, emitter = self._node, self._inbox, slot.emitter
         kernel = node.kernel
         share = node.options.workers
-        sizer = BatchSizer(1 if self._limiter is not None else BATCH_LIMIT, BATCH_SECONDS)
+        sizer = BatchSizer(1 if self.limiter is not None else BATCH_LIMIT, BATCH_SECONDS)
         clock = time.perf_counter
         ctx = WorkerContext(slot.index)
+        if self.limiter is not None:
+            ctx.pacer = _RatePacer(self)
         replaced = False
         try:
             if first is not None and not self._take_over(slot, *first, ctx):
@@ -188,12 +247,13 @@ class ThreadGroup:
             while True:
                 least = sizer.least(_LEAST, _LEAST_SECONDS) if sizer.limit > 1 else 1
                 keys, items = inbox.get_columns(sizer.limit, share, least=least)
-                if self._limiter is not None:
-                    self._wait(self._limiter.reserve(len(items)))
+                self.wait_for_rate(len(items))
                 started = clock()
                 if self._timeout is None:
                     try:
                         outcome = kernel.process_columns(keys, items, ctx)
+                    except _Stop:
+                        raise  # the run stops while a retry waits for its rate slot
                     except BaseException as exc:  # noqa: BLE001 - even SystemExit: the batch
                         # fails, and this thread stays (a worker thread never dies of it)
                         outcome = fail_batch(node, rows(keys, items), exc)
@@ -205,7 +265,7 @@ class ThreadGroup:
                     outcome = result
                 sizer.record(len(items), clock() - started)
                 emitter.emit(outcome)
-        except (EndOfChannel, ChannelAborted):
+        except (EndOfChannel, ChannelAborted, _Stop):
             pass
         finally:
             try:
@@ -221,6 +281,25 @@ class ThreadGroup:
                 if self._cond.wait_for(lambda: self._stopped, seconds):
                     raise ChannelAborted
 
+    def wait_for_rate(self, calls: int) -> None:
+        """Wait for the rate limit's slots for ``calls`` more calls (none without one)."""
+        if self.limiter is not None:
+            try:
+                self._wait(self.limiter.reserve(calls))
+            except ChannelAborted:
+                raise _Stop from None
+
+    def began_again(self, slot: _Slot, batch: _Batch) -> None:
+        """A new try of the call in progress begins: its deadline counts from now."""
+        with self._cond:
+            with slot.lock:
+                if batch.abandoned:
+                    raise _Stop
+                batch.began = time.monotonic()
+                batch.retried += 1
+            if self._watchdog_idle:
+                self._cond.notify()
+
     def _timed(
         self,
         slot: _Slot,
@@ -235,20 +314,27 @@ class ThreadGroup:
         kernel.prepare(ctx)  # a stateful stage's setup: before the first call's deadline
         batch = _Batch(keys, items, attempt, clock())
         gather = batch.gather
+        paced, ctx.pacer = ctx.pacer, _TimedPacer(self, slot, batch)
         with self._cond:
             slot.batch = batch
             if self._watchdog_idle:  # otherwise it wakes by an earlier deadline anyway
                 self._cond.notify()
-        for key, item in zip(keys, items, strict=True):
-            try:
-                more = kernel.process_columns((key,), (item,), ctx)
-            except Exception as exc:  # noqa: BLE001 - not an item's error: fail the item
-                more = fail_batch(self._node, [(key, item)], exc)
-            with lock:
-                if batch.abandoned:
-                    return None
-                gather.add(more)
-                batch.began = clock()
+        try:
+            for key, item in zip(keys, items, strict=True):
+                try:
+                    more = kernel.process_columns((key,), (item,), ctx)
+                except _Stop:
+                    return None  # abandoned between two tries (or the run stops)
+                except Exception as exc:  # noqa: BLE001 - not an item's error: fail the item
+                    more = fail_batch(self._node, [(key, item)], exc)
+                with lock:
+                    if batch.abandoned:
+                        return None
+                    gather.add(more)
+                    batch.began = clock()
+                    batch.retried = 0
+        finally:
+            ctx.pacer = paced
         outcome = gather.outcome()
         if attempt > 1:
             outcome.retries += attempt - 1
@@ -269,7 +355,8 @@ class ThreadGroup:
         if done:
             emitter.emit(batch.gather.outcome())
         keys, items = batch.keys, batch.items
-        ahead = [_Work(keys[done : done + 1], items[done : done + 1], batch.attempt, error)]
+        tried = batch.attempt + batch.retried  # retries in place count too
+        ahead = [_Work(keys[done : done + 1], items[done : done + 1], tried, error)]
         if done + 1 < len(items):
             ahead.append(_Work(keys[done + 1 :], items[done + 1 :], 1, None))
         backlog = slot.backlog
@@ -306,8 +393,8 @@ class ThreadGroup:
                 next_deadline: float | None = None
                 for slot in self._slots:
                     batch = slot.batch
-                    if batch is None or not batch.running():
-                        continue
+                    if batch is None or not batch.running() or batch.began == math.inf:
+                        continue  # no call, or between two tries of one (it wakes us)
                     deadline = batch.began + timeout
                     if deadline > now:
                         if next_deadline is None or deadline < next_deadline:

@@ -188,10 +188,13 @@ class WorkerContext:
     process workers, created on first use and closed when the worker ends.
     """
 
-    __slots__ = ("_runner", "index", "setup_failure", "state")
+    __slots__ = ("_runner", "index", "pacer", "setup_failure", "state")
 
     def __init__(self, index: int) -> None:
         self.index = index
+        #: Told when the tries of a retried call end and begin (its backend's
+        #: deadlines and rate limit); None when nothing needs to know.
+        self.pacer: retry.Pacer | None = None
         self._runner: asyncio.Runner | None = None
         #: What a stateful stage built for this worker (see :class:`StatefulKernel`).
         self.state: WorkerState | None = None
@@ -362,8 +365,8 @@ class FnKernel(Kernel):
             return list(cast("Iterable[object]", value))
         return value
 
-    async def _acall(self, item: object) -> tuple[object, int]:
-        return await retry.acall(self._acall_once, item, self.options, self.name)
+    async def _acall(self, item: object, ctx: WorkerContext) -> tuple[object, int]:
+        return await retry.acall(self._acall_once, item, self.options, self.name, ctx.pacer)
 
     def _place(self, out: Outcome, key: Key, item: object, value: object) -> None:
         """Put one call's result into ``out`` by the stage's kind.  The common path of
@@ -396,7 +399,8 @@ class FnKernel(Kernel):
         if self.is_async:  # one turn of the worker's event loop for the whole batch
             return cast("Outcome", ctx.run_coroutine(self.aprocess(batch, ctx)))
         if self.options.retries:
-            return self._each(batch, lambda item: retry.call(self._call, item, self.options))
+            pacer = ctx.pacer
+            return self._each(batch, lambda item: retry.call(self._call, item, self.options, pacer))
         if self.kind != "map":
             return self._shape_columns(*_split(batch))
         return self._map_columns(*_split(batch))
@@ -513,7 +517,7 @@ class FnKernel(Kernel):
         self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
     ) -> Outcome:
         if self.kind != "map" or self.options.retries:
-            return await self._aeach(keys, items)
+            return await self._aeach(keys, items, ctx)
         if self.options.timeout is not None:
             return await self._amap_timed(keys, items, self.options.timeout)
         import asyncio
@@ -607,9 +611,11 @@ class FnKernel(Kernel):
 
         if self.kind == "map" and not self.options.retries:
             return await self.aprocess_columns(*_split(batch), ctx)
-        return await self._aeach(*_split(batch))
+        return await self._aeach(*_split(batch), ctx)
 
-    async def _aeach(self, keys: Sequence[Key], items: Sequence[object]) -> Outcome:
+    async def _aeach(
+        self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
+    ) -> Outcome:
         """Call by call, with the stage's timeout and retries when it has them (a
         bare ``await`` when it has neither), each result placed by its kind."""
         import asyncio
@@ -619,7 +625,7 @@ class FnKernel(Kernel):
         for key, item in zip(keys, items, strict=True):
             try:
                 if wrapped:
-                    value, attempts = await self._acall(item)
+                    value, attempts = await self._acall(item, ctx)
                 else:
                     value, attempts = await self._acall_once(item), 1
             except WorkerExit:

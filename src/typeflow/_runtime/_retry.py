@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from typeflow._errors import StageTimeout
 from typeflow._options import StageOptions
@@ -19,7 +19,7 @@ from typeflow._options import StageOptions
 if TYPE_CHECKING:
     import tenacity
 
-__all__ = ["Exhausted", "acall", "call", "delay"]
+__all__ = ["Exhausted", "Pacer", "acall", "call", "delay"]
 
 
 class Exhausted(Exception):
@@ -29,6 +29,28 @@ class Exhausted(Exception):
         super().__init__(exception, attempts)
         self.exception = exception
         self.attempts = attempts
+
+
+class Pacer(Protocol):
+    """What a worker does between the tries of one call (see ``WorkerContext.pacer``).
+
+    A stage's ``timeout`` is for each try, not for the backoff between them, and
+    its ``rate`` counts every try: the worker is told when a try has failed and
+    the wait begins, and when the next try begins.
+    """
+
+    #: Tries the item had before this call (a timed-out try retried alone): the
+    #: retries left and the backoff go on from there.
+    attempts_before: int
+
+    def resting(self) -> None:
+        """A try failed; the wait before the next one begins (no deadline runs)."""
+
+    def trying(self) -> None:
+        """The next try begins now (after its rate slot): its deadline counts from here."""
+
+    async def atrying(self) -> None:
+        """The awaitable twin of :meth:`trying`."""
 
 
 def _wait(options: StageOptions) -> tenacity.wait.wait_base:
@@ -48,8 +70,11 @@ def delay(options: StageOptions, attempt: int) -> float:
     return float(_wait(options)(state))
 
 
-def call(fn: Callable[[Any], Any], item: object, options: StageOptions) -> tuple[object, int]:
-    """``fn(item)`` with the stage's retries; returns the value and the number of tries.
+def call(
+    fn: Callable[[Any], Any], item: object, options: StageOptions, pacer: Pacer | None = None
+) -> tuple[object, int]:
+    """``fn(item)`` with the stage's retries; returns the value and the number of tries
+    this call made (``pacer`` is told when each try ends and begins).
 
     The first try is a plain call: a retry loop costs a call that succeeds some
     10 µs when it goes through ``tenacity.Retrying``, and most calls succeed.
@@ -57,23 +82,33 @@ def call(fn: Callable[[Any], Any], item: object, options: StageOptions) -> tuple
     Raises:
         Exhausted: every try failed (or the failure is not one to retry).
     """
+    before = 0 if pacer is None else pacer.attempts_before
     attempt = 1
     while True:
         try:
             return fn(item), attempt
         except Exception as exc:
-            if not options.should_retry(exc, attempt):
+            if not options.should_retry(exc, before + attempt):
                 raise Exhausted(exc, attempt) from exc
-        time.sleep(delay(options, attempt))
+        if pacer is not None:
+            pacer.resting()
+        time.sleep(delay(options, before + attempt))
         attempt += 1
+        if pacer is not None:
+            pacer.trying()
 
 
 async def acall(
-    fn: Callable[[Any], Coroutine[Any, Any, Any]], item: object, options: StageOptions, name: str
+    fn: Callable[[Any], Coroutine[Any, Any, Any]],
+    item: object,
+    options: StageOptions,
+    name: str,
+    pacer: Pacer | None = None,
 ) -> tuple[object, int]:
     """``await fn(item)`` with the stage's timeout (per try) and retries."""
     import asyncio
 
+    before = 0 if pacer is None else pacer.attempts_before
     attempt = 1
     while True:
         try:
@@ -85,7 +120,11 @@ async def acall(
             except TimeoutError as exc:
                 raise StageTimeout(name, options.timeout) from exc
         except Exception as exc:
-            if not options.should_retry(exc, attempt):
+            if not options.should_retry(exc, before + attempt):
                 raise Exhausted(exc, attempt) from exc
-        await asyncio.sleep(delay(options, attempt))
+        if pacer is not None:
+            pacer.resting()
+        await asyncio.sleep(delay(options, before + attempt))
         attempt += 1
+        if pacer is not None:
+            await pacer.atrying()
