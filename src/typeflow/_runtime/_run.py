@@ -822,6 +822,7 @@ class _Collector(Generic[Out]):
         "_failures_accepted",
         "_groups",
         "_next_seq",
+        "_owed",
         "_pending",
         "_ready",
         "_released",
@@ -844,6 +845,8 @@ class _Collector(Generic[Out]):
         self._pending: dict[int, tuple[int, _Results]] = {}
         self._next_seq = 0
         self._done = False
+        #: Places in the window of items released but maybe not yet yielded.
+        self._owed = 0
 
     def accept(self, entries: list[Entry]) -> None:
         core = self._core
@@ -923,8 +926,16 @@ class _Collector(Generic[Out]):
             self._next_seq = nxt
         self._released += len(ready) - released
         self.completed += freed
-        if freed:  # give the places in the window back to the feeder
-            core.window.give_back(freed)
+        # Their places in the window go back to the feeder once the caller has
+        # taken these results (see settle): the window counts items not yet yielded.
+        self._owed += freed
+
+    def settle(self) -> None:
+        """The caller has taken every result released so far (it is about to wait for
+        more): the places of their items in the window are free again."""
+        owed, self._owed = self._owed, 0
+        if owed:
+            self._core.window.give_back(owed)
 
     def _accept_one(self, entry: Entry, complete: list[tuple[int, int, _Results]]) -> None:
         key, kind, payload = entry
@@ -1084,6 +1095,7 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
         try:
             self.start()
             while True:
+                collector.settle()
                 try:
                     entries = core.outbox.get_many(_COLLECT_RESULTS)
                 except EndOfChannel:
@@ -1214,6 +1226,7 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
                 items, self._items = self._items, None
                 core.start(items, caller_loop=True)
             while True:
+                collector.settle()
                 try:
                     entries = await core.outbox.aget_many(_COLLECT_RESULTS)
                 except EndOfChannel:
