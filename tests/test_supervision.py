@@ -698,6 +698,26 @@ def test_runs_closed_as_they_start_leave_no_traces_on_stderr(
     assert capfd.readouterr().err == ""
 
 
+def test_closing_a_run_waits_for_a_stuck_thread_only_until_its_deadline() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_on_three(x: int) -> int:
+        if x == 3:
+            entered.set()
+            release.wait(30)
+        return x
+
+    run = stage(workers=2, timeout=0.3)(stuck_on_three).run(itertools.count())
+    assert [next(run).unwrap(), next(run).unwrap()] == [0, 1]
+    assert entered.wait(30)
+    started = time.monotonic()
+    run.close()
+    took = time.monotonic() - started
+    release.set()  # lets the abandoned thread end, for the leftovers check
+    assert took < 4.0  # the call's 0.3 s deadline, not the 5 s given to a call without one
+    assert leftovers() == ([], [])
+
+
 class CancelledInSetup(StatefulStage[int, int], backend="process", workers=1):
     """Says (through a FIFO) that its setup has begun, then takes a moment to finish it."""
 

@@ -429,14 +429,31 @@ class ThreadGroup:
             self._cond.notify_all()
         if self._launcher is not None:  # first: it may still be starting workers
             self._launcher.join(max(0.0, deadline - time.monotonic()))
-        threads = [s.thread for s in self._slots if s.thread is not None]
         if self._watchdog is not None:
-            threads.append(self._watchdog)
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            self._watchdog.join(max(0.0, deadline - time.monotonic()))
+        ended = True
+        for slot in self._slots:
+            thread = slot.thread
+            if thread is None:
+                continue
+            # A call under a timeout is waited for until its own deadline, no longer:
+            # past it the thread would have been abandoned anyway.
+            thread.join(max(0.0, min(deadline, self._call_deadline(slot)) - time.monotonic()))
+            if thread.is_alive():
+                ended = False
+                with slot.lock:
+                    if slot.batch is not None:
+                        slot.batch.abandoned = True  # it drops whatever it still makes
         # Abandoned threads are stuck in user code and cannot be stopped: they
         # are daemon threads and end when their call returns.
-        return not any(t.is_alive() for t in threads)
+        return ended
+
+    def _call_deadline(self, slot: _Slot) -> float:
+        """When the call a worker is in passes its deadline (infinite: no timeout)."""
+        batch = slot.batch
+        if self._timeout is None or batch is None:
+            return math.inf
+        return batch.began + self._timeout
 
 
 def start(
