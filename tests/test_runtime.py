@@ -22,6 +22,7 @@ from typeflow import (
     RemoteTraceback,
     StageError,
     WorkerCrashed,
+    route,
     stage,
 )
 
@@ -450,6 +451,60 @@ def test_composition_forms_and_runtime_check() -> None:
         a | inc  # type: ignore[operator] # a plain function on the right
     with pytest.raises(CompositionError, match=r"left side of \| must be a stage"):
         inc | a  # type: ignore[operator] # a plain function on the left
+
+
+def test_the_runtime_check_applies_the_numeric_promotions_as_the_checkers_do() -> None:
+    def is_odd(x: int) -> bool:
+        return x % 2 == 1
+
+    def weigh(x: float) -> str:
+        return f"{x:.1f}"
+
+    def rotate(x: complex) -> complex:
+        return x * 1j
+
+    # bool is an int, and an int is accepted as a float or a complex (PEP 484).
+    assert [r.unwrap() for r in (stage(is_odd) | stage(weigh)).run([1, 2])] == ["1.0", "0.0"]
+    assert [r.unwrap() for r in (stage(is_odd) | stage(rotate)).run([1])] == [1j]
+    assert [r.unwrap() for r in (stage(inc) | stage(weigh)).run([1])] == ["2.0"]
+
+
+async def is_even_remotely(n: int) -> bool:
+    await asyncio.sleep(0)
+    return n % 2 == 0
+
+
+class Service:
+    """A client object whose calls are awaited."""
+
+    async def __call__(self, n: int) -> int:
+        await asyncio.sleep(0)
+        return 10 * n
+
+
+@pytest.mark.parametrize("backend", ["thread", "task"])
+def test_an_object_with_an_async_call_is_an_async_stage(backend: Backend) -> None:
+    remote = stage(backend=backend)(Service())
+    assert [r.unwrap() for r in remote.run([1, 2])] == [10, 20]
+
+
+def test_a_function_that_returns_a_coroutine_without_being_async_fails_clearly(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    # The checkers take these for async stages; typeflow cannot tell until the first
+    # call.  Nothing is passed on unawaited, kept or routed by an always-true verdict.
+    mapped = stage(inc).map(lambda n: is_even_remotely(n))
+    kept = stage(inc).keep(lambda n: is_even_remotely(n))
+    routed = route(lambda n: is_even_remotely(n), stage(inc), stage(double))
+    for pipeline in (mapped, kept, routed):
+        (result,) = pipeline.run([1])
+        error = result.failure().exception
+        assert isinstance(error, TypeError)
+        assert "returned a coroutine" in str(error)
+        assert "async def" in str(error)
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+    # A plain function is vetted by its first call, then called directly.
+    assert [r.unwrap() for r in stage(inc).keep(lambda n: n > 2).run([1, 2, 3])] == [3, 4]
 
 
 def test_window_must_be_positive() -> None:

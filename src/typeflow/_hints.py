@@ -118,9 +118,10 @@ def _fmt(hint: Hint) -> str:
 
 
 def _accepts(target: type, produced: type) -> bool:
-    if produced in _PROMOTIONS.get(target, ()):
-        return True
     try:
+        # int's subclasses (bool) are promoted too: a bool is accepted as a float.
+        if any(issubclass(produced, p) for p in _PROMOTIONS.get(target, ())):
+            return True
         return issubclass(produced, target)
     except TypeError:  # e.g. a protocol that is not runtime-checkable
         return True

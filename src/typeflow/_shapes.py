@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+)
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast, final, overload
 
 from typeflow._backends._batcher import BatchKernel
@@ -19,7 +27,7 @@ from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
 from typeflow._runtime._kernel import Node, StatefulKernel
 
 # _FnStage: the shapes' base class, package-internal.
-from typeflow._stage import Stage, _FnStage, check_arity  # pyright: ignore[reportPrivateUsage] - see above
+from typeflow._stage import Stage, _FnStage, check_arity, is_async_callable  # pyright: ignore[reportPrivateUsage] - see above
 
 if TYPE_CHECKING:
     from typing_extensions import TypeGuard, TypeIs
@@ -99,7 +107,7 @@ class AsyncFlatMapStage(_FnStage[In, Out]):
 def _make_flat(fn: object, options: StageOptions) -> Stage[Any, Any]:
     if isinstance(fn, Stage) or not callable(fn):
         raise DefinitionError(f"@flat_map needs a function, not {fn!r}")
-    if inspect.iscoroutinefunction(fn):
+    if is_async_callable(fn):
         raise DefinitionError(
             f"@flat_map got the coroutine function {getattr(fn, '__qualname__', fn)!r}; "
             "make it an async generator (yield each output), or a plain function"
@@ -120,7 +128,7 @@ class FlatMapDecorator:
         self.options = options
 
     @overload
-    def __call__(self, fn: Callable[[A], AsyncIterator[B]], /) -> AsyncFlatMapStage[A, B]: ...
+    def __call__(self, fn: Callable[[A], AsyncIterable[B]], /) -> AsyncFlatMapStage[A, B]: ...
     @overload
     def __call__(self, fn: Callable[[A], Iterable[B]], /) -> FlatMapStage[A, B]: ...
     def __call__(self, fn: Callable[[Any], Any], /) -> Stage[Any, Any]:
@@ -128,7 +136,7 @@ class FlatMapDecorator:
 
 
 @overload
-def flat_map(fn: Callable[[A], AsyncIterator[B]], /) -> AsyncFlatMapStage[A, B]: ...
+def flat_map(fn: Callable[[A], AsyncIterable[B]], /) -> AsyncFlatMapStage[A, B]: ...
 @overload
 def flat_map(fn: Callable[[A], Iterable[B]], /) -> FlatMapStage[A, B]: ...
 @overload
@@ -291,7 +299,7 @@ def keep(
         max_backoff=max_backoff,
         rate=rate,
     )
-    return _KeepStage[Any, Any](predicate, options, inspect.iscoroutinefunction(predicate))
+    return _KeepStage[Any, Any](predicate, options, is_async_callable(predicate))
 
 
 def check_predicate(kind: str, predicate: object, *, allow_async: bool) -> None:
@@ -307,7 +315,7 @@ def check_predicate(kind: str, predicate: object, *, allow_async: bool) -> None:
             f"{kind} got the generator function {label!r} as its predicate; a predicate "
             "returns true or false for each item: return the answer instead of yielding it"
         )
-    if not allow_async and inspect.iscoroutinefunction(predicate):
+    if not allow_async and is_async_callable(predicate):
         raise DefinitionError(
             f"{kind} got the coroutine function {label!r} as its predicate; it runs in the "
             "run's own thread and cannot be awaited there: make it a plain (cheap) function"
@@ -543,9 +551,15 @@ class AsyncStatefulStage(_StatefulBase[In, Out]):
 
     _is_async: ClassVar[bool] = True
 
+    async def setup(self) -> None:
+        """Build this worker's state, awaiting what it needs (a client session...)."""
+
     @abstractmethod
     async def process(self, item: In, /) -> Out:
         """Handle one item with this worker's state."""
+
+    async def teardown(self) -> None:
+        """Release what :meth:`setup` built (``await session.close()``...)."""
 
     def __call__(self, item: In, /) -> Coroutine[Any, Any, Out]:
         """Call :meth:`process` directly (for unit tests; run ``setup()`` first)."""

@@ -35,6 +35,7 @@ __all__ = [
     "Stage",
     "StageDecorator",
     "function_name",
+    "is_async_callable",
     "stage",
 ]
 
@@ -470,9 +471,19 @@ def _make(fn: object, options: StageOptions) -> Stage[Any, Any]:
             "makes one output per input: decorate it with @flat_map for one-to-many"
         )
     check_arity(fn)
-    if inspect.iscoroutinefunction(fn):
+    if is_async_callable(fn):
         return AsyncFnStage(cast("Callable[[Any], Coroutine[Any, Any, Any]]", fn), options)
     return FnStage(cast("Callable[[Any], Any]", fn), options)
+
+
+def is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` makes a coroutine to await: an ``async def`` function
+    (also through ``functools.partial``), or an object whose ``__call__`` is one."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    if inspect.isroutine(fn) or isinstance(fn, type):
+        return False
+    return inspect.iscoroutinefunction(inspect.getattr_static(type(fn), "__call__", None))
 
 
 def check_arity(fn: Callable[..., Any], role: str = "a stage's function") -> None:

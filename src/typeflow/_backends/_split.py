@@ -21,7 +21,15 @@ from typing import Any, Literal, cast
 from typeflow._backends._base import Emitter, RunEnv
 from typeflow._errors import StageError
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Kernel, Key, Node, Outcome, WorkerContext
+from typeflow._runtime._kernel import (
+    Envelope,
+    FirstCall,
+    Kernel,
+    Key,
+    Node,
+    Outcome,
+    WorkerContext,
+)
 
 __all__ = ["SplitGroup", "SplitKernel", "start"]
 
@@ -93,6 +101,12 @@ class SplitGroup:
         kernel = node.kernel
         assert isinstance(kernel, SplitKernel)
         self._kernel = kernel
+        predicate = kernel.predicate
+        #: A route's predicate, vetted by its first call (an async one that does not
+        #: look async would send every item to ``then``: see FirstCall).
+        self._predicate: Callable[[Any], object] | None = (
+            None if predicate is None else FirstCall(node.name, predicate, self)
+        )
         self._node = node
         self._inbox = inbox
         self._emitter = emitter
@@ -139,8 +153,12 @@ class SplitGroup:
             for first in firsts:
                 first.producer_done()
 
+    def vetted(self) -> None:
+        """The predicate's first verdict was a plain value: call it directly now."""
+        self._predicate = self._kernel.predicate
+
     def _route(self, batch: list[Envelope]) -> None:
-        predicate = self._kernel.predicate
+        predicate = self._predicate
         assert predicate is not None
         chosen: tuple[list[Envelope], list[Envelope]] = ([], [])
         failed: list[tuple[Key, StageError]] = []

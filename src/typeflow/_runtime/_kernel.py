@@ -15,7 +15,7 @@ import pickle
 import sys
 from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, cast
 
 from typeflow._errors import StageError, StageTimeout
 
@@ -27,6 +27,7 @@ from typeflow._runtime import _retry as retry
 __all__ = [
     "Envelope",
     "Failed",
+    "FirstCall",
     "FnKernel",
     "Kernel",
     "Key",
@@ -177,6 +178,38 @@ class Gather:
         return out
 
 
+class FirstCall:
+    """A plain (sync) function until one of its calls has returned: a coroutine
+    then means an async function that does not look like one (a lambda or a
+    wrapper around one, a decorated ``async def``), which would go on unawaited
+    -- into the next stage, or as a predicate's always-true verdict.  That is an
+    error that says so; anything else, and the function is called directly from
+    then on (``vetted``)."""
+
+    __slots__ = ("_name", "_owner", "fn")
+
+    def __init__(self, name: str, fn: Callable[[Any], Any], owner: _Vetted | None) -> None:
+        self._name, self.fn, self._owner = name, fn, owner
+
+    def __call__(self, item: object) -> object:
+        value = self.fn(item)
+        if inspect.iscoroutine(value):
+            value.close()  # never awaited, on purpose: no warning
+            raise TypeError(
+                f"the function of {self._name!r} returned a coroutine: it is asynchronous "
+                "but not an 'async def' function (a lambda or a wrapper that calls one), so "
+                "it was taken for a plain one and nothing would await it; make it an 'async "
+                "def' (async def f(x): return await g(x)), decorators' wrappers included"
+            )
+        if self._owner is not None:
+            self._owner.vetted()
+        return value
+
+
+class _Vetted(Protocol):
+    def vetted(self) -> None: ...
+
+
 class WorkerExit(BaseException):
     """Ends a worker now (a process worker told to stop); never an item's failure."""
 
@@ -325,7 +358,7 @@ class FnKernel(Kernel):
     outputs it made go on.
     """
 
-    __slots__ = ("_generates", "fn", "kind", "options")
+    __slots__ = ("_generates", "_plain", "fn", "kind", "options")
 
     def __init__(
         self,
@@ -336,17 +369,24 @@ class FnKernel(Kernel):
         kind: Kind = "map",
     ) -> None:
         super().__init__(name, is_async)
-        self.fn = fn
+        self._plain = fn
+        #: What the loops call: a plain function is vetted by its first call.
+        self.fn: Callable[[Any], Any] = fn if is_async else FirstCall(name, fn, self)
         self.options = options
         self.kind = kind
         #: An async generator function (a one-to-many stage's), drained per call.
         self._generates = kind == "flat" and inspect.isasyncgenfunction(fn)
 
     def __reduce__(self) -> tuple[object, ...]:
-        reference = _main_reference(self.fn, self)
+        fn = self._plain
+        reference = _main_reference(fn, self)
         if reference is not None:
             return (_kernel_of_stage, reference)
-        return (FnKernel, (self.name, self.fn, self.is_async, self.options, self.kind))
+        return (FnKernel, (self.name, fn, self.is_async, self.options, self.kind))
+
+    def vetted(self) -> None:
+        """The function's first call returned a plain value: call it directly now."""
+        self.fn = self._plain
 
     # -- one call ------------------------------------------------------------
 

@@ -35,7 +35,7 @@ def is_even(n: int) -> bool:
 
 # A one-to-many function must return an iterable.  mypy's message names the
 # first overload (the async generator one).
-# E[mypy]: Argument 1 to "flat_map" has incompatible type "Callable[[str], int]"; expected "Callable[[str], AsyncIterator[Never]]"  [arg-type]
+# E[mypy]: Argument 1 to "flat_map" has incompatible type "Callable[[str], int]"; expected "Callable[[str], AsyncIterable[Never]]"  [arg-type]
 # E[pyright]: No overloads for "flat_map" match the provided arguments (reportCallIssue)
 # E[pyright]: Function return type "int" is incompatible with type "Iterable[B@flat_map]" / "int" is incompatible with protocol "Iterable[B@flat_map]"
 # E[pyright]: Untyped function decorator obscures type of function; ignoring decorator (reportUntypedFunctionDecorator)
@@ -45,7 +45,7 @@ def not_iterable(text: str) -> int:
 
 
 # A coroutine function is not an async generator: it must yield.
-# E[mypy]: Argument 1 to "flat_map" has incompatible type "Callable[[str], Coroutine[Any, Any, list[str]]]"; expected "Callable[[str], AsyncIterator[Never]]"  [arg-type]
+# E[mypy]: Argument 1 to "flat_map" has incompatible type "Callable[[str], Coroutine[Any, Any, list[str]]]"; expected "Callable[[str], AsyncIterable[Never]]"  [arg-type]
 # E[pyright]: No overloads for "flat_map" match the provided arguments (reportCallIssue)
 # E[pyright]: Function return type "CoroutineType[Any, Any, list[str]]" is incompatible with type "Iterable[B@flat_map]"
 # E[pyright]: Untyped function decorator obscures type of function; ignoring decorator (reportUntypedFunctionDecorator)
@@ -54,7 +54,7 @@ async def awaits_a_list(text: str) -> list[str]:
     return text.split()
 
 
-# E[mypy]: Argument 1 to "__call__" of "FlatMapDecorator" has incompatible type "Callable[[str], float]"; expected "Callable[[str], AsyncIterator[Never]]"  [arg-type]
+# E[mypy]: Argument 1 to "__call__" of "FlatMapDecorator" has incompatible type "Callable[[str], float]"; expected "Callable[[str], AsyncIterable[Never]]"  [arg-type]
 # E[pyright]: No overloads for "__call__" match the provided arguments (reportCallIssue)
 # E[pyright]: Function return type "float" is incompatible with type "Iterable[B@__call__]"
 # E[pyright]: Untyped function decorator obscures type of function; ignoring decorator (reportUntypedFunctionDecorator)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 
 from returns.result import Result
 from typing_extensions import TypeIs, assert_type
@@ -63,6 +63,16 @@ def split_cpu(line: str) -> Iterable[str]:
 async def expand(url: str) -> AsyncIterator[str]:
     yield url + "/a"
     yield url + "/b"
+
+
+# An async generator annotated with the wider AsyncIterable is an async stage too.
+@flat_map
+async def pages(url: str) -> AsyncIterable[str]:
+    for i in range(2):
+        yield f"{url}?page={i}"
+
+
+assert_type(pages, AsyncFlatMapStage[str, str])
 
 
 @stage
@@ -251,6 +261,16 @@ async def call_async_stateful() -> None:
     fetcher = Fetcher()
     await fetcher.setup()
     assert_type(await fetcher("https://example.org"), bytes)
+    # The unit-test recipe works for an async stage without a setup of its own too.
+    lengths = Lengths()
+    await lengths.setup()
+    assert_type(await lengths("abc"), int)
+    await lengths.teardown()
+
+
+class Lengths(AsyncStatefulStage[str, int]):
+    async def process(self, item: str, /) -> int:
+        return len(item)
 
 
 # -- sinks, limits and statistics ----------------------------------------------------------
