@@ -355,7 +355,6 @@ class _FnStage(Stage[In, Out]):
     # Copied from the function, so that the stage looks like it.
     __name__: str
     __qualname__: str
-    __wrapped__: Callable[..., Any]
 
     def __init__(
         self, fn: Callable[..., Any], options: StageOptions, is_async: bool, kind: Kind = "map"
@@ -374,9 +373,13 @@ class _FnStage(Stage[In, Out]):
         for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
             with contextlib.suppress(AttributeError):
                 setattr(self, attr, getattr(fn, attr))
-        self.__wrapped__ = fn
         if options.backend == "process":
             _check_shippable(name, fn)
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        """The function the stage was made from (``inspect.unwrap`` follows it)."""
+        return self._fn
 
     @property
     def name(self) -> str:
@@ -418,6 +421,11 @@ class FnStage(_FnStage[In, Out]):
     def __call__(self, item: In, /) -> Out:
         return cast("Out", self._fn(item))
 
+    @property
+    def __wrapped__(self) -> Callable[[In], Out]:
+        """The function the stage was made from, with its types (for unit tests)."""
+        return cast("Callable[[In], Out]", self._fn)
+
 
 @final
 class AsyncFnStage(_FnStage[In, Out]):
@@ -437,6 +445,11 @@ class AsyncFnStage(_FnStage[In, Out]):
 
     def __call__(self, item: In, /) -> Coroutine[Any, Any, Out]:
         return cast("Coroutine[Any, Any, Out]", self._fn(item))
+
+    @property
+    def __wrapped__(self) -> Callable[[In], Coroutine[Any, Any, Out]]:
+        """The function the stage was made from, with its types (for unit tests)."""
+        return cast("Callable[[In], Coroutine[Any, Any, Out]]", self._fn)
 
 
 def function_name(fn: Callable[..., Any]) -> str:

@@ -89,3 +89,9 @@ async def call_async() -> bytes:
     # E[mypy]: Argument 1 to "__call__" of "AsyncFnStage" has incompatible type "int"; expected "str"  [arg-type]
     # E[pyright]: Argument of type "Literal[1]" cannot be assigned to parameter "item" of type "str" in function "__call__"
     return await fetch(1)
+
+
+def unwrapped_wrong() -> bytes:
+    # E[mypy]: Incompatible return value type (got "str", expected "bytes")  [return-value]
+    # E[pyright]: Type "str" is not assignable to return type "bytes"
+    return show.__wrapped__(1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from typing_extensions import assert_type
@@ -110,3 +110,9 @@ if is_backend(value):
     assert_type(stage(backend=value)(str.upper), FnStage[str, str])
 else:
     assert_type(value, str)
+
+
+# The function a stage was made from keeps its types (for unit tests).
+assert_type(show.__wrapped__, Callable[[int], str])
+assert_type(show.__wrapped__(3), str)
+assert_type(encode.__wrapped__, Callable[[str], Coroutine[Any, Any, bytes]])
