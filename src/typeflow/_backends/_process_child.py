@@ -85,10 +85,12 @@ def child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM (a cancelled run) ends the current call; the finally below still
     # tears a stateful stage down before the process exits.  (This also replaces
-    # the run's own handler, which a forked worker inherits: the parent holds
-    # SIGTERM back while it forks, so it is let through only now.)
+    # the run's own handler, which a forked worker inherits.)
+    # It is held back (the forked worker's parent holds it while forking) until the
+    # worker is set up: a stop that comes meanwhile lands once it is, in _serve.
+    held = {signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     signal.signal(signal.SIGTERM, _terminate)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     ctx: WorkerContext | None = None
     wire: Wire | None = None
     try:
@@ -107,6 +109,7 @@ def child_main(
 
             assert isinstance(conn, Connection)
             conn.send_bytes(READY)  # the parent starts its clock for timeouts from here
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
         _serve(kernel, ctx, wire, progress)
     except WorkerExit:
         pass  # told to stop: the teardown below is all that is left to do
