@@ -692,7 +692,7 @@ def test_runs_closed_as_they_start_leave_no_traces_on_stderr(
     # A SIGTERM could land in a worker before its own handler was in place (it ran
     # the parent's) or outside the code that expects it: tracebacks on stderr.
     pipeline = stage(workers=2, backend="process")(plus_one)
-    for _ in range(40):
+    for _ in range(100):
         assert [r.unwrap() for r in pipeline.run(itertools.count()).take(1)] == [1]
     assert leftovers() == ([], [])
     assert capfd.readouterr().err == ""

@@ -114,17 +114,16 @@ def child_main(
     except WorkerExit:
         pass  # told to stop: the teardown below is all that is left to do
     finally:
-        try:
-            if ctx is not None:
-                with contextlib.suppress(WorkerExit):  # a SIGTERM that came during it
-                    ctx.close()
-            if wire is not None:
-                wire.close()
-            conn.close()
-        finally:
-            # Done: a SIGTERM from here on (a run that stops while this process
-            # exits) ends it quietly, with no WorkerExit out of the interpreter's exit.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # The end: the teardown runs whole, and a SIGTERM from here on (a run that
+        # stops while this process exits) is held back for good -- the process
+        # ends with its own exit, no WorkerExit out of it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        if ctx is not None:
+            with contextlib.suppress(WorkerExit):  # one that landed just before the block
+                ctx.close()
+        if wire is not None:
+            wire.close()
+        conn.close()
 
 
 def _serve(kernel: Kernel, ctx: WorkerContext, wire: Wire, progress: Progress | None) -> None:
@@ -151,6 +150,8 @@ def _serve(kernel: Kernel, ctx: WorkerContext, wire: Wire, progress: Progress | 
         else:
             outcome = _tracked(wire, kernel, seqs, items, ctx, progress)
         _reply(wire, kernel.name, seqs, outcome, clock() - started)
+    # Told to stop, or the parent is gone: from here on a SIGTERM waits (for good).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
 class _Pacer:
