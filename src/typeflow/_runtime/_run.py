@@ -231,12 +231,15 @@ def _shutdown_live_runs() -> None:  # pragma: no cover - runs at interpreter exi
 
 
 def default_window(nodes: tuple[Node, ...]) -> int:
-    """The default number of items in flight: room for every buffer and worker, twice.
+    """The default number of items in flight: room for every buffer and worker, twice,
+    and for the results the caller takes at a time (their places come back once
+    it has taken them all, see ``_Collector.settle``).
 
     Large enough never to slow a pipeline that keeps up, small enough that an
     ordered run blocked behind one slow item holds a bounded number of results.
     """
-    return max(1024, 2 * sum(n.options.buffer + n.options.workers for n in nodes))
+    stages = max(1024, 2 * sum(n.options.buffer + n.options.workers for n in nodes))
+    return stages + _COLLECT_RESULTS
 
 
 def _inbox(node: Node, producers: int, *, numbered: bool = False) -> Channel[Envelope]:
