@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BatchSizer",
     "Emitter",
+    "RatePacer",
     "RunEnv",
     "WorkerBackend",
     "WorkerGroup",
@@ -54,6 +55,30 @@ class RateLimiter:
             start = max(now, self._next)
             self._next = start + calls * self._interval
             return start - now
+
+
+class RatePacer:
+    """Between the tries of a retried call (a ``retry.Pacer``): each try takes a
+    slot of the stage's rate, as the first one did."""
+
+    __slots__ = ("attempts_before", "limiter")
+
+    def __init__(self, limiter: RateLimiter | None) -> None:
+        self.limiter = limiter
+        self.attempts_before = 0
+
+    def resting(self) -> None:
+        pass
+
+    def trying(self) -> None:
+        if self.limiter is not None:
+            time.sleep(self.limiter.reserve(1))
+
+    async def atrying(self) -> None:
+        if self.limiter is not None:
+            import asyncio
+
+            await asyncio.sleep(self.limiter.reserve(1))
 
 
 def rate_limiter(node: Node) -> RateLimiter | None:

@@ -19,6 +19,7 @@ from typeflow._backends._base import (
     BatchSizer,
     Emitter,
     RateLimiter,
+    RatePacer,
     RunEnv,
     fail_batch,
     rate_limiter,
@@ -95,7 +96,7 @@ async def _work(
     share = node.options.workers
     ctx = WorkerContext(index)
     if limiter is not None:
-        ctx.pacer = _RatePacer(limiter)
+        ctx.pacer = RatePacer(limiter)
     sizer = BatchSizer(1 if limiter is not None else BATCH_LIMIT, BATCH_SECONDS)
     clock = time.perf_counter
     try:
@@ -141,25 +142,6 @@ async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
         break
     if cancelled:
         raise asyncio.CancelledError
-
-
-class _RatePacer:
-    """Between the tries of a retried call: each try takes a slot of the stage's rate."""
-
-    __slots__ = ("_limiter", "attempts_before")
-
-    def __init__(self, limiter: RateLimiter) -> None:
-        self._limiter = limiter
-        self.attempts_before = 0
-
-    def resting(self) -> None:
-        pass
-
-    def trying(self) -> None:  # a task worker's calls are awaited: see atrying
-        pass
-
-    async def atrying(self) -> None:
-        await asyncio.sleep(self._limiter.reserve(1))
 
 
 async def _supervise(node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter]) -> None:

@@ -31,6 +31,7 @@ from typing import NamedTuple
 from typeflow._backends._base import (
     BatchSizer,
     Emitter,
+    RatePacer,
     RunEnv,
     fail_batch,
     rate_limiter,
@@ -101,27 +102,17 @@ class _Stop(WorkerExit):
     run stops.  Never an item's failure."""
 
 
-class _RatePacer:
-    """Between the tries of a retried call: each try takes a slot of the stage's rate."""
+class _RatePacer(RatePacer):
+    """A thread worker's: the wait for a slot ends early if the run stops."""
 
-    __slots__ = ("_group", "attempts_before")
+    __slots__ = ("_group",)
 
     def __init__(self, group: ThreadGroup) -> None:
+        super().__init__(group.limiter)
         self._group = group
-        self.attempts_before = 0
-
-    def resting(self) -> None:
-        pass
 
     def trying(self) -> None:
         self._group.wait_for_rate(1)
-
-    async def atrying(self) -> None:
-        import asyncio
-
-        limiter = self._group.limiter
-        if limiter is not None:
-            await asyncio.sleep(limiter.reserve(1))
 
 
 class _TimedPacer(_RatePacer):
