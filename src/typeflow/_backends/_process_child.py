@@ -84,10 +84,10 @@ def child_main(
     # Ctrl-C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM (a cancelled run) ends the current call; the finally below still
-    # tears a stateful stage down before the process exits.  (This also replaces
-    # the run's own handler, which a forked worker inherits.)
-    # It is held back (the forked worker's parent holds it while forking) until the
-    # worker is set up: a stop that comes meanwhile lands once it is, in _serve.
+    # tears a stateful stage down before the process exits.  The handler replaces
+    # the run's own, which a forked worker inherits; the signal is held back
+    # (a forked worker's parent holds it while forking) until the worker is set
+    # up, so that a stop during the start lands in _serve, where it is expected.
     held = {signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, held)
     signal.signal(signal.SIGTERM, _terminate)

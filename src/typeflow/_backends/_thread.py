@@ -265,20 +265,16 @@ class ThreadGroup:
                 if not replaced:
                     emitter.done()
 
-    def _wait(self, seconds: float) -> None:
-        """Wait for a rate limit's slot; the run's end cuts the wait short."""
+    def wait_for_rate(self, calls: int) -> None:
+        """Wait for the rate limit's slots for ``calls`` more calls (none without one);
+        the run's end cuts the wait short (``_Stop``)."""
+        if self.limiter is None:
+            return
+        seconds = self.limiter.reserve(calls)
         if seconds > 0:
             with self._cond:
                 if self._cond.wait_for(lambda: self._stopped, seconds):
-                    raise ChannelAborted
-
-    def wait_for_rate(self, calls: int) -> None:
-        """Wait for the rate limit's slots for ``calls`` more calls (none without one)."""
-        if self.limiter is not None:
-            try:
-                self._wait(self.limiter.reserve(calls))
-            except ChannelAborted:
-                raise _Stop from None
+                    raise _Stop
 
     def began_again(self, slot: _Slot, batch: _Batch) -> None:
         """A new try of the call in progress begins: its deadline counts from now."""
