@@ -97,6 +97,7 @@ from typeflow._backends._base import (
 from typeflow._backends._process_child import (
     READY,
     SET_UP,
+    SLOT,
     RawFailure,
     Reply,
     Unreadable,
@@ -358,6 +359,7 @@ class _Pump:
                 self._node.kernel,
                 False,
                 self._progress,
+                self._limiter is not None,
             ),
             name=f"typeflow:{self._node.name}:{self._index}",
             daemon=True,
@@ -408,7 +410,16 @@ class _Pump:
         parent, child = ctx.Pipe(duplex=True)
         proc = ctx.Process(
             target=child_main,
-            args=(child, self._kernel_bytes, self._index, (), None, True, self._progress),
+            args=(
+                child,
+                self._kernel_bytes,
+                self._index,
+                (),
+                None,
+                True,
+                self._progress,
+                self._limiter is not None,
+            ),
             name=f"typeflow:{self._node.name}:{self._index}",
             daemon=True,
         )
@@ -741,6 +752,12 @@ class _Pump:
                         f"{self._node.name!r} ({message.error}); pass plain data that the "
                         "worker can import, or use backend='thread'"
                     )
+                if message == SLOT:
+                    # A retry in the worker waits for its slot of the rate, like
+                    # the first try did here (one item at a time under a rate).
+                    assert self._limiter is not None
+                    wire.send(self._limiter.reserve(1))
+                    continue
                 if message != SET_UP:
                     return cast("Reply", message)
                 # A stateful stage's setup is over: the first call's deadline

@@ -33,7 +33,7 @@ from typeflow._runtime._kernel import (
     root_of,
 )
 
-__all__ = ["READY", "SET_UP", "RawFailure", "Reply", "Unreadable", "child_main"]
+__all__ = ["READY", "SET_UP", "SLOT", "RawFailure", "Reply", "Unreadable", "child_main"]
 
 #: The first message of a worker process: it is up and holds the kernel.
 READY = b"ready"
@@ -41,6 +41,10 @@ READY = b"ready"
 #: or a retried call's next try begins (see ``_Pacer``): the deadline counts from
 #: now.  A reply is always a tuple, so this string never stands for one.
 SET_UP = "set up"
+#: Sent by a worker of a rate-limited stage before it tries a call again: the
+#: parent, which holds the stage's rate limiter, replies with the seconds to wait
+#: for the try's slot (see ``_Pacer``).
+SLOT = "slot"
 
 
 class Unreadable:
@@ -70,6 +74,7 @@ def child_main(
     kernel: Kernel | None = None,
     handshake: bool = True,
     progress: Progress | None = None,
+    rated: bool = False,
 ) -> None:
     """Serve batches on ``conn`` until told to stop or the parent goes away.
 
@@ -79,7 +84,8 @@ def child_main(
     ``kernel_bytes`` and say READY once they have unpickled it (a forked worker
     has nothing to wait for: ``handshake`` is False).  Under a timeout the
     worker writes down in ``progress`` which item it is on (see
-    :mod:`~typeflow._backends._progress`).
+    :mod:`~typeflow._backends._progress`).  A ``rated`` stage's retries ask
+    the parent for their slots of the rate.
     """
     # Ctrl-C reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -110,7 +116,7 @@ def child_main(
             assert isinstance(conn, Connection)
             conn.send_bytes(READY)  # the parent starts its clock for timeouts from here
         signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-        _serve(kernel, ctx, wire, progress)
+        _serve(kernel, ctx, wire, progress, rated)
     except WorkerExit:
         pass  # told to stop: the teardown below is all that is left to do
     finally:
@@ -126,7 +132,9 @@ def child_main(
         conn.close()
 
 
-def _serve(kernel: Kernel, ctx: WorkerContext, wire: Wire, progress: Progress | None) -> None:
+def _serve(
+    kernel: Kernel, ctx: WorkerContext, wire: Wire, progress: Progress | None, rated: bool
+) -> None:
     """Batches in, replies out, until the parent says stop or is gone."""
     clock = time.perf_counter
     while not _stopping:
@@ -141,7 +149,8 @@ def _serve(kernel: Kernel, ctx: WorkerContext, wire: Wire, progress: Progress | 
             break
         seqs, items, *tried = cast("tuple[Sequence[Key], Sequence[object], int]", message)
         before = tried[0] if tried else 0  # tries an item sent again alone had before
-        ctx.pacer = _Pacer(wire, progress, before) if progress is not None or before else None
+        paced = progress is not None or before or rated
+        ctx.pacer = _Pacer(wire, progress, before, rated) if paced else None
         started = clock()
         if progress is None:
             if kernel.needs_setup(ctx):
@@ -155,14 +164,15 @@ def _serve(kernel: Kernel, ctx: WorkerContext, wire: Wire, progress: Progress | 
 
 
 class _Pacer:
-    """Between the tries of a retried call in this worker: under a timeout, no
-    deadline runs during the backoff, and the parent is told when the next try
-    begins (its deadline counts from then)."""
+    """Between the tries of a retried call in this worker: under a rate limit,
+    the next try waits for its slot (the parent holds the stage's limiter);
+    under a timeout, no deadline runs during the backoff and that wait, and the
+    parent is told when the next try begins (its deadline counts from then)."""
 
-    __slots__ = ("_progress", "_wire", "attempts_before")
+    __slots__ = ("_progress", "_rated", "_wire", "attempts_before")
 
-    def __init__(self, wire: Wire, progress: Progress | None, before: int) -> None:
-        self._wire, self._progress = wire, progress
+    def __init__(self, wire: Wire, progress: Progress | None, before: int, rated: bool) -> None:
+        self._wire, self._progress, self._rated = wire, progress, rated
         self.attempts_before = before
 
     def resting(self) -> None:
@@ -170,14 +180,29 @@ class _Pacer:
             self._progress.slots[1] = math.inf  # as during a setup
 
     def trying(self) -> None:
+        if self._rated:
+            time.sleep(self._slot())
+        self._begin()
+
+    async def atrying(self) -> None:
+        if self._rated:
+            import asyncio
+
+            await asyncio.sleep(self._slot())
+        self._begin()
+
+    def _slot(self) -> float:
+        """Seconds until this try's slot of the stage's rate (asked of the parent,
+        which is waiting for this batch's reply and answers at once)."""
+        self._wire.send(SLOT)
+        return cast("float", self._wire.recv())
+
+    def _begin(self) -> None:
         if self._progress is not None:
             slots = self._progress.slots
             slots[2] += 1  # read by the parent if this try passes its deadline
             slots[1] = time.monotonic()
             self._wire.send(SET_UP)  # the parent waits for no deadline meanwhile: wake it
-
-    async def atrying(self) -> None:
-        self.trying()
 
 
 def _tracked(
