@@ -324,8 +324,13 @@ class Pipeline(Stage[In, Out]):
         return self._name
 
     @property
-    def stages(self) -> tuple[Stage[Any, Any], ...]:
-        """The stages, first to last (nested pipelines are flattened)."""
+    def stages(self) -> tuple[Stage[Never, object], ...]:
+        """The stages, first to last (nested pipelines are flattened).
+
+        Each is typed ``Stage[Never, object]``, the type every stage has (what
+        one stage takes and makes is lost in a tuple of many): read their
+        ``name`` and ``options``, or run the pipeline itself.
+        """
         return self._stages
 
     def __repr__(self) -> str:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from typing_extensions import assert_type
+from typing_extensions import Never, assert_type
 
 from typeflow import FnStage, Pipeline, Stage, stage
 
@@ -92,4 +90,5 @@ assert_type(build(head, is_even | describe), Stage[str, str])
 assert_type(build(parse, tail) | encode, Pipeline[str, bytes])
 
 # The composed stage list.
-assert_type(head.stages, tuple[Stage[Any, Any], ...])
+assert_type(head.stages, tuple[Stage[Never, object], ...])
+assert_type(head.stages[0].name, str)
