@@ -706,6 +706,11 @@ class _Pump:
 
         Returns the reply, or why the worker is gone (it is then stopped).
         """
+        if self._wire is not None and self._wire is self._farewell:
+            # Told to stop after its last batch (whose reply is in): it serves no
+            # more, so an item sent again alone (a reply that did not unpickle)
+            # goes to a new worker instead of failing as if this one had died.
+            self._stop_worker(kill=False)
         if self._wire is None:
             self._spawn()
         wire = self._wire
