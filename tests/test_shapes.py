@@ -572,6 +572,66 @@ def test_leaving_async_with_on_an_error_cancels_the_feed() -> None:
     assert leftovers() == ([], [])
 
 
+def test_leaving_async_for_over_a_feed_early_leaves_the_feed_running(backend: Backend) -> None:
+    # As a for loop over the feed: a break, an exception in the loop's body and a
+    # wait cut short by a timeout leave the feed running, and every item put
+    # still has its result (they used to stop the feed's run and drop them).
+    async def main() -> list[int]:
+        async with on(backend, length).feed() as feed:
+            for word in ("a", "bb", "ccc"):
+                await feed.aput(word)
+            got: list[int] = []
+            async for result in feed:
+                got.append(result.unwrap())
+                break
+            try:
+                async for result in feed:
+                    got.append(result.unwrap())
+                    raise LookupError("the loop's body failed")
+            except LookupError:
+                pass
+            got.append((await anext(aiter(feed))).unwrap())
+            with pytest.raises(TimeoutError):  # nothing was put: no result can come
+                await asyncio.wait_for(anext(aiter(feed)), 0.05)
+            await feed.aput("dddd")
+            feed.close()
+            got.extend([r.unwrap() async for r in feed])
+        return got
+
+    assert asyncio.run(main()) == [1, 2, 3, 4]
+    assert leftovers() == ([], [])
+
+
+def test_fail_fast_stops_an_async_run_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stopping a run joins its workers: an async run does it in a thread (it was
+    # done on the caller's loop when fail_fast raised, stalling it meanwhile).
+    from typeflow._runtime import _run
+
+    on_loop: list[bool] = []
+    shutdown = _run.RunCore.shutdown
+
+    def recorded(core: _run.RunCore) -> None:
+        on_loop.append(_run._on_running_loop())  # pyright: ignore[reportPrivateUsage]
+        shutdown(core)
+
+    monkeypatch.setattr(_run.RunCore, "shutdown", recorded)
+
+    def fail_first(x: int) -> int:
+        if x == 0:
+            raise ValueError("the first item is bad")
+        return x
+
+    async def main() -> None:
+        with pytest.raises(StageError, match="the first item is bad"):
+            async for _ in stage(fail_first).arun(range(100), fail_fast=True):
+                pass
+
+    asyncio.run(main())
+    assert on_loop
+    assert not any(on_loop)
+    assert leftovers() == ([], [])
+
+
 def test_merge_sources_and_pipelines() -> None:
     merged = list(merge(range(5), ["a", "b"]))
     assert Counter(merged) == Counter([*range(5), "a", "b"])

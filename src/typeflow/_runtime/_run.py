@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import importlib
 import itertools
+import sys
 import threading
 import time
 import weakref
@@ -709,12 +710,13 @@ class RunCore:
             for label, nodes, inboxes, emitters_of in chains
             for node, inbox, emitters in zip(nodes, inboxes, emitters_of, strict=True)
         ]
+        read = self.items_read  # once: the feeder moves it meanwhile
         return RunStatistics(
-            items_read=self.items_read,
+            items_read=read,
             succeeded=succeeded,
             failed=failed,
             done=done,
-            in_flight=self.items_read - done,
+            in_flight=read - done,
             elapsed=time.monotonic() - self.started_at if self.started_at else 0.0,
             stages=tuple(stages),
         )
@@ -830,6 +832,7 @@ class _Collector(Generic[Out]):
         "_ready",
         "_released",
         "completed",
+        "stopping",
     )
 
     def __init__(self, core: RunCore) -> None:
@@ -850,6 +853,9 @@ class _Collector(Generic[Out]):
         self._done = False
         #: Places in the window of items released but maybe not yet yielded.
         self._owed = 0
+        #: Set when a failure stops the run (fail_fast, a setup that failed): the
+        #: caller, which gets it raised, shuts the run down.
+        self.stopping = False
 
     def accept(self, entries: list[Entry]) -> None:
         core = self._core
@@ -858,12 +864,12 @@ class _Collector(Generic[Out]):
                 continue
             error = cast("StageError", payload)
             if isinstance(error.exception, SetupFailed):  # a stage cannot work at all
-                core.shutdown()
+                self.stopping = True  # the caller shuts the run down (an async one off its loop)
                 original = error.exception.error
                 original.add_note(f"(raised by the setup of stage {error.stage!r})")
                 raise original  # with its cause: a process worker's traceback
             if core.fail_fast:
-                core.shutdown()
+                self.stopping = True
                 self._released += 1
                 self._failures_accepted += 1
                 if isinstance(key, int) and key not in self._groups:
@@ -1124,7 +1130,7 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
         """The same started run, read with ``async for`` (a feed's): one stream of
         results, whichever of the two takes each."""
         self.start()
-        return AsyncRun(self._core, None, self._collector)
+        return AsyncRun(self._core, None, self._collector, owns=False)
 
     def take(self, n: int, /) -> list[Result[Out, StageError]]:
         """The next ``n`` results (fewer if the run ends first); then the run is closed,
@@ -1198,14 +1204,20 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
     ``await aclose()`` or ``async with``.
     """
 
-    __slots__ = ("__weakref__", "_collector", "_core", "_items")
+    __slots__ = ("__weakref__", "_collector", "_core", "_items", "_owns")
 
     def __init__(
         self,
         core: RunCore,
         items: Iterable[Any] | AsyncIterable[Any] | None,
         collector: _Collector[Out] | None = None,
+        *,
+        owns: bool = True,
     ) -> None:
+        #: False for a feed's ``async for``: the feed owns the run, and leaving the
+        #: loop early (``break``, an exception, a timeout or a cancelled wait) leaves
+        #: it running, as a ``for`` loop over the feed does.
+        self._owns = owns
         if collector is None:
             _check_items(items)  # None included: it also means "started" below
         self._core = core
@@ -1243,7 +1255,8 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
                 if result is not None:
                     return result
         except BaseException:
-            await self._shutdown()
+            if self._owns or collector.stopping:
+                await self._shutdown()
             raise
 
     async def _finish(self) -> None:
@@ -1277,5 +1290,26 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
         await self.aclose()
 
     def __del__(self) -> None:
+        if not self._owns:
+            return
         with contextlib.suppress(Exception):
-            self._core.shutdown()
+            if _on_running_loop():
+                # Dropped on an event loop (``break`` out of ``async for`` without
+                # ``aclose``): the workers are joined off the loop.
+                threading.Thread(
+                    target=self._core.shutdown, name="typeflow:shutdown", daemon=True
+                ).start()
+            else:
+                self._core.shutdown()
+
+
+def _on_running_loop() -> bool:
+    """Whether this thread is running an event loop (asyncio is not imported for it)."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
