@@ -168,6 +168,39 @@ def test_keep_drops_items_and_accounts_for_them(backend: Backend) -> None:
     assert (stats.done, stats.in_flight, stats.stages[0].filtered) == (100, 0, 50)
 
 
+class Ambiguous:
+    """A verdict with no truth value (as a NumPy array of several elements)."""
+
+    def __bool__(self) -> bool:
+        raise ValueError("the truth value is ambiguous")
+
+
+def ambiguous_at_500(n: int) -> object:
+    return Ambiguous() if n == 500 else n % 2 == 0
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_verdict_without_a_truth_value_fails_its_item_alone(
+    backend: Backend, retries: int
+) -> None:
+    # Its truth is taken as part of the call: it failed the whole batch (thread,
+    # task) or crashed the worker (process).
+    if backend == "task":
+
+        async def verdict(n: int) -> object:
+            return ambiguous_at_500(n)
+
+        evens: Stage[int, int] = keep(verdict, backend="task", retries=retries, backoff=0.0)
+    else:
+        evens = keep(ambiguous_at_500, backend=backend, retries=retries, backoff=0.0)
+    results = list(evens.run(range(1000)))
+    failures = [r.failure() for r in results if isinstance(r, Failure)]
+    assert [(f.item, type(f.exception)) for f in failures] == [(500, ValueError)]
+    assert failures[0].attempts == 1 + retries
+    kept = [r.unwrap() for r in results if isinstance(r, Success)]
+    assert kept == [n for n in range(0, 1000, 2) if n != 500]
+
+
 def test_keep_type_and_fluent_keep() -> None:
     assert [r.unwrap() for r in keep_type(str).run([1, "a", None, "b"])] == ["a", "b"]
     pipeline = stage(length).keep(lambda n: n > 3)
@@ -789,6 +822,20 @@ def test_a_fork_names_the_first_branch_that_failed(backend: Backend) -> None:
     ] * 30
     failures = [r.failure() for r in results if isinstance(r, Failure)]
     assert [(f.stage, f.item) for f in failures] == [("fail_on_x", "x")] * 30  # branch 0
+
+
+def exits_on_three(n: int) -> bool:
+    if n == 3:
+        sys.exit("a predicate that ends the program")
+    return n % 2 == 0
+
+
+def test_a_route_predicate_that_raises_system_exit_fails_its_item_alone() -> None:
+    # As a stage's function does (it ended the run: every result was lost).
+    results = list(route(exits_on_three, stage(plus_one), stage(negate)).run(range(6)))
+    assert [r.unwrap() for r in results if isinstance(r, Success)] == [1, -1, 3, 5, -5]
+    (failure,) = [r.failure() for r in results if isinstance(r, Failure)]
+    assert (failure.item, type(failure.exception)) == (3, SystemExit)
 
 
 def test_route_passes_on_what_one_to_many_and_filter_branches_make(backend: Backend) -> None:

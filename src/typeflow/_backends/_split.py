@@ -165,7 +165,7 @@ class SplitGroup:
         for key, item in batch:
             try:
                 chosen[0 if predicate(item) else 1].append((key, item))
-            except Exception as exc:  # noqa: BLE001 - becomes this item's Failure
+            except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure, as in a stage
                 failed.append((key, StageError(self._node.name, item, exc)))
         if failed:
             self._emitter.emit(Outcome(failed=failed))

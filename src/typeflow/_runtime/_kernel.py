@@ -391,10 +391,13 @@ class FnKernel(Kernel):
     # -- one call ------------------------------------------------------------
 
     def _call(self, item: object) -> object:
-        """The sync call, with its result made concrete (a generator is drained)."""
+        """The sync call, with its result made concrete (a generator is drained, a
+        filter's verdict made a bool: either may raise, as part of the call)."""
         value = self.fn(item)
         if self.kind == "flat":
             return list(cast("Iterable[object]", value))
+        if self.kind == "keep":
+            return bool(value)
         return value
 
     async def _acall_once(self, item: object) -> object:
@@ -403,6 +406,8 @@ class FnKernel(Kernel):
         value = await self.fn(item)
         if self.kind == "flat":
             return list(cast("Iterable[object]", value))
+        if self.kind == "keep":
+            return bool(value)
         return value
 
     async def _acall(self, item: object, ctx: WorkerContext) -> tuple[object, int]:
@@ -469,6 +474,10 @@ class FnKernel(Kernel):
                 value = fn(item)
                 if flat:
                     value = list(value)
+                elif value:  # a verdict's truth is part of the call: it may raise (an array's)
+                    value = True
+                else:
+                    value = False
             except WorkerExit:
                 raise
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
