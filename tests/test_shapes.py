@@ -17,11 +17,13 @@ from typing import ClassVar
 
 import pytest
 from returns.result import Failure, Success
+from typing_extensions import TypeIs
 
 from tests.conftest import leftovers, on
 from typeflow import (
     AsyncStatefulStage,
     Backend,
+    CompositionError,
     DefinitionError,
     FeedClosed,
     Pipeline,
@@ -822,6 +824,37 @@ def test_a_fork_names_the_first_branch_that_failed(backend: Backend) -> None:
     ] * 30
     failures = [r.failure() for r in results if isinstance(r, Failure)]
     assert [(f.stage, f.item) for f in failures] == [("fail_on_x", "x")] * 30  # branch 0
+
+
+def is_text(value: int | str) -> TypeIs[str]:
+    return isinstance(value, str)
+
+
+def test_a_route_whose_predicate_narrows_takes_what_its_otherwise_branch_takes() -> None:
+    # ``then`` gets only the narrowed items: the route takes int | str, as the type
+    # checkers say (an int was refused by the run-time composition check).
+    @stage
+    def shout(text: str) -> str:
+        return text.upper()
+
+    @stage
+    def describe(value: int | str) -> str:
+        return f"<{value}>"
+
+    @stage
+    def count(n: int) -> int:
+        return n + 1
+
+    labelled = route(is_text, shout, describe)
+    assert [r.unwrap() for r in (count | labelled).run([1, 2])] == ["<2>", "<3>"]
+    assert [r.unwrap() for r in labelled.run([1, "a"])] == ["<1>", "A"]
+
+    @stage
+    def raw(data: bytes) -> bytes:
+        return data
+
+    with pytest.raises(CompositionError, match="produces bytes"):
+        raw | labelled  # type: ignore[operator] # the run-time check for untyped code
 
 
 def exits_on_three(n: int) -> bool:

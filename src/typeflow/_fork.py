@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from typeflow._backends._split import SplitKernel
 from typeflow._errors import DefinitionError, short_repr
-from typeflow._hints import Hint, narrower
+from typeflow._hints import Hint, input_hint, narrowed_hint, narrower, output_hint
 from typeflow._options import StageOptions
 from typeflow._runtime._kernel import FnKernel, Node, StatefulKernel
 from typeflow._shapes import check_predicate
@@ -208,4 +208,16 @@ def route(
     then_out = then._out_hint()  # pyright: ignore[reportPrivateUsage] - package-internal hints
     out_hint = then_out if then_out == otherwise._out_hint() else None  # pyright: ignore[reportPrivateUsage] - the same
     node = Node(name, StageOptions(name=name), kernel, "split")
-    return SplitStage(node, _common_input("route", (then, otherwise)), out_hint)
+    return SplitStage(node, _route_input(predicate, then, otherwise), out_hint)
+
+
+def _route_input(
+    predicate: Callable[[Any], object], then: Stage[Any, Any], otherwise: Stage[Any, Any]
+) -> Hint:
+    """What a route accepts: what both branches accept -- unless the predicate
+    narrows (``TypeIs``/``TypeGuard``), when ``then`` gets only the narrowed items
+    and the route takes what ``otherwise`` (or the predicate) takes."""
+    if narrowed_hint(output_hint(predicate)) is None:
+        return _common_input("route", (then, otherwise))
+    wide = otherwise._in_hint()  # pyright: ignore[reportPrivateUsage] - as in _common_input
+    return wide if wide is not None else input_hint(predicate)

@@ -469,15 +469,15 @@ class FnKernel(Kernel):
         ok, deltas, whole, failed = out.ok, out.deltas, out.whole, out.failed
         append = ok.append
         filtered = 0
+        values: list[object] = []
+        kept = False
         for key, item in zip(keys, items, strict=True):
             try:
                 value = fn(item)
                 if flat:
-                    value = list(value)
-                elif value:  # a verdict's truth is part of the call: it may raise (an array's)
-                    value = True
-                else:
-                    value = False
+                    values = list(value)
+                else:  # a verdict's truth is part of the call: it may raise (an array's)
+                    kept = True if value else False  # noqa: SIM210 - no call to bool()
             except WorkerExit:
                 raise
             except BaseException as exc:  # noqa: BLE001 - becomes this item's Failure
@@ -485,17 +485,17 @@ class FnKernel(Kernel):
                 continue
             root = key if isinstance(key, int) else None  # the item is its own root
             if flat:
-                made = len(value)
+                made = len(values)
                 if root is not None:
-                    for i, v in enumerate(value):  # no comprehension: its frame costs more
+                    for i, v in enumerate(values):  # no comprehension: its frame costs more
                         append(((root, i), v))
                     whole.append(root)
                 else:
-                    ok += [(child_key(key, i), v) for i, v in enumerate(value)]
+                    ok += [(child_key(key, i), v) for i, v in enumerate(values)]
                 if made != 1:
                     deltas.append((root_of(key), made - 1))
                     filtered += not made
-            elif value:
+            elif kept:
                 append((key, item))
                 if root is not None:
                     whole.append(root)
