@@ -306,6 +306,25 @@ def test_a_batch_behind_a_one_to_many_stage_may_be_larger_than_the_window() -> N
     assert [r.unwrap() for r in tens.run(["a", "b"], window=2)] == [["a"] * 10, ["b"] * 10]
 
 
+def always(word: str) -> bool:
+    return True
+
+
+def test_batches_in_a_route_s_branches_count_for_the_window() -> None:
+    # The window's checks and default see inside forks and routes: a batch there
+    # was cut short by the default window (and flushed only by its timeout), and
+    # a window smaller than it was accepted.
+    batched = route(always, stage(length).batch(3000, timeout=60.0), stage(length).batch(1))
+    sizes = [len(r.unwrap()) for r in batched.run(["a"] * 6000)]
+    assert sizes == [3000, 3000]
+    with pytest.raises(DefinitionError, match="smaller than a batch of 3000"):
+        batched.run(["a"], window=5)
+    # Behind a one-to-many branch a batch is not bounded by the window, as behind
+    # a one-to-many stage.
+    tens = route(always, flat_map(ten_copies), flat_map(ten_copies)).batch(10)
+    assert [r.unwrap() for r in tens.run(["a", "b"], window=2)] == [["a"] * 10, ["b"] * 10]
+
+
 # -- stateful stages ----------------------------------------------------------------------
 
 

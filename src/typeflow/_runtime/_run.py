@@ -163,13 +163,36 @@ def _check_count(value: object) -> None:
 
 def _biggest_batch(nodes: tuple[Node, ...]) -> int:
     """The largest batch that only input items can fill: behind a one-to-many stage
-    one input may make a whole batch, which the window (of input items) cannot bound."""
+    one input may make a whole batch, which the window (of input items) cannot bound.
+    Batches in a fork's or a route's branches count too."""
+    return _batches(nodes)[0]
+
+
+def _batches(nodes: tuple[Node, ...]) -> tuple[int, bool]:
+    """:func:`_biggest_batch` of a chain, and whether a one-to-many stage in it
+    leaves what follows unbounded by the input."""
     biggest = 1
     for node in nodes:
-        if getattr(node.kernel, "kind", None) == "flat":
-            break
-        biggest = max(biggest, getattr(node.kernel, "size", 1))
-    return biggest
+        kernel = node.kernel
+        if getattr(kernel, "kind", None) == "flat":
+            return biggest, True
+        branches: tuple[tuple[Node, ...], ...] = getattr(kernel, "branches", ())
+        unbounded = False
+        for branch in branches:
+            size, flat = _batches(branch)
+            biggest, unbounded = max(biggest, size), unbounded or flat
+        if unbounded:  # a route with a one-to-many branch
+            return biggest, True
+        biggest = max(biggest, getattr(kernel, "size", 1))
+    return biggest, False
+
+
+def _every_node(nodes: tuple[Node, ...]) -> Iterator[Node]:
+    """``nodes`` and the nodes of their branches (forks, routes), at any depth."""
+    for node in nodes:
+        yield node
+        for branch in getattr(node.kernel, "branches", ()):
+            yield from _every_node(branch)
 
 
 def _check_items(items: object) -> None:
@@ -232,14 +255,15 @@ def _shutdown_live_runs() -> None:  # pragma: no cover - runs at interpreter exi
 
 
 def default_window(nodes: tuple[Node, ...]) -> int:
-    """The default number of items in flight: room for every buffer and worker, twice,
+    """The default number of items in flight: room for every buffer and worker (the
+    branches' of forks and routes included), twice,
     and for the results the caller takes at a time (their places come back once
     it has taken them all, see ``_Collector.settle``).
 
     Large enough never to slow a pipeline that keeps up, small enough that an
     ordered run blocked behind one slow item holds a bounded number of results.
     """
-    stages = max(1024, 2 * sum(n.options.buffer + n.options.workers for n in nodes))
+    stages = max(1024, 2 * sum(n.options.buffer + n.options.workers for n in _every_node(nodes)))
     return stages + _COLLECT_RESULTS
 
 
