@@ -876,6 +876,33 @@ def test_a_route_whose_predicate_narrows_takes_what_its_otherwise_branch_takes()
         raw | labelled  # type: ignore[operator] # the run-time check for untyped code
 
 
+def test_statistics_name_nested_branches_by_their_path() -> None:
+    # <fork>[<branch>]/<stage>, at any depth; a stage's row before the rows inside it.
+    nested = fork(
+        fork(stage(plus_one), stage(negate)), route(is_even, stage(plus_one), stage(negate))
+    )
+    run = nested.run(range(10))
+    assert len(list(run)) == 10
+    inner_fork, inner_route = "fork(plus_one, negate)", "route(is_even, plus_one, negate)"
+    outer = f"fork({inner_fork}, {inner_route})"
+    assert [row.name for row in run.statistics().stages] == [
+        outer,
+        f"{outer}[0]/{inner_fork}",
+        f"{outer}[0]/{inner_fork}[0]/plus_one",
+        f"{outer}[0]/{inner_fork}[1]/negate",
+        f"{outer}[1]/{inner_route}",
+        f"{outer}[1]/{inner_route}[0]/plus_one",
+        f"{outer}[1]/{inner_route}[1]/negate",
+    ]
+
+
+def test_a_route_s_row_counts_what_its_branches_dropped() -> None:
+    run = route(is_even, stage(plus_one).keep(lambda n: n < 5), stage(negate)).run(range(20))
+    assert len(list(run)) == 12  # 10 odd items, and 2 of the even ones kept
+    row = run.statistics().stages[0]
+    assert (row.items_in, row.succeeded, row.failed, row.filtered) == (20, 12, 0, 8)
+
+
 def exits_on_three(n: int) -> bool:
     if n == 3:
         sys.exit("a predicate that ends the program")

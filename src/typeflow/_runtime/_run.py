@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import importlib
 import itertools
 import sys
@@ -415,6 +416,16 @@ def _stage_statistics(
     )
 
 
+def _with_branches_dropped(
+    row: StageStatistics, rows: list[tuple[StageStatistics, bool]]
+) -> StageStatistics:
+    """A route's row: what it passed on and what failed in its branches are counted
+    as it passes them on; what its branches' stages dropped is added here."""
+    inside = f"{row.name}["
+    dropped = sum(r.filtered for r, route in rows if not route and r.name.startswith(inside))
+    return dataclasses.replace(row, filtered=row.filtered + dropped)
+
+
 class _LoopThread:
     """An event loop running in its own thread, for task workers and async input."""
 
@@ -497,6 +508,9 @@ class RunCore:
         self._branches: list[
             tuple[str, tuple[Node, ...], list[Channel[Envelope]], list[list[_Emitter]]]
         ] = []
+        #: The label of the branch whose stages are being started ("" at the top):
+        #: a fork or route inside it labels its own branches under it.
+        self._chain_label = ""
         self._groups: list[WorkerGroup] = []
         self._loop: _LoopThread | None = None
         self._loop_lock = threading.Lock()
@@ -625,8 +639,16 @@ class RunCore:
         for channel in inboxes[1:]:
             self.on_shutdown(channel.abort)
         emitters: list[list[_Emitter]] = []
-        groups = self._start_nodes(nodes, inboxes, outbox, emitters)
-        self._branches.append((label, nodes, inboxes, emitters))
+        outer = self._chain_label
+        # Its stages' rows come before those of the forks and routes inside it.
+        label = f"{outer}/{label}" if outer else label
+        place = len(self._branches)
+        self._chain_label = label
+        try:
+            groups = self._start_nodes(nodes, inboxes, outbox, emitters)
+        finally:
+            self._chain_label = outer
+        self._branches.insert(place, (label, nodes, inboxes, emitters))
         return groups
 
     def _feed(self, items: Iterable[Any]) -> None:
@@ -729,11 +751,17 @@ class RunCore:
         """A snapshot; ``succeeded`` and ``failed`` are the results yielded so far,
         ``done`` the input items whose every outcome is known."""
         chains = [("", self.nodes, self.inboxes, self._emitters), *self._branches]
-        stages = [
-            _stage_statistics(f"{label}/{node.name}" if label else node.name, node, inbox, emitters)
+        rows = [
+            (
+                _stage_statistics(
+                    f"{label}/{node.name}" if label else node.name, node, inbox, emitters
+                ),
+                getattr(node.kernel, "mode", None) == "route",
+            )
             for label, nodes, inboxes, emitters_of in chains
             for node, inbox, emitters in zip(nodes, inboxes, emitters_of, strict=True)
         ]
+        stages = [_with_branches_dropped(row, rows) if route else row for row, route in rows]
         read = self.items_read  # once: the feeder moves it meanwhile
         return RunStatistics(
             items_read=read,
