@@ -9,7 +9,17 @@ from typing import Any
 
 import pytest
 
-from typeflow import Backend, CompositionError, DefinitionError, fork, keep, merge, route, stage
+from typeflow import (
+    Backend,
+    CompositionError,
+    DefinitionError,
+    flat_map,
+    fork,
+    keep,
+    merge,
+    route,
+    stage,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,6 +55,21 @@ def test_keep_refuses_a_generator_predicate() -> None:
 
     with pytest.raises(DefinitionError, match=r"keep got the generator function .*gen"):
         keep(gen)
+
+
+def test_flat_map_refuses_a_function_annotated_to_return_no_iterable() -> None:
+    def size(word: str) -> int | None:
+        return len(word)
+
+    with pytest.raises(DefinitionError, match=r"size' is annotated to return int \| None"):
+        flat_map(size)  # type: ignore[arg-type] # untyped callers
+    with pytest.raises(DefinitionError, match=r"return a list \(one value: \[value\]\)"):
+        flat_map(workers=2)(size)  # type: ignore[arg-type] # untyped callers
+
+    def letters(word: str) -> str:  # a str is iterable: its characters are the outputs
+        return word
+
+    assert [r.unwrap() for r in flat_map(letters).run(["ab"])] == ["a", "b"]
 
 
 def test_route_refuses_a_predicate_that_is_not_callable() -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "element_hint",
     "input_hint",
     "narrowed_hint",
+    "not_iterable",
     "output_hint",
 ]
 
@@ -88,6 +89,15 @@ def narrowed_hint(hint: Hint) -> Hint:
     if get_origin(hint) in guards and get_args(hint):
         return get_args(hint)[0]
     return None
+
+
+def not_iterable(hint: Hint) -> str | None:
+    """The annotation, formatted, if it is known and nothing it allows can be iterated
+    (``int``, ``float | None``...); else None."""
+    classes = _classes(hint)
+    if not classes or any(hasattr(c, "__iter__") or hasattr(c, "__aiter__") for c in classes):
+        return None
+    return _fmt(hint)
 
 
 def _classes(hint: Hint) -> tuple[type, ...] | None:

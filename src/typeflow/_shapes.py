@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast, final, overload
 
 from typeflow._backends._batcher import BatchKernel
 from typeflow._errors import DefinitionError, short_repr
-from typeflow._hints import element_hint, narrowed_hint
+from typeflow._hints import element_hint, narrowed_hint, not_iterable, output_hint
 from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
 from typeflow._runtime._kernel import Node, StatefulKernel
 
 # _FnStage: the shapes' base class, package-internal.
-from typeflow._stage import Stage, _FnStage, check_arity, is_async_callable  # pyright: ignore[reportPrivateUsage] - see above
+from typeflow._stage import Stage, _FnStage, check_arity, function_name, is_async_callable  # pyright: ignore[reportPrivateUsage] - see above
 
 if TYPE_CHECKING:
     from typing_extensions import TypeGuard, TypeIs
@@ -113,6 +113,13 @@ def _make_flat(fn: object, options: StageOptions) -> Stage[Any, Any]:
             "make it an async generator (yield each output), or a plain function"
         )
     check_arity(fn)
+    returned = not_iterable(output_hint(fn))
+    if returned is not None:
+        raise DefinitionError(
+            f"@flat_map needs a function that returns its outputs as an iterable (a list, "
+            f"a generator...), but {function_name(fn)!r} is annotated to return {returned}; "
+            "return a list (one value: [value]), or make it a one-to-one stage with @stage"
+        )
     if inspect.isasyncgenfunction(fn):
         return AsyncFlatMapStage(cast("Callable[[Any], AsyncIterator[Any]]", fn), options)
     return FlatMapStage(cast("Callable[[Any], Iterable[Any]]", fn), options)
