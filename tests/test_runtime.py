@@ -398,6 +398,9 @@ def test_run_accepts_an_async_iterable(backend: Backend) -> None:
         ({"buffer": 0}, "buffer=0"),
         ({"backend": "gpu"}, "backend='gpu'"),
         ({"name": ""}, "non-empty"),
+        ({"retry_on": (ValueError, 3)}, r"retry_on=\(<class 'ValueError'>, 3\)"),
+        ({"retry_on": (SystemExit,)}, "SystemExit is not an Exception"),
+        ({"retry_on": (asyncio.CancelledError,)}, "CancelledError is not an Exception"),
     ],
 )
 def test_bad_options_are_refused_at_decoration(options: dict[str, object], message: str) -> None:

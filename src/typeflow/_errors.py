@@ -1,6 +1,8 @@
 """typeflow's exceptions.
 
-Every exception typeflow raises on purpose derives from one root::
+Every exception typeflow raises on purpose derives from one root (but for the
+``TypeError`` of a ``run()`` given something that is not iterable, as Python's
+own functions raise)::
 
     TypeflowError
     ├── StageError              one item failed in one stage (the payload of a ``Failure``)
@@ -13,6 +15,7 @@ Every exception typeflow raises on purpose derives from one root::
     │                           ``TimeoutError``)
     ├── WorkerStartError        worker processes of a stage die while starting, again and
     │                           again (the ``exception`` of each affected item's ``StageError``)
+    ├── FeedClosed              an item put into a feed that is closed, or whose run stopped
     └── RemoteTraceback         the formatted traceback of an exception raised in another
                                 process, attached as that exception's ``__cause__``
 

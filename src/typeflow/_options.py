@@ -65,9 +65,9 @@ class StageOptions:
         retry_on: the exception types that are retried; others fail at once.
             A crashed process worker counts as :class:`~typeflow.WorkerCrashed`
             and a timed-out call as :class:`~typeflow.StageTimeout`.
-        backoff: seconds before the first retry; each further retry waits
-            about twice as long (exponential backoff with jitter, at most
-            ``max_backoff``).
+        backoff: seconds before the first retry (plus a random jitter of up
+            to as much again); each further retry waits about twice as long
+            (exponential backoff with jitter, at most ``max_backoff``).
         max_backoff: the longest wait between two tries, in seconds.
         rate: at most this many calls per second, across all the stage's
             workers (None: no limit), for stages that call rate-limited
@@ -81,7 +81,7 @@ class StageOptions:
     name: str | None = None
     timeout: float | None = None
     retries: int = 0
-    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    retry_on: tuple[type[Exception], ...] = (Exception,)
     backoff: float = 0.1
     max_backoff: float = 30.0
     rate: float | None = None
@@ -158,6 +158,13 @@ def _check_retry_on(label: str, retry_on: object) -> None:
         raise DefinitionError(
             f"{label}: retry_on={retry_on!r} is not allowed; give a tuple of exception "
             "classes, e.g. retry_on=(ConnectionError, TimeoutError)"
+        )
+    final = [t.__name__ for t in types if isinstance(t, type) and not issubclass(t, Exception)]
+    if final:
+        raise DefinitionError(
+            f"{label}: retry_on={retry_on!r} is not allowed; {final[0]} "
+            "is not an Exception (it ends the program or cancels the task, and is never "
+            "retried); give Exception classes, e.g. retry_on=(ConnectionError, TimeoutError)"
         )
 
 

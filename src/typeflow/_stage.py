@@ -215,8 +215,9 @@ class Stage(Generic[In, Out]):
             window: at most this many items are in flight at once (taken from
                 ``items`` but not yet yielded).  It bounds memory and the
                 reorder buffer of an ordered run; when it is full, reading
-                ``items`` waits for the oldest item.  Default:
-                twice the room of every buffer and worker, at least 1024.
+                ``items`` waits for the oldest item.  Default: twice the room
+                of every buffer and worker (at least 1024), plus the 256
+                results the caller takes at a time: 1280 or more.
             handle_signals: while the run is iterated in the main thread, the
                 first Ctrl-C (SIGINT) or SIGTERM stops reading input and lets
                 the items already read finish and be yielded; a second signal,
@@ -284,7 +285,10 @@ class Stage(Generic[In, Out]):
         """The async twin of :meth:`run`, for use inside a running event loop.
 
         ``async for result in pipeline.arun(items)``.  An async iterable is read
-        on the caller's event loop.  Same options as :meth:`run`.
+        on the caller's event loop.  The options ``ordered``, ``fail_fast`` and
+        ``window`` are :meth:`run`'s; signals are left to the event loop
+        (``asyncio.run`` turns Ctrl-C into cancelling its task, which closes a
+        run the task is waiting on, or one opened with ``async with``).
         """
         from typeflow._runtime._run import AsyncRun, RunCore
 
@@ -329,7 +333,7 @@ class Pipeline(Stage[In, Out]):
 
         Each is typed ``Stage[Never, object]``, the type every stage has (what
         one stage takes and makes is lost in a tuple of many): read their
-        ``name`` and ``options``, or run the pipeline itself.
+        ``name``, or run the pipeline itself.
         """
         return self._stages
 
@@ -573,7 +577,7 @@ def stage(  # type: ignore[overload-overlap] # pyright: ignore[reportOverlapping
     name: str | None = None,
     timeout: float | None = None,
     retries: int = 0,
-    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    retry_on: tuple[type[Exception], ...] = (Exception,),
     backoff: float = 0.1,
     max_backoff: float = 30.0,
     rate: float | None = None,
@@ -587,7 +591,7 @@ def stage(
     name: str | None = None,
     timeout: float | None = None,
     retries: int = 0,
-    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    retry_on: tuple[type[Exception], ...] = (Exception,),
     backoff: float = 0.1,
     max_backoff: float = 30.0,
     rate: float | None = None,
@@ -602,7 +606,7 @@ def stage(
     name: str | None = None,
     timeout: float | None = None,
     retries: int = 0,
-    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    retry_on: tuple[type[Exception], ...] = (Exception,),
     backoff: float = 0.1,
     max_backoff: float = 30.0,
     rate: float | None = None,

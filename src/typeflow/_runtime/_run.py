@@ -159,7 +159,7 @@ def _check_grace(value: object) -> None:
 
 def _check_count(value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"take(n) needs a whole number of results, 0 or more, not {value!r}")
+        raise DefinitionError(f"take(n) needs a whole number of results, 0 or more, not {value!r}")
 
 
 def _biggest_batch(nodes: tuple[Node, ...]) -> int:

@@ -95,3 +95,11 @@ def unwrapped_wrong() -> bytes:
     # E[mypy]: Incompatible return value type (got "str", expected "bytes")  [return-value]
     # E[pyright]: Type "str" is not assignable to return type "bytes"
     return show.__wrapped__(1)
+
+
+# SystemExit, KeyboardInterrupt and CancelledError are never retried: retry_on takes Exception classes.
+# E[mypy]: Argument "retry_on" to "stage" has incompatible type "tuple[type[SystemExit]]"; expected "tuple[type[Exception], ...]"  [arg-type]
+# E[pyright]: Argument of type "tuple[type[SystemExit]]" cannot be assigned to parameter "retry_on" of type "tuple[type[Exception], ...]" in function "stage"
+@stage(retries=2, retry_on=(SystemExit,))
+def retries_an_exit(x: int) -> int:
+    return x
