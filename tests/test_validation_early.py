@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gc
+import os
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -287,3 +291,38 @@ def test_shapes_that_fit_compose() -> None:
         route(bool, loose(anything), loose(text_length)),
     ]
     assert len(fitting) == 4
+
+
+UNGUARDED = """
+from typeflow import stage
+
+
+@stage(backend="process")
+def square(n: int) -> int:
+    return n * n
+
+
+for result in square.run([3]):  # no main guard: a spawned worker runs this again
+    print(result)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_script_without_the_main_guard_gets_an_error_that_names_it(tmp_path: Path) -> None:
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env={**os.environ, "TYPEFLOW_START_METHOD": "spawn"},
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    # The worker's import of the script refuses the run it would start...
+    assert "DefinitionError" in done.stderr
+    assert "start runs under 'if __name__ == \"__main__\":'" in done.stderr
+    # ...so the worker never starts, and the item fails saying why.
+    assert "WorkerStartError" in done.stdout
+    assert "guard" in done.stdout
+    assert done.returncode == 0

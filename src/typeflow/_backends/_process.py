@@ -980,6 +980,16 @@ def start(
     node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter], env: RunEnv
 ) -> ProcessGroup:
     start_method()  # a bad TYPEFLOW_START_METHOD fails the run before it starts
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # multiprocessing's own flag while a new process imports the main script
+        # (as __mp_main__); it refuses to start processes then, with a message
+        # about bootstrapping that does not name the cause.
+        raise DefinitionError(
+            f"stage {node.name!r} uses backend='process', and this run is being started "
+            "by the main script's top level while a worker process imports that script; "
+            "start runs under 'if __name__ == \"__main__\":' (a worker imports the script "
+            "for its functions, and must not run it)"
+        )
     if multiprocessing.current_process().daemon:
         raise DefinitionError(
             f"stage {node.name!r} uses backend='process', but this run is inside a worker "
