@@ -60,10 +60,12 @@ def _check_source(i: int, source: object) -> None:
     )
 
 
-def _drain(channel: Channel[Any]) -> Iterator[Any]:
+def _drain(channel: Channel[Any], chunk: int) -> Iterator[Any]:
+    """The feed's items for the run's reader, ``chunk`` at a time (taken out of the
+    feed's buffer, they wait here: few, so that the buffer's bound holds)."""
     while True:
         try:
-            batch = channel.get_many(_CHUNK)
+            batch = channel.get_many(chunk)
         except (EndOfChannel, ChannelAborted):
             return
         yield from batch
@@ -95,7 +97,8 @@ class Feed(Generic[In, Out]):
         self._channel: Channel[Any] = Channel(capacity)
         self._closed = False
         self._lock = threading.Lock()
-        run = start_run(_drain(self._channel))
+        # The run's reader holds at most an eighth of the capacity (and one item).
+        run = start_run(_drain(self._channel, max(1, min(_CHUNK, capacity // 8))))
         self._run = run
         run._core.on_shutdown(self._channel.abort)  # pyright: ignore[reportPrivateUsage] - a feed is part of its run
         run.start()
