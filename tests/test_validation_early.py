@@ -326,3 +326,37 @@ def test_a_script_without_the_main_guard_gets_an_error_that_names_it(tmp_path: P
     assert "WorkerStartError" in done.stdout
     assert "guard" in done.stdout
     assert done.returncode == 0
+
+
+FROM_STDIN = """
+import threading
+
+from typeflow import stage
+
+threading.Thread(target=threading.Event().wait, args=(30,), daemon=True).start()
+
+
+@stage(workers=2, backend="process")  # another thread is alive: the forkserver starts them
+def square(n: int) -> int:
+    return n * n
+
+
+print([r.unwrap() for r in square.run([1, 2, 3])])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_process_stages_work_in_a_script_read_from_standard_input() -> None:
+    # Its __file__ is "<stdin>": a worker cannot import it again (it failed to start,
+    # again and again); its stages travel by value, as for python -c.
+    done = subprocess.run(
+        [sys.executable, "-"],
+        input=FROM_STDIN,
+        env={**os.environ, "TYPEFLOW_START_METHOD": "forkserver"},
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.stdout.strip() == "[1, 4, 9]", done.stderr
+    assert "Traceback" not in done.stderr

@@ -122,6 +122,7 @@ from typeflow._runtime._kernel import (
     Node,
     Outcome,
     SetupFailed,
+    main_script,
     rows,
     ship,
 )
@@ -428,7 +429,8 @@ class _Pump:
                 parent.close()
                 child.close()
                 raise _Cancelled
-            proc.start()
+            with _main_not_imported():
+                proc.start()
             self._proc, self._conn = proc, parent
         child.close()
         # Wait until the worker is up, so that start-up never counts against a timeout.
@@ -953,6 +955,28 @@ def deferred_threads(first: threading.Thread | None = None) -> Generator[None, N
         _deferred.pending = outer
     for thread in pending:
         thread.start()
+
+
+_main_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _main_not_imported() -> Generator[None, None, None]:
+    """While a worker process is started by the forkserver or spawn: a main script
+    that cannot be imported again (read from standard input: its ``__file__`` is
+    ``"<stdin>"``) is not named to it, as for ``python -c``, so the worker does not
+    fail trying to (its stages travel by value, see ``_main_reference``)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or main_script(main) is not None:
+        yield
+        return
+    with _main_lock:
+        del main.__file__
+        try:
+            yield
+        finally:
+            main.__file__ = path
 
 
 def _join(proc: BaseProcess, timeout: float) -> None:

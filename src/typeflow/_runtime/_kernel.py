@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pickle
 import sys
 from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Sequence
@@ -884,7 +885,7 @@ def _main_reference(fn: Callable[..., Any], kernel: Kernel) -> tuple[str, str] |
     classes.  Anything else travels by value with cloudpickle.
     """
     main = sys.modules.get("__main__")
-    if getattr(fn, "__module__", None) != "__main__" or not getattr(main, "__file__", None):
+    if getattr(fn, "__module__", None) != "__main__" or main_script(main) is None:
         return None
     obj: object = main
     for part in getattr(fn, "__qualname__", "<lambda>").split("."):
@@ -893,6 +894,14 @@ def _main_reference(fn: Callable[..., Any], kernel: Kernel) -> tuple[str, str] |
     if isinstance(node, Node) and node.kernel is kernel:
         return ("__main__", fn.__qualname__)
     return None
+
+
+def main_script(main: object) -> str | None:
+    """The file of the main script, if a worker process can import it again: none
+    for ``python -c``, a REPL or a notebook, nor for a script read from standard
+    input (its ``__file__`` is ``"<stdin>"``)."""
+    path = getattr(main, "__file__", None)
+    return path if isinstance(path, str) and os.path.isfile(path) else None
 
 
 def _kernel_of_stage(module: str, qualname: str) -> Kernel:
