@@ -648,6 +648,17 @@ def test_run_refuses_an_input_that_is_not_iterable_at_once(items: object) -> Non
         on("thread", increment).arun(items)  # type: ignore[arg-type] # the point of the test
 
 
+@pytest.mark.parametrize(("items", "unit"), [("42", "character"), (b"ab", "byte")])
+def test_run_refuses_one_string_which_would_be_read_as_many_items(
+    items: str | bytes, unit: str
+) -> None:
+    # A str is an iterable of str: the type checkers accept it where a list is meant.
+    shout = stage(str.upper)
+    for start in (shout.run, shout.arun):
+        with pytest.raises(TypeError, match=rf"read {unit} by {unit} as 2 items; pass a list"):
+            start(items)  # type: ignore[arg-type] # bytes: the point of the test
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [

@@ -172,6 +172,11 @@ def test_merge_refuses_a_source_that_cannot_be_iterated(source: object) -> None:
         merge([1], source)  # type: ignore[call-overload] # untyped callers are what this checks
 
 
+def test_merge_refuses_one_string_as_a_source() -> None:
+    with pytest.raises(DefinitionError, match=r"merge source 1 is one str value, 'abc', which"):
+        merge([1], "abc")
+
+
 def test_merge_refuses_a_lone_bad_source() -> None:
     with pytest.raises(DefinitionError, match=r"merge source 0 is 3, which cannot be iterated"):
         merge(3)  # type: ignore[call-overload] # untyped callers are what this checks

@@ -44,7 +44,13 @@ def _check_capacity(label: str, capacity: object) -> None:
 
 
 def _check_source(i: int, source: object) -> None:
-    """Refuse, when ``merge`` is called, a source it cannot read (nothing is consumed)."""
+    """Refuse, when ``merge`` is called, a source it cannot read (nothing is consumed),
+    or one string, which would be read as many items (as ``run()`` does)."""
+    if isinstance(source, str | bytes | bytearray):
+        raise DefinitionError(
+            f"merge source {i} is one {type(source).__name__} value, {short_repr(source)}, "
+            f"which would be read as {len(source)} items; pass a list of items ([value])"
+        )
     if isinstance(source, Iterable) or hasattr(type(source), "__getitem__"):
         return
     shown = short_repr(source)

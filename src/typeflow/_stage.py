@@ -207,7 +207,9 @@ class Stage(Generic[In, Out]):
 
         Args:
             items: any iterable or async iterable, endless ones included; it is
-                read lazily, only as fast as the stages have room.
+                read lazily, only as fast as the stages have room.  One ``str``
+                or ``bytes`` value is refused (``TypeError``): it would be read
+                as one item per character; pass ``[value]``.
             ordered: yield results in input order (the default) or as they
                 complete (``False``).
             fail_fast: raise the first failure's :class:`~typeflow.StageError`

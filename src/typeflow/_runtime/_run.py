@@ -197,7 +197,17 @@ def _every_node(nodes: tuple[Node, ...]) -> Iterator[Node]:
 
 
 def _check_items(items: object) -> None:
-    """Refuse, at ``run()``, an input that cannot be iterated (``None``, a number)."""
+    """Refuse, at ``run()``, an input that cannot be iterated (``None``, a number), and
+    one string or bytes value (an iterable of characters, or of numbers, that the
+    type checkers accept where a list of strings is meant)."""
+    if isinstance(items, str | bytes | bytearray):
+        kind = type(items).__name__
+        unit = "character" if isinstance(items, str) else "byte"
+        raise TypeError(
+            f"run() got one {kind} value, {short_repr(items)}, which would be read {unit} "
+            f"by {unit} as {len(items)} items; pass a list of items, e.g. run([value]) for "
+            f"this one (or run(list(value)) if each {unit} is an item)"
+        )
     if not isinstance(items, Iterable | AsyncIterable) and not hasattr(type(items), "__getitem__"):
         raise TypeError(
             f"run() needs an iterable of items, not {short_repr(items)}; pass a list, a "
