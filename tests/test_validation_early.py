@@ -365,3 +365,25 @@ def test_process_stages_work_in_a_script_read_from_standard_input() -> None:
     )
     assert done.stdout.strip() == "[1, 4, 9]", done.stderr
     assert "Traceback" not in done.stderr
+
+
+class Lookup:
+    def __call__(self, key: str) -> int:
+        return len(key)
+
+
+class Parser:
+    def parse(self, text: str) -> int:
+        return int(text)
+
+
+def test_newcomers_mistakes_get_the_fix_in_the_message() -> None:
+    # An object with __call__ is named after its class, not its address.
+    assert stage(Lookup()).name == "Lookup"
+    # A method in a class body: the fix is a bound method or a staticmethod.
+    with pytest.raises(DefinitionError, match=r"bound method \(stage\(Parser\(\)\.parse\)\)"):
+        stage(Parser.parse)  # type: ignore[arg-type] # caught statically too
+    assert stage(Parser().parse)("7") == 7
+    # An option given positionally.
+    with pytest.raises(DefinitionError, match=r"not 4; the options are keywords"):
+        stage(4)  # type: ignore[call-overload] # untyped callers are what this checks

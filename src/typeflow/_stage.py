@@ -469,7 +469,11 @@ def function_name(fn: Callable[..., Any]) -> str:
     while isinstance(inner, functools.partial):
         inner = inner.func  # pyright: ignore[reportUnknownMemberType]
     name = getattr(inner, "__qualname__", None)
-    return name if isinstance(name, str) else short_repr(fn)
+    if isinstance(name, str):
+        return name
+    if callable(inner) and not isinstance(inner, type):  # an object with __call__: its class
+        return type(inner).__qualname__
+    return short_repr(fn)
 
 
 def _check_shippable(name: str, fn: Callable[..., Any]) -> None:
@@ -488,7 +492,12 @@ def _make(fn: object, options: StageOptions) -> Stage[Any, Any]:
     if isinstance(fn, Stage):
         raise DefinitionError(f"{fn!r} is already a stage; decorate the plain function once")
     if not callable(fn):
-        raise DefinitionError(f"@stage needs a function, not {short_repr(fn)}")
+        hint = (
+            "; the options are keywords: stage(workers=4), stage(backend='process')"
+            if isinstance(fn, int | str)
+            else ""
+        )
+        raise DefinitionError(f"@stage needs a function, not {short_repr(fn)}{hint}")
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         raise DefinitionError(
             f"@stage got the generator function {getattr(fn, '__qualname__', fn)!r}; a stage "
@@ -519,10 +528,17 @@ def check_arity(fn: Callable[..., Any], role: str = "a stage's function") -> Non
     try:
         sig.bind(object())
     except TypeError as exc:
+        params = list(sig.parameters)
+        fix = (
+            "it is a method: make a stage of a bound method (stage(Parser().parse)) "
+            "or of a @staticmethod, not of the function in the class body"
+            if params[:1] in (["self"], ["cls"])
+            else "give it exactly one required positional parameter (use functools.partial "
+            "for the others)"
+        )
         raise DefinitionError(
             f"{role} is called with one item, but "
-            f"{getattr(fn, '__qualname__', fn)!r}{sig} cannot be ({exc}); give it exactly one "
-            "required positional parameter (use functools.partial for the others)"
+            f"{getattr(fn, '__qualname__', fn)!r}{sig} cannot be ({exc}); {fix}"
         ) from None
 
 
