@@ -306,6 +306,29 @@ def test_a_batch_behind_a_one_to_many_stage_may_be_larger_than_the_window() -> N
     assert [r.unwrap() for r in tens.run(["a", "b"], window=2)] == [["a"] * 10, ["b"] * 10]
 
 
+def test_an_ordered_batch_whose_first_item_is_late_is_flushed_when_the_window_is_full() -> None:
+    # Item 0 reaches the batch stage after a list with items 1-4 went on: 0 holds
+    # back every result after it, the window (5) is full, no more input is read,
+    # and the list [0] could only be flushed by its timeout (120 s, past the test's
+    # own timeout) -- unless the stage sees that and flushes it.
+    went_on = threading.Event()
+
+    def late_zero(n: int) -> int:
+        if n == 0:
+            went_on.wait(30)
+        return n
+
+    def note(items: list[int]) -> list[int]:
+        if 4 in items:
+            went_on.set()
+        return items
+
+    pipeline = stage(workers=2)(late_zero).batch(4, timeout=120.0) | stage(note)
+    lists = [r.unwrap() for r in pipeline.run(range(6), window=5)]
+    assert sorted(n for items in lists for n in items) == list(range(6))
+    assert went_on.is_set()
+
+
 def always(word: str) -> bool:
     return True
 

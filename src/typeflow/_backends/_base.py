@@ -181,6 +181,14 @@ class Emitter(Protocol):
 class RunEnv(Protocol):
     """What a run offers its backends."""
 
+    #: Whether results are handed out in input order.
+    ordered: bool
+
+    def window_full(self) -> bool:
+        """Whether every place of the run's window is taken (no input is read until
+        a result is handed out)."""
+        ...
+
     def event_loop(self) -> asyncio.AbstractEventLoop:
         """The run's event loop (running in its own thread), started on first use."""
         ...

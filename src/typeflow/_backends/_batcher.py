@@ -8,7 +8,13 @@ of the stream.  The wait for the deadline is a timed wait on the inbox, not a
 poll.
 
 Accounting: a list is keyed by its first item; every other item of the list
-is announced to the collector as absorbed (a delta of -1 for its root).
+is announced to the collector as absorbed (a delta of -1 for its root) as soon
+as it arrives, so that only a list's first item waits for the list.
+
+In an ordered run, a list whose first item is late (older than an item of a
+list already passed on: several workers upstream) holds back every result
+after it; once the run's window is full, no more input is read and the list
+could only be flushed by its timeout.  It is flushed then instead.
 """
 
 from __future__ import annotations
@@ -60,9 +66,11 @@ class BatchGroup:
         return not self._thread.is_alive()
 
 
-def _work(kernel: BatchKernel, inbox: Channel[Envelope], emitter: Emitter) -> None:
+def _work(kernel: BatchKernel, inbox: Channel[Envelope], emitter: Emitter, env: RunEnv) -> None:
     pending: list[Envelope] = []
     deadline: float | None = None
+    #: The newest input item in a list passed on so far.
+    newest = -1
     try:
         while True:
             try:
@@ -71,18 +79,31 @@ def _work(kernel: BatchKernel, inbox: Channel[Envelope], emitter: Emitter) -> No
                 got = []
             except EndOfChannel:
                 if pending:
-                    emitter.emit(_group(pending))
+                    emitter.emit(_flush(pending))
                 return
-            if got and not pending:
-                deadline = time.monotonic() + kernel.timeout
-            pending += got
-            if len(pending) >= kernel.size or (deadline is not None and not got):
-                emitter.emit(_group(pending))
+            if got:
+                absorbed = got if pending else got[1:]
+                if absorbed:
+                    emitter.emit(Outcome(deltas=[(root_of(key), -1) for key, _ in absorbed]))
+                if not pending:
+                    deadline = time.monotonic() + kernel.timeout
+                pending += got
+            if not pending:
+                continue
+            late = env.ordered and root_of(pending[0][0]) < newest and env.window_full()
+            if len(pending) >= kernel.size or (deadline is not None and not got) or late:
+                newest = max(newest, max(root_of(key) for key, _ in pending))
+                emitter.emit(_flush(pending))
                 pending, deadline = [], None
     except ChannelAborted:
         pass
     finally:
         emitter.done()
+
+
+def _flush(pending: list[Envelope]) -> Outcome:
+    """The list, keyed by its first item (the others were announced absorbed)."""
+    return Outcome(ok=[(pending[0][0], [item for _, item in pending])])
 
 
 def start(
@@ -91,7 +112,10 @@ def start(
     kernel = node.kernel
     assert isinstance(kernel, BatchKernel)
     thread = threading.Thread(
-        target=_work, args=(kernel, inbox, emitters[0]), name=f"typeflow:{node.name}", daemon=True
+        target=_work,
+        args=(kernel, inbox, emitters[0], env),
+        name=f"typeflow:{node.name}",
+        daemon=True,
     )
     thread.start()
     return BatchGroup(thread)

@@ -640,6 +640,9 @@ class RunCore:
             raise
         return [started[i] for i in range(len(nodes))]
 
+    def window_full(self) -> bool:
+        return len(self.window) >= self.window.capacity
+
     def start_chain(
         self, nodes: tuple[Node, ...], first: Channel[Envelope], outbox: Outbox, label: str = ""
     ) -> list[WorkerGroup]:
