@@ -482,6 +482,78 @@ def test_a_failing_setup_fails_the_run_fast_with_that_error() -> None:
     assert leftovers() == ([], [])
 
 
+class AsyncBrokenSetup(AsyncStatefulStage[int, int], backend="task"):
+    tries: ClassVar[list[int]] = []
+
+    async def setup(self) -> None:
+        AsyncBrokenSetup.tries.append(1)
+        raise ConnectionRefusedError("no database")
+
+    async def process(self, item: int, /) -> int:
+        return item
+
+
+def test_a_failing_async_setup_runs_once_per_worker() -> None:
+    # A task worker ran it again for every batch until the run stopped.
+    AsyncBrokenSetup.tries.clear()
+    with pytest.raises(ConnectionRefusedError, match="no database"):
+        list(AsyncBrokenSetup().run(itertools.count()))
+    assert len(AsyncBrokenSetup.tries) == 1
+    assert leftovers() == ([], [])
+
+
+class HoldsALock(StatefulStage[int, int]):
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # belongs in setup(): each worker copies the object
+
+    def process(self, item: int, /) -> int:
+        return item
+
+
+class HoldsALockInAProcess(HoldsALock, backend="process"):
+    pass
+
+
+@pytest.mark.parametrize("make", [HoldsALock, HoldsALockInAProcess])
+def test_a_stage_object_that_cannot_be_copied_stops_the_run_with_the_fix(
+    make: Callable[[], Stage[int, int]],
+) -> None:
+    # Threads failed every item with "cannot pickle '_thread.lock' object"; processes
+    # advised backend='thread'.
+    with pytest.raises((TypeError, DefinitionError), match=r"in setup\(\), not in __init__"):
+        list(make().run(range(5)))
+    assert leftovers() == ([], [])
+
+
+class SlowToOpen(AsyncStatefulStage[int, int], backend="task"):
+    events: ClassVar[list[str]] = []
+    opening: ClassVar[threading.Event] = threading.Event()
+
+    async def setup(self) -> None:
+        SlowToOpen.events.append("opening")
+        SlowToOpen.opening.set()
+        await asyncio.sleep(0.2)  # a slow connect
+        SlowToOpen.events.append("opened")
+
+    async def process(self, item: int, /) -> int:
+        return item
+
+    async def teardown(self) -> None:
+        SlowToOpen.events.append("closed")
+
+
+def test_a_run_closed_during_an_async_setup_lets_it_end_and_tears_it_down() -> None:
+    # The setup was cancelled at its await, and what it opened was never closed.
+    SlowToOpen.events.clear()
+    SlowToOpen.opening.clear()
+    run = SlowToOpen().run(itertools.count())
+    run.start()
+    assert SlowToOpen.opening.wait(10)
+    run.close()
+    assert SlowToOpen.events == ["opening", "opened", "closed"]
+    assert leftovers() == ([], [])
+
+
 class DatabaseDown(Exception):
     def __init__(self, host: str, code: int) -> None:  # does not unpickle: two arguments
         super().__init__(f"cannot reach {host}: {code}")
@@ -993,7 +1065,15 @@ class AsyncFailingTeardown(AsyncStatefulStage[int, int], workers=2, backend="tas
         raise RuntimeError("the connection would not close")
 
 
-@pytest.mark.parametrize("make", [FailingTeardown, AsyncFailingTeardown])
+class ExitingTeardown(StatefulStage[int, int], workers=2):
+    def process(self, item: int, /) -> int:
+        return item
+
+    def teardown(self) -> None:
+        sys.exit("the connection would not close")  # logged too, not swallowed
+
+
+@pytest.mark.parametrize("make", [FailingTeardown, AsyncFailingTeardown, ExitingTeardown])
 def test_a_failing_teardown_is_logged_and_the_run_ends_with_every_result(
     make: Callable[[], Stage[int, int]], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1003,5 +1083,5 @@ def test_a_failing_teardown_is_logged_and_the_run_ends_with_every_result(
     records = [r for r in caplog.records if r.name == "typeflow"]
     assert records
     assert all("teardown of stage" in r.getMessage() for r in records)
-    assert all(r.exc_info and isinstance(r.exc_info[1], RuntimeError) for r in records)
+    assert all(r.exc_info and isinstance(r.exc_info[1], RuntimeError | SystemExit) for r in records)
     assert leftovers() == ([], [])

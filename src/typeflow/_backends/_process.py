@@ -122,6 +122,7 @@ from typeflow._runtime._kernel import (
     Node,
     Outcome,
     SetupFailed,
+    StatefulKernel,
     main_script,
     rows,
     ship,
@@ -1023,10 +1024,15 @@ def start(
     try:
         kernel_bytes = ship(node.kernel)
     except Exception as exc:
+        fix = (
+            "create what the stage object holds that cannot be pickled (locks, open "
+            "files, connections, clients) in setup(), not in __init__"
+            if isinstance(node.kernel, StatefulKernel)
+            else "use backend='thread', or make the function and what it captures picklable"
+        )
         raise DefinitionError(
             f"stage {node.name!r} cannot be sent to its worker processes "
-            f"({type(exc).__name__}: {exc}); use backend='thread', or make the function "
-            "and what it captures picklable"
+            f"({type(exc).__name__}: {exc}); {fix}"
         ) from exc
     limiter = rate_limiter(node)  # shared by the stage's pumps
     pumps = [_Pump(node, kernel_bytes, inbox, e, i, limiter) for i, e in enumerate(emitters)]

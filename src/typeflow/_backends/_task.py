@@ -25,7 +25,7 @@ from typeflow._backends._base import (
     rate_limiter,
 )
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Node, WorkerContext, rows
+from typeflow._runtime._kernel import Envelope, Node, WorkerContext, rows, until_done
 
 __all__ = ["BATCH_LIMIT", "BATCH_SECONDS", "TaskGroup", "start"]
 
@@ -130,17 +130,7 @@ async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
     that stops cancels its workers, then waits for them: a teardown should close
     what it opened, not be cut short at its first ``await``).  The run's join
     bounds the wait; a cancellation that came meanwhile is raised afterwards."""
-    task = asyncio.ensure_future(work)
-    cancelled = False
-    while True:
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.done():
-                cancelled = True
-                continue
-        break
-    if cancelled:
+    if await until_done(work):
         raise asyncio.CancelledError
 
 

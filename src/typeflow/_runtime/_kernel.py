@@ -14,7 +14,7 @@ import inspect
 import os
 import pickle
 import sys
-from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, cast
 
@@ -249,7 +249,9 @@ class WorkerContext:
                 state, self.state = self.state, None
                 try:
                     state.teardown(self)
-                except Exception as exc:  # noqa: BLE001 - no item left to fail: logged
+                except WorkerExit:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - no item left to fail: logged
                     state.teardown_failed(exc, self.index)
         finally:
             if self._runner is not None:
@@ -262,7 +264,7 @@ class WorkerContext:
             state, self.state = self.state, None
             try:
                 await state.ateardown()
-            except Exception as exc:  # noqa: BLE001 - no item left to fail: logged
+            except BaseException as exc:  # noqa: BLE001 - no item left to fail: logged
                 state.teardown_failed(exc, self.index)
 
 
@@ -285,7 +287,7 @@ class WorkerState:
         if inspect.isawaitable(result):
             await result
 
-    def teardown_failed(self, exc: Exception, worker: int) -> None:
+    def teardown_failed(self, exc: BaseException, worker: int) -> None:
         """A teardown raised.  Every item of the worker is done by then, so there is
         nothing to fail: the error is logged (logger ``typeflow``; to standard error
         when logging is not set up) and the worker ends as usual."""
@@ -691,6 +693,26 @@ class FnKernel(Kernel):
         return out
 
 
+async def until_done(work: Awaitable[object]) -> bool:
+    """Await ``work`` until it ends, even if this task is cancelled meanwhile; returns
+    whether it was (the caller raises the cancellation once it has recorded what
+    ``work`` did).  ``work``'s own exception is raised.  The run's join bounds the
+    wait."""
+    import asyncio
+
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                cancelled = True
+                continue
+            raise
+        return cancelled
+
+
 def _cancelled_by_run() -> bool:
     """Whether a ``CancelledError`` means that this worker's own task is being
     cancelled (the run stops, or a timeout cuts the call short), rather than one
@@ -777,7 +799,7 @@ class StatefulKernel(Kernel):
         prototype: object = self.prototype
         cls = type(prototype)
         main = sys.modules.get("__main__")
-        if cls.__module__ == "__main__" and getattr(main, "__file__", None):
+        if cls.__module__ == "__main__" and main_script(main) is not None:
             # A class of the main script: pickle the object by reference to its
             # class (the worker re-imports the script), so that the worker's
             # results unpickle as the parent's classes.  See _main_reference.
@@ -790,9 +812,19 @@ class StatefulKernel(Kernel):
         return (StatefulKernel, (self.name, self.prototype, self.is_async, self.options))
 
     def _fresh(self) -> Any:
+        """The worker's own copy of the stage object (a process worker's is its
+        unpickled one already: copied again, the same)."""
         import copy
 
-        return copy.deepcopy(self.prototype)
+        try:
+            return copy.deepcopy(self.prototype)
+        except Exception as exc:
+            raise TypeError(
+                f"stage {self.name!r}: each worker gets its own copy of the stage object "
+                f"(copy.deepcopy), but it cannot be copied ({type(exc).__name__}: {exc}); "
+                "create what cannot be copied (locks, open files, connections, clients) "
+                "in setup(), not in __init__"
+            ) from exc
 
     def _failed_setup(self, batch: list[Envelope], error: BaseException) -> Outcome:
         failure = SetupFailed(self.name, error)
@@ -804,8 +836,8 @@ class StatefulKernel(Kernel):
     def prepare(self, ctx: WorkerContext) -> None:
         if not self.needs_setup(ctx):
             return
-        instance = self._fresh()
         try:
+            instance = self._fresh()
             result = instance.setup()
             if inspect.isawaitable(result):
                 ctx.run_coroutine(cast("Coroutine[Any, Any, object]", result))
@@ -831,18 +863,25 @@ class StatefulKernel(Kernel):
         if ctx.state is None:
             import asyncio
 
-            instance = self._fresh()
+            if ctx.setup_failure is not None:  # once per worker, as on the other backends
+                return self._failed_setup(batch, ctx.setup_failure)
+            cancelled = False
             try:
+                instance = self._fresh()
                 result = instance.setup()
                 if inspect.isawaitable(result):
-                    await result
+                    # A run that stops meanwhile lets the setup end: its teardown follows.
+                    cancelled = await until_done(result)
             except BaseException as exc:
                 if isinstance(exc, asyncio.CancelledError) and _cancelled_by_run():
                     raise  # the worker is stopping, not the setup failing
+                ctx.setup_failure = exc
                 return self._failed_setup(batch, exc)
             ctx.state = WorkerState(
                 instance, FnKernel(self.name, instance.process, self.is_async, self.options)
             )
+            if cancelled:
+                raise asyncio.CancelledError
         return await ctx.state.kernel.aprocess(batch, ctx)
 
 
