@@ -795,6 +795,55 @@ def test_merge_sources_and_pipelines() -> None:
         list(merge(broken(), itertools.repeat(0, 10)))
 
 
+def _join_merge_readers() -> None:
+    for thread in threading.enumerate():
+        if thread.name.startswith("typeflow:merge:"):
+            thread.join(10)
+
+
+def test_a_merge_raises_a_source_s_error_while_another_source_waits() -> None:
+    # The error came out only once every other source had ended or yielded again.
+    release = threading.Event()
+
+    def broken() -> Iterator[int]:
+        yield from (1, 2, 3)
+        raise OSError("source a broke")
+
+    def quiet() -> Iterator[int]:
+        release.wait(30)  # a socket with nothing to say
+        yield 99
+
+    got: list[int] = []
+    with pytest.raises(OSError, match="source a broke"):
+        got.extend(merge(broken(), quiet()))  # what came before the error stays
+    assert got == [1, 2, 3]
+    release.set()
+    _join_merge_readers()
+    assert leftovers() == ([], [])
+
+
+def test_a_merge_nobody_holds_stops_reading_and_closes_its_sources() -> None:
+    closed: list[str] = []
+
+    def endless(name: str) -> Iterator[int]:
+        try:
+            yield from itertools.count()
+        finally:
+            closed.append(name)
+
+    merged = merge(endless("a"), endless("b"))
+    next(merged)
+    del merged  # its readers held it alive: they read on forever
+    _join_merge_readers()
+    assert sorted(closed) == ["a", "b"]
+    # A run over merged runs: closing it closes them, and their workers stop.
+    inner = merge(stage(plus_one).run(itertools.count()), stage(negate).run(itertools.count()))
+    assert len(stage(repr).run(inner).take(5)) == 5
+    del inner
+    _join_merge_readers()
+    assert leftovers() == ([], [])
+
+
 def test_run_accepts_failed_items_from_errors_in_the_middle() -> None:
     pipeline = flat_map(split_words) | stage(length) | keep(is_even)
     results = list(pipeline.run(["aa bbb", "cccc"]))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 from typeflow._errors import DefinitionError, StageError, TypeflowError, short_repr
 from typeflow._options import check_whole
@@ -192,33 +194,53 @@ class Feed(Generic[In, Out]):
         await asyncio.to_thread(self._run.close)
 
 
+class _Raised:
+    """A source's error, put into the merged channel after the items it read before
+    it: the stream raises it there.  A private class: no item can be one."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _read(channel: Channel[Any], source: Iterable[Any]) -> None:
+    """One source's reader thread.  It holds the channel, not the merged stream, so
+    that a stream nobody holds any more is collected, and its readers stop."""
+    iterator: Iterator[Any] | None = None
+    try:
+        iterator = iter(source)
+        for item in iterator:
+            channel.put_many([item])
+    except (ChannelAborted, ChannelClosed):
+        pass
+    except BaseException as exc:  # noqa: BLE001 - raised to the consumer, in its place
+        with contextlib.suppress(ChannelAborted, ChannelClosed):
+            channel.put_many([_Raised(exc)])
+    finally:
+        channel.producer_done()
+        # A source stopped early is closed: a run's workers stop, a generator's
+        # finally runs (a merged stream owns its sources).
+        close = getattr(iterator, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
+
+
 class _Merged(Iterator[T]):
     """Items from several sources, each read by its own thread, as they come."""
 
     def __init__(self, sources: tuple[Iterable[Any], ...], capacity: int) -> None:
         self._channel: Channel[Any] = Channel(capacity, producers=len(sources))
-        self._error: BaseException | None = None
         self._buffer: list[Any] = []
         self._threads = [
-            threading.Thread(target=self._read, args=(s,), name=f"typeflow:merge:{i}", daemon=True)
+            threading.Thread(
+                target=_read, args=(self._channel, s), name=f"typeflow:merge:{i}", daemon=True
+            )
             for i, s in enumerate(sources)
         ]
         for t in self._threads:
             t.start()
-
-    def _read(self, source: Iterable[Any]) -> None:
-        channel = self._channel
-        try:
-            for item in source:
-                if self._error is not None:  # another source failed: stop reading
-                    break
-                channel.put_many([item])
-        except (ChannelAborted, ChannelClosed):
-            pass
-        except BaseException as exc:  # noqa: BLE001 - raised to the consumer at the end
-            self._error = exc
-        finally:
-            channel.producer_done()
 
     def __next__(self) -> T:
         while not self._buffer:
@@ -227,19 +249,21 @@ class _Merged(Iterator[T]):
                 self._buffer.reverse()
             except (EndOfChannel, ChannelAborted):
                 self.close()
-                if self._error is not None:  # after the items read before it
-                    error, self._error = self._error, None
-                    raise error from None
                 raise StopIteration from None
-        item: T = self._buffer.pop()
-        return item
+        item = self._buffer.pop()
+        if type(item) is _Raised:  # a source failed: after the items read before it
+            self.close()
+            raise item.error
+        return cast("T", item)
 
     def close(self) -> None:
-        """Stop reading every source."""
+        """Stop reading every source (each is closed once its reader is back from it)."""
         self._channel.abort()
+        self._buffer = []
+        deadline = time.monotonic() + 1.0
         for t in self._threads:
             if t is not threading.current_thread():
-                t.join(1.0)
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def __del__(self) -> None:
         channel: Channel[Any] | None = getattr(self, "_channel", None)
@@ -261,8 +285,11 @@ def merge(*sources: Iterable[Any], capacity: int = _CHUNK) -> Iterator[Any]:
     Each source is read by its own thread, so a slow source does not hold the
     others back.  The sources may be runs: ``merge(p1.run(a), p2.run(b))``
     merges the results of two pipelines.  Use the result as a pipeline's input.
-    If a source raises, the others stop at their next item; the items already
-    read come out, then the merged stream raises that error.
+    If a source raises, the items it read before come out, then the merged
+    stream raises that error (the first, if several fail) and the others stop
+    at their next item.  A merged stream that is closed, or that nobody holds
+    any more, stops reading and closes its sources (a run's workers stop, a
+    generator's ``finally`` runs) as each reader gets back from the source.
     A source that cannot be iterated (an async iterable included), or a
     ``capacity`` below 1, is refused here, with :class:`~typeflow.DefinitionError`.
 
