@@ -20,6 +20,7 @@ from typeflow import (
     flat_map,
     fork,
     keep,
+    keep_type,
     merge,
     route,
     stage,
@@ -288,14 +289,42 @@ def test_the_shapes_types_are_checked_when_composed(
         compose()
 
 
+def decoded(text: str) -> Any:
+    return text
+
+
+def logged(value: Any) -> None:
+    pass
+
+
+def key_of(value: int | str) -> str:
+    return str(value)
+
+
+def size_of(value: str | bytes) -> int:
+    return len(value)
+
+
 def test_shapes_that_fit_compose() -> None:
     fitting = [
         loose(text_length).batch(3) | loose(count_items),
         loose(text_length).batch(2).unbatch() | loose(spelled),
         loose(spelled) | fork(loose(anything), loose(text_length)) | loose(anything),
         route(bool, loose(anything), loose(text_length)),
+        # Any stands for anything, on either side (it is a class since Python 3.11).
+        loose(text_length) | loose(logged),
+        loose(decoded) | loose(shout),
+        flat_map(decoded),
+        # Branches whose inputs overlap take the items both accept.
+        fork(loose(key_of), loose(size_of)),
+        route(bool, loose(key_of), loose(size_of)),
     ]
-    assert len(fitting) == 4
+    assert len(fitting) == 9
+
+
+def test_keep_type_produces_its_class_for_the_run_time_check() -> None:
+    with pytest.raises(CompositionError, match=re.escape("'keep_type(int)' produces int but")):
+        _ = keep_type(int) | loose(shout)
 
 
 UNGUARDED = """

@@ -28,7 +28,7 @@ from typeflow._shapes import check_predicate
 from typeflow._stage import Stage, function_name
 
 if TYPE_CHECKING:
-    from typing_extensions import TypeIs
+    from typing_extensions import TypeGuard, TypeIs
 
 
 __all__ = ["SplitStage", "fork", "route"]
@@ -174,6 +174,10 @@ def _one_to_one(node: Node) -> bool:
 @overload
 def route(
     predicate: Callable[[A], TypeIs[B]], then: Stage[B, C], otherwise: Stage[A, C], /
+) -> Stage[A, C]: ...
+@overload
+def route(
+    predicate: Callable[[A], TypeGuard[B]], then: Stage[B, C], otherwise: Stage[A, C], /
 ) -> Stage[A, C]: ...
 @overload
 def route(

@@ -101,8 +101,10 @@ def not_iterable(hint: Hint) -> str | None:
 
 
 def _classes(hint: Hint) -> tuple[type, ...] | None:
-    if hint is None:
-        return None
+    """The classes an annotation allows, or None when that is not known (no
+    annotation, ``Any``, a type variable, a protocol...)."""
+    if hint is None or hint is Any:
+        return None  # Any is a class since Python 3.11: it stands for anything
     if hint is type(None):
         return (type(None),)
     origin = get_origin(hint)
@@ -150,6 +152,8 @@ def narrower(name_a: str, a: Hint, name_b: str, b: Hint, kind: str) -> Hint:
         return a
     if object in a_classes or all(any(_accepts(t, c) for t in a_classes) for c in b_classes):
         return b
+    if any(_accepts(t, c) or _accepts(c, t) for t in a_classes for c in b_classes):
+        return None  # they overlap (int | str and str | bytes): some items fit both
     raise CompositionError(
         f"the {kind} branches {name_a!r} and {name_b!r} take the same items, but "
         f"{name_a!r} accepts {_fmt(a)} and {name_b!r} accepts {_fmt(b)}; give them a "

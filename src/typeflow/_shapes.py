@@ -338,6 +338,8 @@ class _KeepStage(_FnStage[In, Out]):
         super().__init__(predicate, options, is_async=is_async, kind="keep")
 
     def _out_hint(self) -> object:
+        if isinstance(self._fn, IsInstance):  # keep_type(cls): its items are cls's
+            return self._fn.cls
         return narrowed_hint(super()._out_hint()) or self._in_hint()  # the items go on
 
 

@@ -21,7 +21,7 @@ from typeflow._options import DEFAULT_BUFFER, Backend, StageOptions
 from typeflow._runtime._kernel import FnKernel, Kind, Node, ship
 
 if TYPE_CHECKING:
-    from typing_extensions import Never, TypeIs
+    from typing_extensions import Never, TypeGuard, TypeIs
 
 
 if TYPE_CHECKING:
@@ -154,10 +154,12 @@ class Stage(Generic[In, Out]):
     @overload
     def keep(self, predicate: Callable[[Out], TypeIs[C]], /) -> Pipeline[In, C]: ...
     @overload
+    def keep(self, predicate: Callable[[Out], TypeGuard[C]], /) -> Pipeline[In, C]: ...
+    @overload
     def keep(self, predicate: Callable[[Out], object], /) -> Pipeline[In, Out]: ...
     def keep(self, predicate: Callable[[Any], object], /) -> Pipeline[In, Any]:
         """``self | keep(predicate)``, keeping the exact output type (or the narrowed one,
-        for a ``TypeIs`` predicate).
+        for a ``TypeIs`` or ``TypeGuard`` predicate).
 
         Example:
             >>> @stage

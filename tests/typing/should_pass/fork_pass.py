@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing_extensions import TypeIs, assert_type
+from typing_extensions import TypeGuard, TypeIs, assert_type
 
 from typeflow import Pipeline, Stage, fork, route, stage
 
@@ -70,4 +70,12 @@ def from_anything(x: object) -> int:
 
 
 assert_type(route(is_str, parse, from_anything), Stage[object, int])
+
+
+# A TypeGuard predicate narrows like a TypeIs one.
+def guards_str(x: object) -> TypeGuard[str]:
+    return isinstance(x, str)
+
+
+assert_type(route(guards_str, parse, from_anything), Stage[object, int])
 assert_type(route(lambda w: len(w) > 3, length, length), Stage[str, int])

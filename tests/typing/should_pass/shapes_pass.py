@@ -6,7 +6,7 @@ import sqlite3
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 
 from returns.result import Result
-from typing_extensions import TypeIs, assert_type
+from typing_extensions import TypeGuard, TypeIs, assert_type
 
 from typeflow import (
     AsyncFlatMapStage,
@@ -357,3 +357,10 @@ def is_text(x: int | str) -> TypeIs[str]:
 
 
 assert_type(parse_loose.keep(is_text), Pipeline[str, str])
+
+
+def guards_number(x: int | str) -> TypeGuard[int]:
+    return isinstance(x, int)
+
+
+assert_type(parse_loose.keep(guards_number), Pipeline[str, int])
