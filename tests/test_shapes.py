@@ -482,6 +482,25 @@ def test_a_failing_setup_fails_the_run_fast_with_that_error() -> None:
     assert leftovers() == ([], [])
 
 
+class SlowTeardownInAProcess(StatefulStage[int, int], backend="process"):
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(folder)
+
+    def process(self, item: int, /) -> int:
+        return item
+
+    def teardown(self) -> None:
+        time.sleep(1.5)  # flushing a buffer: longer than a cancelled worker's second
+        (Path(self.folder) / f"torn-down-{os.getpid()}").touch()
+
+
+def test_a_process_worker_s_teardown_may_take_its_time_at_the_end(tmp_path: Path) -> None:
+    # A worker told to stop was killed a second later, its teardown cut short.
+    assert [r.unwrap() for r in SlowTeardownInAProcess(tmp_path).run(range(5))] == list(range(5))
+    assert len(list(tmp_path.glob("torn-down-*"))) == 1
+    assert leftovers() == ([], [])
+
+
 class AsyncBrokenSetup(AsyncStatefulStage[int, int], backend="task"):
     tries: ClassVar[list[int]] = []
 

@@ -238,6 +238,11 @@ class _Cancelled(Exception):
 
 #: How many times a worker process that dies while starting is started again.
 _START_ATTEMPTS: Final = 3
+#: How long a worker told to stop may take to end (a stateful stage's teardown)
+#: before it is killed; a cancelled run does not wait for it.
+STOP_GRACE: Final = 30.0
+
+logger = logging.getLogger("typeflow")
 
 
 class _Unpicklable(Exception):
@@ -450,14 +455,27 @@ class _Pump:
         """Stop the worker process (politely unless ``kill``); returns its exit code."""
         with self._lock:
             proc, conn, wire = self._proc, self._conn, self._wire
-            self._proc = self._conn = self._wire = None
+            # The process stays known while it is waited for: a run cancelled
+            # meanwhile stops it (see cancel and kill_if_cancelled).
+            self._conn = self._wire = None
             self._poller = None
         if proc is None or conn is None:
+            with self._lock:
+                self._proc = None
             return None
         if not kill and wire is not None:
             if wire is not self._farewell:
                 with contextlib.suppress(OSError):
                     wire.send(None)
+            # Told to stop, it runs a stateful stage's teardown, which takes what it takes.
+            _join(proc, STOP_GRACE)
+            if proc.is_alive():
+                logger.warning(
+                    "a worker process of stage %r did not end within %.0f s of being told "
+                    "to stop (its teardown?); it is killed",
+                    self._node.name,
+                    STOP_GRACE,
+                )
         elif proc.is_alive():
             # SIGTERM ends the current call and runs a stateful stage's teardown;
             # SIGKILL follows if the worker is still there a second later.
@@ -467,6 +485,9 @@ class _Pump:
         if proc.is_alive():
             proc.kill()
         _join(proc, 1.0)
+        with self._lock:
+            if self._proc is proc:
+                self._proc = None
         if wire is not None:
             wire.close()
         conn.close()
@@ -555,7 +576,7 @@ class _Pump:
     def _lost(self, sent: deque[_Sent], error: Exception) -> None:
         """What the pump did not expect: the batches the worker held fail with
         ``error`` (rather than wait forever), and a new worker goes on."""
-        logging.getLogger("typeflow").error(
+        logger.error(
             "the pump of stage %r failed; the %d item(s) its worker held fail with this "
             "error (a bug in typeflow: please report it)",
             self._node.name,

@@ -158,7 +158,10 @@ def _serve(
             outcome = kernel.process_columns(seqs, items, ctx)
         else:
             outcome = _tracked(wire, kernel, seqs, items, ctx, progress)
-        _reply(wire, kernel.name, seqs, outcome, clock() - started)
+        try:
+            _reply(wire, kernel.name, seqs, outcome, clock() - started)
+        except OSError:  # the parent is gone (BrokenPipeError): nobody to reply to
+            break
     # Told to stop, or the parent is gone: from here on a SIGTERM waits (for good).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 

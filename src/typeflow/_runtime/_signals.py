@@ -105,9 +105,9 @@ class SignalGuard:
     def raise_received(self) -> None:
         """Raise what the received signal stands for (after the run has stopped)."""
         if self.received == signal.SIGTERM:
-            raise SystemExit(128 + signal.SIGTERM)
+            raise SystemExit(128 + signal.SIGTERM) from None
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt from None  # not "during handling of" the run's end
 
 
 def _nothing() -> None:
