@@ -779,7 +779,7 @@ def test_fail_fast_stops_an_async_run_off_the_event_loop(monkeypatch: pytest.Mon
     shutdown = _run.RunCore.shutdown
 
     def recorded(core: _run.RunCore) -> None:
-        on_loop.append(_run._on_running_loop())  # pyright: ignore[reportPrivateUsage]
+        on_loop.append(_run._on_running_loop())  # pyright: ignore[reportPrivateUsage] - the check under test
         shutdown(core)
 
     monkeypatch.setattr(_run.RunCore, "shutdown", recorded)
