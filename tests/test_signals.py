@@ -122,3 +122,19 @@ def test_a_stale_handler_passes_the_signal_on() -> None:
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_during_a_run_s_stop_waits_for_the_teardowns() -> None:
+    # Ctrl-C while a break or close() joins the workers went to the handlers the
+    # run had given back first: a KeyboardInterrupt in the join, teardowns skipped.
+    from typeflow._runtime._signals import SignalGuard
+
+    before = signal.getsignal(signal.SIGINT)
+    guard = SignalGuard(lambda: None, lambda: None, 10.0)
+    assert guard.install()
+    guard.stopping()
+    signal.raise_signal(signal.SIGINT)  # waits: the workers are being joined
+    assert signal.getsignal(signal.SIGINT) == guard._handle  # pyright: ignore[reportPrivateUsage] - the handler under test
+    with pytest.raises(KeyboardInterrupt):
+        guard.retire()  # joined: the signal goes to the handler it had replaced
+    assert signal.getsignal(signal.SIGINT) == before

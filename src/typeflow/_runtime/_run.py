@@ -806,10 +806,19 @@ class RunCore:
 
     def _stop(self) -> None:
         _live_runs.discard(self)
-        if self._signals is not None:
+        signals = self._signals
+        if signals is None:
+            self._stop_all()
+            return
+        signals.stopping()  # a signal from now on waits for the workers' teardowns
+        try:
+            self._stop_all()
+        finally:
             # Given back here too, not only by release_signals(): a run left by a
             # ``break`` is shut down by garbage collection, which raises nothing.
-            self._signals.retire()
+            signals.retire()
+
+    def _stop_all(self) -> None:
         for callback in self._on_shutdown:
             callback()
         channels: list[Channel[Any]] = [*self.inboxes, self.outbox]

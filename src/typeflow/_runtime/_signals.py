@@ -36,6 +36,10 @@ class SignalGuard:
         self._installed = False
         self._timer: threading.Timer | None = None
         self._retired = False
+        #: While the run is being stopped: a signal waits in ``_pending`` until its
+        #: workers are joined (see :meth:`stopping`).
+        self._stopping = False
+        self._pending: int | None = None
         self.received: int | None = None
 
     def install(self) -> bool:
@@ -64,8 +68,16 @@ class SignalGuard:
             if handler is not None:
                 signal.signal(signum, handler)
 
+    def stopping(self) -> None:
+        """The run is being stopped and its workers joined: a signal that comes now
+        (Ctrl-C during a ``break`` or ``close()``) waits until that is over, then
+        goes to the handler this guard replaced (see :meth:`retire`), so that the
+        workers' teardowns run first."""
+        self._stopping = True
+
     def retire(self) -> None:
-        """The run has stopped: give the signals back now if this is the main thread.
+        """The run has stopped: give the signals back now if this is the main thread,
+        and pass on a signal that came while it was stopping.
 
         Whatever the thread, a signal that still reaches this guard afterwards
         (its run was dropped by a ``break`` and collected elsewhere, say) gives
@@ -75,8 +87,17 @@ class SignalGuard:
         self._retired = True
         self._drain = self._cancel = _nothing
         self.restore()
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            signal.raise_signal(
+                pending
+            )  # to the handler now in place (or this guard's: see _handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._stopping and not self._retired:
+            if self._pending is None:
+                self._pending = signum
+            return
         if self._retired:
             handler = self._live(signum, self._previous.get(signum))
             if handler is not None:
