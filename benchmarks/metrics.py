@@ -95,7 +95,9 @@ VIEWS: dict[str, View] = {
     "startup": View(
         "7. Start-up + shut-down: one item end to end, per backend; import time",
         "Pipeline built, one item through, everything shut down (the peer is imported "
-        'before the clock starts). "import" is the import alone in a fresh interpreter.',
+        'before the clock starts). "import" is the import alone in a fresh interpreter. '
+        "Each repeat runs three fresh children per cell (a cell lasts a few milliseconds, "
+        "as long as one hiccup of a shared machine); the median is over all of them.",
         (MS,),
         "ms",
     ),

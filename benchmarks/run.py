@@ -14,7 +14,8 @@ Method (see README.md beside this file for what each workload measures):
   and the run goes on.
 * Repeats go **round-robin** over all cells (repeat 1 of every cell, then repeat 2,
   ...), so load that drifts on a shared machine hits every peer alike.  Tables show
-  medians; ``latest.json`` keeps every repeat.
+  medians; ``latest.json`` keeps every repeat.  Cells of a few milliseconds (start-up)
+  run several fresh children per repeat (``Case.samples``), all in the median.
 * Where the cost per item is the question (overhead, cpu, mixed), the child also
   times the plain **serial loop** over the same stages right before and right after
   the run.  The ratio of the two (``x serial (p)``) is *paired*: it cancels most of the
@@ -220,16 +221,17 @@ def run_all(
     cells: list[tuple[Case, Cell]], repeats: int, timeout_s: float
 ) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
     runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {c.key: [] for _, c in cells}
-    total = repeats * len(cells)
+    total = repeats * sum(case.samples for case, _ in cells)
     done = 0
     for repeat in range(repeats):
         for case, cell in cells:
-            done += 1
-            module = IMPORT_MODULES[cell.peer] if case.name == "import" else None
-            result = run_cell(cell, "measure", timeout_s, import_module=module)
-            result["repeat"] = repeat
-            runs[cell.key].append(result)
-            _progress(f"{done}/{total}", cell, result, lambda r, c=case: _headline(c, r))
+            for _ in range(case.samples):
+                done += 1
+                module = IMPORT_MODULES[cell.peer] if case.name == "import" else None
+                result = run_cell(cell, "measure", timeout_s, import_module=module)
+                result["repeat"] = repeat
+                runs[cell.key].append(result)
+                _progress(f"{done}/{total}", cell, result, lambda r, c=case: _headline(c, r))
     return runs
 
 

@@ -74,6 +74,8 @@ MEMORY_PEERS = (
     "asyncio_queue",
     "asyncio_gather",
 )
+#: Fresh children per repeat for the start-up cells (a few milliseconds each).
+STARTUP_SAMPLES = 3
 STARTUP_POOL_PEERS = ("typeflow", "mp_pool", "cf", "joblib", "mpire", "pypeln")
 IMPORT_PEERS = ("typeflow", "pypeln", "mpire", "joblib", "mp_pool", "cf", "asyncio_queue")
 
@@ -111,6 +113,9 @@ class Case:
         n_pair: Items of each paired serial timing.
         expected: Checksum of the outputs for ``n`` items, when cheap to know.
         params: Workload-specific numbers the metrics need (workers, latency).
+        samples: Fresh children per repeat (each recorded as one run; the median is
+            taken over all of them): more for cells of a few milliseconds, where one
+            scheduling hiccup of the shared machine is as long as the cell.
     """
 
     workload: str
@@ -129,6 +134,7 @@ class Case:
     n_pair: int = 0
     expected: Callable[[int], float] | None = None
     params: dict[str, float] = field(default_factory=dict)
+    samples: int = 1
 
     def items(self, n: int) -> Iterator[Any]:
         if self.source == "arrays":
@@ -325,9 +331,19 @@ def startup_cases(quick: bool) -> list[Case]:
                 peers=peers,
                 n=1,
                 expected=_sum_inc,
+                samples=STARTUP_SAMPLES,
             )
         )
-    cases.append(Case(workload="startup", name="import", stages=(), peers=IMPORT_PEERS, n=0))
+    cases.append(
+        Case(
+            workload="startup",
+            name="import",
+            stages=(),
+            peers=IMPORT_PEERS,
+            n=0,
+            samples=STARTUP_SAMPLES,
+        )
+    )
     return cases
 
 
