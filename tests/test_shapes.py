@@ -348,6 +348,18 @@ def test_batches_in_a_route_s_branches_count_for_the_window() -> None:
     assert [r.unwrap() for r in tens.run(["a", "b"], window=2)] == [["a"] * 10, ["b"] * 10]
 
 
+def test_a_batch_of_batches_needs_the_product_of_their_sizes_in_the_window() -> None:
+    # batch(100).batch(100) needs 10 000 input items per list: the default window
+    # (about 1 300) cut every list short, each flushed by its timeout, and a window
+    # of the larger size alone (100) was accepted.
+    nested = stage(length).batch(100, timeout=60.0).batch(100, timeout=60.0)
+    lists = [r.unwrap() for r in nested.run(["a"] * 20_000)]
+    assert [len(inner) for outer in lists for inner in outer] == [100] * 200
+    assert [len(outer) for outer in lists] == [100, 100]
+    with pytest.raises(DefinitionError, match="smaller than a batch of 10000"):
+        nested.run(["a"], window=9_999)
+
+
 # -- stateful stages ----------------------------------------------------------------------
 
 
@@ -699,6 +711,30 @@ def test_feed_from_several_threads(backend: Backend) -> None:
     assert Counter(results) == Counter((i % 7 + 1) for _ in "abc" for i in range(200))
     with pytest.raises(FeedClosed, match="closed feed"):
         feed.put("late")
+
+
+def test_a_put_into_a_feed_nobody_reads_gives_up_after_its_timeout(backend: Backend) -> None:
+    # One thread that puts more than the feed holds before it reads would wait for
+    # ever; with a timeout the put fails, the item is not put, and nothing else is lost.
+    with on(backend, length).feed(capacity=4, window=4) as feed:
+        put: list[str] = []
+
+        def put_until_full() -> None:
+            for i in range(10_000):
+                word = "x" * (i % 5 + 1)
+                feed.put(word, timeout=0.05)
+                put.append(word)
+
+        with pytest.raises(TimeoutError, match="read them in another thread"):
+            put_until_full()
+        got: list[int] = []
+        reader = threading.Thread(target=lambda: got.extend(r.unwrap() for r in feed))
+        reader.start()  # reading makes room
+        feed.put("yy", timeout=30)
+        feed.close()
+        reader.join(30)
+    assert 1 <= len(put) <= 4 + 4 + 1  # the buffer, the window, the reader's chunk
+    assert got == [len(w) for w in put] + [2]
 
 
 def test_a_feed_is_read_with_async_for_without_blocking_the_event_loop(backend: Backend) -> None:

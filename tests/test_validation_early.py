@@ -143,6 +143,17 @@ def test_feed_refuses_a_bad_capacity(capacity: object) -> None:
         stage(length).feed(capacity=capacity)  # type: ignore[arg-type] # untyped callers
 
 
+@pytest.mark.parametrize("timeout", [-1, "1", float("nan"), True])
+def test_feed_put_refuses_a_bad_timeout(timeout: object) -> None:
+    with stage(length).feed() as feed:
+        named = f"put(timeout={timeout!r}): give seconds as a number of at least 0"
+        with pytest.raises(ValueError, match=re.escape(named)):
+            feed.put("ab", timeout=timeout)  # type: ignore[arg-type] # untyped callers
+        feed.put("abc", timeout=0)  # there is room: a put that need not wait
+        feed.close()
+        assert [r.unwrap() for r in feed] == [3]
+
+
 @pytest.mark.parametrize("capacity", [0, -1, 2.5, True])
 def test_merge_refuses_a_bad_capacity(capacity: object) -> None:
     named = f"merge: capacity={capacity!r} is not allowed"

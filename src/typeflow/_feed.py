@@ -45,6 +45,14 @@ def _check_capacity(label: str, capacity: object) -> None:
     )
 
 
+def _check_put_timeout(timeout: object) -> None:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0:
+        raise ValueError(
+            f"put(timeout={timeout!r}): give seconds as a number of at least 0 "
+            "(0: do not wait), or None to wait as long as it takes"
+        )
+
+
 def _check_source(i: int, source: object) -> None:
     """Refuse, when ``merge`` is called, a source it cannot read (nothing is consumed),
     or one string, which would be read as many items (as ``run()`` does)."""
@@ -111,16 +119,31 @@ class Feed(Generic[In, Out]):
         run._core.on_shutdown(self._channel.abort)  # pyright: ignore[reportPrivateUsage] - a feed is part of its run
         run.start()
 
-    def put(self, item: In) -> None:
-        """Add one item, waiting while the buffer is full.
+    def put(self, item: In, *, timeout: float | None = None) -> None:
+        """Add one item, waiting while the buffer is full (at most ``timeout`` seconds,
+        if given).
+
+        The buffer makes room only as the results are read: a thread that puts more
+        than the feed holds (about ``capacity`` + ``window`` items) before it reads
+        waits for ever.  ``timeout`` turns such a wait into an error.
 
         Raises:
             FeedClosed: the feed was closed, or its run has stopped.
+            TimeoutError: ``timeout`` passed with the buffer still full; the item
+                was not put.
         """
+        if timeout is not None:
+            _check_put_timeout(timeout)
         try:
-            self._channel.put_many([item])
+            self._channel.put_many([item], None if timeout is None else time.monotonic() + timeout)
         except (ChannelClosed, ChannelAborted):
             raise FeedClosed(self._why_closed()) from None
+        except TimeoutError:
+            raise TimeoutError(
+                f"the feed stayed full for {timeout:g} s, so the item was not put; "
+                "room is made as its results are read: read them in another thread "
+                "than the one that puts"
+            ) from None
 
     async def aput(self, item: In) -> None:
         """The awaitable twin of :meth:`put`."""

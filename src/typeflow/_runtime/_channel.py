@@ -437,11 +437,14 @@ class Channel(Generic[T]):
                         return shape(self._take(limit, share, least))
                 raise TimeoutError
 
-    def put_many(self, batch: list[T]) -> None:
+    def put_many(self, batch: list[T], deadline: float | None = None) -> None:
         """Add a batch, waiting while the channel is full.
+
+        ``deadline`` (a ``time.monotonic()`` value) bounds the wait.
 
         Raises:
             ChannelAborted: the run was cancelled.
+            TimeoutError: the deadline passed with no room (nothing was added).
         """
         if self.offer(batch):
             return
@@ -453,11 +456,18 @@ class Channel(Generic[T]):
                 waiter = _ThreadWaiter()
                 self._putters.append(waiter)
             try:
-                waiter.wait()
+                woken = waiter.wait(None if deadline is None else deadline - time.monotonic())
             except BaseException:
                 with self._lock:
                     self._forget(self._putters, waiter, False)
                 raise
+            if not woken:
+                with self._lock:
+                    self._forget(self._putters, waiter, False)
+                    if self._check_put():
+                        self._give(batch)
+                        return
+                raise TimeoutError
 
     def put(self, item: T) -> None:
         """Add one item, waiting while the channel is full (:meth:`put_many` of one).

@@ -163,16 +163,18 @@ def _check_count(value: object) -> None:
 
 
 def _biggest_batch(nodes: tuple[Node, ...]) -> int:
-    """The largest batch that only input items can fill: behind a one-to-many stage
+    """How many input items the largest batch needs that only input items can fill:
+    a batch of batches needs the product of their sizes; behind a one-to-many stage
     one input may make a whole batch, which the window (of input items) cannot bound.
     Batches in a fork's or a route's branches count too."""
-    return _batches(nodes)[0]
+    return _batches(nodes, 1)[0]
 
 
-def _batches(nodes: tuple[Node, ...]) -> tuple[int, bool]:
-    """:func:`_biggest_batch` of a chain, and whether a one-to-many stage in it
-    leaves what follows unbounded by the input."""
-    biggest = 1
+def _batches(nodes: tuple[Node, ...], per: int) -> tuple[int, bool]:
+    """:func:`_biggest_batch` of a chain whose items stand for ``per`` input items
+    each, and whether a one-to-many stage in it leaves what follows unbounded by
+    the input."""
+    biggest = per
     for node in nodes:
         kernel = node.kernel
         if getattr(kernel, "kind", None) == "flat":
@@ -180,11 +182,12 @@ def _batches(nodes: tuple[Node, ...]) -> tuple[int, bool]:
         branches: tuple[tuple[Node, ...], ...] = getattr(kernel, "branches", ())
         unbounded = False
         for branch in branches:
-            size, flat = _batches(branch)
+            size, flat = _batches(branch, per)
             biggest, unbounded = max(biggest, size), unbounded or flat
         if unbounded:  # a route with a one-to-many branch
             return biggest, True
-        biggest = max(biggest, getattr(kernel, "size", 1))
+        per *= getattr(kernel, "size", 1)
+        biggest = max(biggest, per)
     return biggest, False
 
 
@@ -271,11 +274,13 @@ def default_window(nodes: tuple[Node, ...]) -> int:
     and for the results the caller takes at a time (their places come back once
     it has taken them all, see ``_Collector.settle``).
 
-    Large enough never to slow a pipeline that keeps up, small enough that an
-    ordered run blocked behind one slow item holds a bounded number of results.
+    Large enough never to slow a pipeline that keeps up (room for two of its
+    largest batches: one filling while the one before is handled), small enough
+    that an ordered run blocked behind one slow item holds a bounded number of
+    results.
     """
     stages = max(1024, 2 * sum(n.options.buffer + n.options.workers for n in _every_node(nodes)))
-    return stages + _COLLECT_RESULTS
+    return max(stages, 2 * _biggest_batch(nodes)) + _COLLECT_RESULTS
 
 
 def _inbox(node: Node, producers: int, *, numbered: bool = False) -> Channel[Envelope]:
@@ -490,8 +495,9 @@ class RunCore:
         biggest_batch = _biggest_batch(nodes)
         if window is not None and window < biggest_batch:
             raise DefinitionError(
-                f"window={window!r} is smaller than a batch of {biggest_batch} items, so a "
-                f"batch could only ever be flushed by its timeout; use window >= {biggest_batch}"
+                f"window={window!r} is smaller than a batch of {biggest_batch} items (of "
+                "input items, for a batch of batches), so a batch could only ever be "
+                f"flushed by its timeout; use window >= {biggest_batch}"
             )
         self.nodes = nodes
         self.ordered = ordered
