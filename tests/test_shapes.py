@@ -381,11 +381,11 @@ class Journal:
 
 
 def make_numberer(
-    backend: Backend, journal: Journal, fail_on: int | None = None
+    backend: Backend, journal: Journal, fail_on: int | None = None, *, shared: bool = False
 ) -> Stage[int, str]:
     if backend == "task":
 
-        class AsyncNumberer(AsyncStatefulStage[int, str], workers=3, backend="task"):
+        class AsyncNumberer(AsyncStatefulStage[int, str], workers=3, backend="task", shared=shared):
             async def setup(self) -> None:
                 journal.write("setup")
                 self.seen = 0
@@ -403,7 +403,7 @@ def make_numberer(
 
         return AsyncNumberer()
 
-    class Numberer(StatefulStage[int, str], workers=3, backend=backend):
+    class Numberer(StatefulStage[int, str], workers=3, backend=backend, shared=shared):
         def setup(self) -> None:
             journal.write("setup")
             self.seen = 0
@@ -449,6 +449,120 @@ def test_stateful_teardown_after_failures_and_cancellation(
     run = make_numberer(backend, cancelled).run(itertools.count())
     run.take(10)  # closes the run: every worker is cancelled
     assert cancelled.count("teardown") == cancelled.count("setup") >= 1
+
+
+def test_a_shared_stateful_stage_gives_all_its_workers_one_object(
+    backend: Backend, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path)
+    numberer = make_numberer(backend, journal, shared=True)
+    tags = Counter(r.unwrap().split(":")[0] for r in numberer.run(range(300)))
+    assert sum(tags.values()) == 300
+    assert journal.count("teardown") == journal.count("setup")
+    if backend == "process":  # one worker per process: each has its own object
+        assert len(tags) == journal.count("setup") <= 3
+    else:
+        assert len(tags) == journal.count("setup") == 1
+    # Torn down once, when the last worker ends, also when the run is cancelled;
+    # the next run sets it up again.
+    cancelled = Journal(tmp_path / "cancelled")
+    (tmp_path / "cancelled").mkdir()
+    for _ in range(2):
+        make_numberer(backend, cancelled, shared=True).run(itertools.count()).take(10)
+    assert cancelled.count("teardown") == cancelled.count("setup")
+    if backend != "process":
+        assert cancelled.count("setup") == 2
+    assert leftovers() == ([], [])
+
+
+class SharedWithAStuckCall(StatefulStage[int, int], workers=2, timeout=0.2, shared=True):
+    events: ClassVar[list[str]] = []
+    release: ClassVar[threading.Event] = threading.Event()
+    torn_down: ClassVar[threading.Event] = threading.Event()
+
+    def setup(self) -> None:
+        SharedWithAStuckCall.events.append("setup")
+
+    def process(self, item: int, /) -> int:
+        if item == 3:
+            SharedWithAStuckCall.release.wait(30)
+        return item
+
+    def teardown(self) -> None:
+        SharedWithAStuckCall.events.append("teardown")
+        SharedWithAStuckCall.torn_down.set()
+
+
+def test_a_shared_object_outlives_a_call_abandoned_after_its_timeout() -> None:
+    # The thread of the abandoned call still uses the object: the teardown waits
+    # for it, then runs once.
+    stage_ = SharedWithAStuckCall
+    stage_.events.clear()
+    stage_.release.clear()
+    stage_.torn_down.clear()
+    results = list(stage_().run(range(8)))
+    assert [r.unwrap() for r in results if not isinstance(r, Failure)] == [0, 1, 2, 4, 5, 6, 7]
+    assert isinstance(results[3].failure().exception, StageTimeout)
+    assert stage_.events == ["setup"]
+    stage_.release.set()
+    assert stage_.torn_down.wait(30)
+    assert stage_.events == ["setup", "teardown"]
+
+
+class SharedBrokenSetup(StatefulStage[int, int], workers=3, shared=True):
+    tries: ClassVar[list[int]] = []
+
+    def setup(self) -> None:
+        SharedBrokenSetup.tries.append(1)
+        raise ConnectionRefusedError("no database")
+
+    def process(self, item: int, /) -> int:
+        return item
+
+
+class AsyncSharedBrokenSetup(AsyncStatefulStage[int, int], workers=3, backend="task", shared=True):
+    tries: ClassVar[list[int]] = []
+
+    async def setup(self) -> None:
+        AsyncSharedBrokenSetup.tries.append(1)
+        await asyncio.sleep(0)  # the other workers wait for it meanwhile
+        raise ConnectionRefusedError("no database")
+
+    async def process(self, item: int, /) -> int:
+        return item
+
+
+@pytest.mark.parametrize("make", [SharedBrokenSetup, AsyncSharedBrokenSetup])
+def test_a_failing_shared_setup_runs_once_and_stops_the_run(
+    make: type[SharedBrokenSetup | AsyncSharedBrokenSetup],
+) -> None:
+    make.tries.clear()
+    with pytest.raises(ConnectionRefusedError, match="no database"):
+        list(make().run(itertools.count()))
+    assert len(make.tries) == 1
+    assert leftovers() == ([], [])
+
+
+def test_a_shared_async_stateful_stage_needs_the_task_backend() -> None:
+    def define() -> None:
+        class Wrong(AsyncStatefulStage[int, int], workers=4, shared=True):
+            async def process(self, item: int, /) -> int:
+                return item
+
+        del Wrong  # never reached: defining it raises
+
+    with pytest.raises(DefinitionError, match="shared=True needs backend='task'"):
+        define()
+
+    def define_text() -> None:
+        class Wrong(StatefulStage[int, int], shared="yes"):  # type: ignore[arg-type] # untyped callers
+            def process(self, item: int, /) -> int:
+                return item
+
+        del Wrong  # never reached: defining it raises
+
+    with pytest.raises(DefinitionError, match="shared='yes' is not allowed"):
+        define_text()
 
 
 class SlowToClose(AsyncStatefulStage[int, int], workers=2, backend="task"):
@@ -578,6 +692,21 @@ def test_a_run_closed_during_an_async_setup_lets_it_end_and_tears_it_down() -> N
     SlowToOpen.events.clear()
     SlowToOpen.opening.clear()
     run = SlowToOpen().run(itertools.count())
+    run.start()
+    assert SlowToOpen.opening.wait(10)
+    run.close()
+    assert SlowToOpen.events == ["opening", "opened", "closed"]
+    assert leftovers() == ([], [])
+
+
+class SharedSlowToOpen(SlowToOpen, workers=4, backend="task", shared=True):
+    pass
+
+
+def test_a_run_closed_during_a_shared_async_setup_lets_it_end_and_tears_it_down_once() -> None:
+    SlowToOpen.events.clear()
+    SlowToOpen.opening.clear()
+    run = SharedSlowToOpen().run(itertools.count())
     run.start()
     assert SlowToOpen.opening.wait(10)
     run.close()

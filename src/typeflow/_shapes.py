@@ -459,6 +459,7 @@ def _elements(items: Iterable[A]) -> Iterator[A]:
 class _StatefulBase(Stage[In, Out], ABC):
     _options: ClassVar[StageOptions] = StageOptions()
     _is_async: ClassVar[bool] = False
+    _shared: ClassVar[bool] = False
 
     def __init_subclass__(
         cls,
@@ -473,6 +474,7 @@ class _StatefulBase(Stage[In, Out], ABC):
         backoff: float = 0.1,
         max_backoff: float = 30.0,
         rate: float | None = None,
+        shared: bool = False,
     ) -> None:
         super().__init_subclass__()
         cls._options = StageOptions(
@@ -492,6 +494,19 @@ class _StatefulBase(Stage[In, Out], ABC):
                 f"stage {cls.__qualname__!r}: backend='task' needs an AsyncStatefulStage "
                 "(with 'async def process'); use backend='thread' for blocking code"
             )
+        if not isinstance(cast("object", shared), bool):  # untyped callers
+            raise DefinitionError(
+                f"stage {cls.__qualname__!r}: shared={shared!r} is not allowed; give True "
+                "(one object for all the workers) or False (one per worker)"
+            )
+        if shared and cls._is_async and backend == "thread":
+            raise DefinitionError(
+                f"stage {cls.__qualname__!r}: shared=True needs backend='task' for an "
+                "AsyncStatefulStage: its task workers take turns on one event loop, "
+                "while each thread worker runs an event loop of its own, and what one "
+                "loop built (a client session) cannot serve another"
+            )
+        cls._shared = shared
 
     def setup(self) -> Awaitable[None] | None:
         """Build this worker's state (connections, models, caches).  Runs once per worker,
@@ -516,7 +531,7 @@ class _StatefulBase(Stage[In, Out], ABC):
         return f"<stage {self.name!r}: {o.workers} {o.backend} worker(s), buffer {o.buffer}>"
 
     def _nodes(self) -> tuple[Node, ...]:
-        kernel = StatefulKernel(self.name, self, self._is_async, self._options)
+        kernel = StatefulKernel(self.name, self, self._is_async, self._options, self._shared)
         return (Node(self.name, self._options, kernel),)
 
     def _in_hint(self) -> object:
@@ -541,9 +556,12 @@ class StatefulStage(_StatefulBase[In, Out]):
             def teardown(self) -> None:
                 self.db.close()
 
-    Each worker gets its own copy of the object (state is never shared between
-    workers); ``setup`` runs in the worker before its first item.  If ``setup``
-    raises, the run stops and raises that error.
+    Each worker gets its own copy of the object; ``setup`` runs in the worker
+    before its first item.  If ``setup`` raises, the run stops and raises that
+    error.  With the class keyword ``shared=True`` the stage's workers in a
+    process share one object instead: ``setup`` runs once, in the first worker
+    that needs it, and ``teardown`` once, after the last worker ends (on
+    threads, ``process`` is then called from several threads at once).
     """
 
     @abstractmethod

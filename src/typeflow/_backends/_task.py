@@ -25,7 +25,14 @@ from typeflow._backends._base import (
     rate_limiter,
 )
 from typeflow._runtime._channel import Channel, ChannelAborted, EndOfChannel
-from typeflow._runtime._kernel import Envelope, Node, WorkerContext, rows, until_done
+from typeflow._runtime._kernel import (
+    Envelope,
+    Node,
+    SharedScope,
+    WorkerContext,
+    rows,
+    until_done,
+)
 
 __all__ = ["BATCH_LIMIT", "BATCH_SECONDS", "TaskGroup", "start"]
 
@@ -91,10 +98,11 @@ async def _work(
     emitter: Emitter,
     index: int,
     limiter: RateLimiter | None,
+    scope: SharedScope,
 ) -> None:
     kernel = node.kernel
     share = node.options.workers
-    ctx = WorkerContext(index)
+    ctx = WorkerContext(index, scope)
     if limiter is not None:
         ctx.pacer = RatePacer(limiter)
     sizer = BatchSizer(1 if limiter is not None else BATCH_LIMIT, BATCH_SECONDS)
@@ -120,9 +128,18 @@ async def _work(
         pass
     finally:
         try:
-            await _to_the_end(ctx.aclose())  # a stateful stage's teardown, also when cancelled
+            # A stateful stage's teardown (a shared one's by the last worker), also
+            # when cancelled.
+            await _to_the_end(_close(ctx, scope))
         finally:
             emitter.done()
+
+
+async def _close(ctx: WorkerContext, scope: SharedScope) -> None:
+    try:
+        await scope.aleave(ctx)
+    finally:
+        await ctx.aclose()
 
 
 async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
@@ -136,10 +153,14 @@ async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
 
 async def _supervise(node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter]) -> None:
     limiter = rate_limiter(node)  # shared by the stage's workers
-    async with asyncio.TaskGroup() as group:
-        for i, emitter in enumerate(emitters):
-            worker = _work(node, inbox, emitter, i, limiter)
-            group.create_task(worker, name=f"typeflow:{node.name}:{i}")
+    scope = SharedScope(len(emitters))  # and so is a shared stateful stage's object
+    try:
+        async with asyncio.TaskGroup() as group:
+            for i, emitter in enumerate(emitters):
+                worker = _work(node, inbox, emitter, i, limiter, scope)
+                group.create_task(worker, name=f"typeflow:{node.name}:{i}")
+    finally:
+        await _to_the_end(scope.aclose())
 
 
 def start(

@@ -45,6 +45,7 @@ from typeflow._runtime._kernel import (
     Key,
     Node,
     Outcome,
+    SharedScope,
     WorkerContext,
     WorkerExit,
     rows,
@@ -167,6 +168,8 @@ class ThreadGroup:
 
     def __init__(self, node: Node, inbox: Channel[Envelope], emitters: Sequence[Emitter]) -> None:
         self._node = node
+        # What the workers share (a shared stateful stage's object).
+        self._scope = SharedScope(len(emitters))
         self._inbox = inbox
         self._timeout = node.options.timeout if not node.kernel.is_async else None
         self.limiter = rate_limiter(node)
@@ -205,6 +208,7 @@ class ThreadGroup:
             with self._cond:
                 if self._stopped:  # the run is over: these workers never start
                     for unused in slots[i:]:
+                        self._scope.leave(WorkerContext(unused.index))
                         unused.emitter.done()
                     return
                 self._launch(slot, None)
@@ -227,7 +231,7 @@ class ThreadGroup:
         share = node.options.workers
         sizer = BatchSizer(1 if self.limiter is not None else BATCH_LIMIT, BATCH_SECONDS)
         clock = time.perf_counter
-        ctx = WorkerContext(slot.index)
+        ctx = WorkerContext(slot.index, self._scope)
         if self.limiter is not None:
             ctx.pacer = _RatePacer(self)
         replaced = False
@@ -260,7 +264,10 @@ class ThreadGroup:
             pass
         finally:
             try:
-                ctx.close()
+                try:
+                    self._scope.leave(ctx)
+                finally:
+                    ctx.close()
             finally:
                 if not replaced:
                     emitter.done()
@@ -395,6 +402,7 @@ class ThreadGroup:
                     if slot.thread is not None:
                         slot.retired.append(slot.thread)
                     slot.emitter.restarted()
+                    self._scope.enter()  # the abandoned thread leaves when its call returns
                     self._launch(slot, (batch, StageTimeout(self._node.name, timeout)))
                 if next_deadline is not None and next_deadline <= time.monotonic():
                     continue  # a call finished just as it was looked at: look again

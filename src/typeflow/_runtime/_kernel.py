@@ -14,6 +14,7 @@ import inspect
 import os
 import pickle
 import sys
+import threading
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, cast
@@ -222,10 +223,14 @@ class WorkerContext:
     process workers, created on first use and closed when the worker ends.
     """
 
-    __slots__ = ("_runner", "index", "pacer", "setup_failure", "state")
+    __slots__ = ("_runner", "index", "pacer", "scope", "setup_failure", "state")
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, scope: SharedScope | None = None) -> None:
         self.index = index
+        #: What the stage's workers in this process share in this run (a stateful
+        #: stage's object, with ``shared=True``); None where a worker is alone in its
+        #: process (a process worker).
+        self.scope = scope
         #: Told when the tries of a retried call end and begin (its backend's
         #: deadlines and rate limit); None when nothing needs to know.
         self.pacer: retry.Pacer | None = None
@@ -299,6 +304,88 @@ class WorkerState:
             worker,
             exc_info=exc,
         )
+
+
+class SharedScope:
+    """What the workers of one stage in one process share during one run: a
+    ``shared=True`` stateful stage's object, set up by the first worker that needs
+    it and torn down by the last worker of the stage to end (whether it used the
+    object or not: the first may well end before the others begin)."""
+
+    __slots__ = ("failure", "live", "lock", "setting_up", "state")
+
+    def __init__(self, workers: int) -> None:
+        self.lock = threading.Lock()
+        self.state: WorkerState | None = None
+        #: What the shared ``setup`` raised: every worker fails as its own would.
+        self.failure: BaseException | None = None
+        #: Set while a task worker awaits the shared ``setup``; the others wait for it.
+        self.setting_up: asyncio.Future[None] | None = None
+        #: Workers started or about to start and not ended yet.
+        self.live = workers
+
+    def hold(self, ctx: WorkerContext, state: WorkerState) -> None:
+        """``ctx``'s worker uses ``state``, this scope's from now on (with the lock
+        held, or on the one thread of a task backend's workers)."""
+        self.state = state
+        ctx.state = _SharedUse(state.instance, state.kernel)
+
+    def enter(self) -> None:
+        """One more worker (a thread worker replacing one whose call is abandoned)."""
+        with self.lock:
+            self.live += 1
+
+    def _last(self) -> WorkerState | None:
+        with self.lock:
+            self.live -= 1
+            if self.live > 0:
+                return None
+            state, self.state = self.state, None
+            return state
+
+    def leave(self, ctx: WorkerContext) -> None:
+        """A worker ends; the last one tears the shared object down."""
+        state = self._last()
+        if state is not None:
+            try:
+                state.teardown(ctx)
+            except WorkerExit:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - no item left to fail: logged
+                state.teardown_failed(exc, ctx.index)
+
+    async def aleave(self, ctx: WorkerContext) -> None:
+        """:meth:`leave` for a task worker, on the loop."""
+        state = self._last()
+        if state is not None:
+            await _ateardown(state, ctx.index)
+
+    async def aclose(self) -> None:
+        """After the stage's task workers: tear down what is left (a worker cancelled
+        before it began never leaves)."""
+        state, self.state = self.state, None
+        if state is not None:
+            await _ateardown(state, 0)
+
+
+async def _ateardown(state: WorkerState, worker: int) -> None:
+    try:
+        await state.ateardown()
+    except BaseException as exc:  # noqa: BLE001 - no item left to fail: logged
+        state.teardown_failed(exc, worker)
+
+
+class _SharedUse(WorkerState):
+    """A worker's use of a :class:`SharedScope`'s object: its own teardown does
+    nothing (the scope tears the object down once, after the last worker)."""
+
+    __slots__ = ()
+
+    def teardown(self, ctx: WorkerContext) -> None:
+        pass
+
+    async def ateardown(self) -> None:
+        pass
 
 
 class Kernel:
@@ -788,12 +875,21 @@ class StatefulKernel(Kernel):
     the worker gets fails with :class:`SetupFailed`, which ends the run.
     """
 
-    __slots__ = ("options", "prototype")
+    __slots__ = ("options", "prototype", "shared")
 
-    def __init__(self, name: str, prototype: Any, is_async: bool, options: StageOptions) -> None:
+    def __init__(
+        self,
+        name: str,
+        prototype: Any,
+        is_async: bool,
+        options: StageOptions,
+        shared: bool = False,
+    ) -> None:
         super().__init__(name, is_async)
         self.prototype = prototype
         self.options = options
+        #: One object for the stage's workers in each process (``shared=True``).
+        self.shared = shared
 
     def __reduce__(self) -> tuple[object, ...]:
         prototype: object = self.prototype
@@ -808,8 +904,14 @@ class StatefulKernel(Kernel):
             except Exception:  # noqa: BLE001 - not picklable by reference: by value below
                 pass
             else:
-                return (_stateful_from_bytes, (self.name, data, self.is_async, self.options))
-        return (StatefulKernel, (self.name, self.prototype, self.is_async, self.options))
+                return (
+                    _stateful_from_bytes,
+                    (self.name, data, self.is_async, self.options, self.shared),
+                )
+        return (
+            StatefulKernel,
+            (self.name, self.prototype, self.is_async, self.options, self.shared),
+        )
 
     def _fresh(self) -> Any:
         """The worker's own copy of the stage object (a process worker's is its
@@ -836,6 +938,27 @@ class StatefulKernel(Kernel):
     def prepare(self, ctx: WorkerContext) -> None:
         if not self.needs_setup(ctx):
             return
+        scope = ctx.scope if self.shared else None
+        if scope is None:
+            self._set_up(ctx)
+            return
+        # The first worker sets the shared object up; the others wait on the lock.
+        with scope.lock:
+            if scope.failure is not None:
+                ctx.setup_failure = scope.failure
+                return
+            state = scope.state
+            if state is None:
+                self._set_up(ctx)
+                if ctx.state is None:
+                    scope.failure = ctx.setup_failure
+                    return
+                state = ctx.state
+            scope.hold(ctx, state)
+
+    def _set_up(self, ctx: WorkerContext) -> None:
+        """Build the worker's own object and run its ``setup`` (sets ``ctx.state``, or
+        ``ctx.setup_failure``)."""
         try:
             instance = self._fresh()
             result = instance.setup()
@@ -861,34 +984,79 @@ class StatefulKernel(Kernel):
 
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         if ctx.state is None:
-            import asyncio
-
-            if ctx.setup_failure is not None:  # once per worker, as on the other backends
+            scope = ctx.scope if self.shared else None
+            if scope is None:
+                await self._aset_up(ctx)
+            else:
+                await self._ashare(ctx, scope)
+            if ctx.state is None:
+                assert ctx.setup_failure is not None
                 return self._failed_setup(batch, ctx.setup_failure)
-            cancelled = False
-            try:
-                instance = self._fresh()
-                result = instance.setup()
-                if inspect.isawaitable(result):
-                    # A run that stops meanwhile lets the setup end: its teardown follows.
-                    cancelled = await until_done(result)
-            except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError) and _cancelled_by_run():
-                    raise  # the worker is stopping, not the setup failing
-                ctx.setup_failure = exc
-                return self._failed_setup(batch, exc)
-            ctx.state = WorkerState(
-                instance, FnKernel(self.name, instance.process, self.is_async, self.options)
-            )
-            if cancelled:
-                raise asyncio.CancelledError
         return await ctx.state.kernel.aprocess(batch, ctx)
+
+    async def _aset_up(self, ctx: WorkerContext) -> None:
+        """:meth:`_set_up` on a task worker: sets ``ctx.state`` or ``ctx.setup_failure``
+        (once per worker, as on the other backends)."""
+        import asyncio
+
+        if ctx.setup_failure is not None:
+            return
+        cancelled = False
+        try:
+            instance = self._fresh()
+            result = instance.setup()
+            if inspect.isawaitable(result):
+                # A run that stops meanwhile lets the setup end: its teardown follows.
+                cancelled = await until_done(result)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancelled_by_run():
+                raise  # the worker is stopping, not the setup failing
+            ctx.setup_failure = exc
+            return
+        ctx.state = WorkerState(
+            instance, FnKernel(self.name, instance.process, self.is_async, self.options)
+        )
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _ashare(self, ctx: WorkerContext, scope: SharedScope) -> None:
+        """:meth:`_aset_up` of the one object the stage's task workers share: the first
+        worker sets it up while the others await it (all run on one thread)."""
+        import asyncio
+
+        while True:
+            if scope.failure is not None:
+                ctx.setup_failure = scope.failure
+                return
+            if scope.state is not None:
+                scope.hold(ctx, scope.state)
+                return
+            if scope.setting_up is None:
+                break
+            await asyncio.shield(scope.setting_up)  # set up by another worker
+        done = scope.setting_up = asyncio.get_running_loop().create_future()
+        try:
+            await self._aset_up(ctx)
+        finally:
+            # Published also when this worker is cancelled after the setup ended
+            # (its teardown follows); a setup cut short leaves it to the next worker.
+            state, ctx.state = ctx.state, None
+            if state is not None:
+                scope.hold(ctx, state)
+            elif ctx.setup_failure is not None:
+                scope.failure = ctx.setup_failure
+            scope.setting_up = None
+            done.set_result(None)
 
 
 def _stateful_from_bytes(
-    name: str, data: bytes, is_async: bool, options: StageOptions
+    name: str,
+    data: bytes,
+    is_async: bool,
+    options: StageOptions,
+    shared: bool,
 ) -> StatefulKernel:
-    return StatefulKernel(name, pickle.loads(data), is_async, options)
+    return StatefulKernel(name, pickle.loads(data), is_async, options, shared)
 
 
 def ship(obj: object) -> bytes:

@@ -167,6 +167,14 @@ class WorkersAsText(StatefulStage[str, int], workers="4"):
         return len(item)
 
 
+# E[mypy]: Argument "shared" to "__init_subclass__" of "_StatefulBase" has incompatible type "str"; expected "bool"  [arg-type]
+# E[pyright]: Incorrect keyword arguments for __init_subclass__ method (reportGeneralTypeIssues)
+# E[pyright]: Argument of type "Literal['yes']" cannot be assigned to parameter "shared" of type "bool" in function "__init_subclass__"
+class SharedAsText(StatefulStage[str, int], shared="yes"):
+    def process(self, item: str, /) -> int:
+        return len(item)
+
+
 class NoProcess(StatefulStage[str, int]):
     def setup(self) -> None:
         self.ready = True

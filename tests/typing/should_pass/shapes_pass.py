@@ -229,7 +229,7 @@ class Widening(StatefulStage[str, object], timeout=5.0, retries=2, retry_on=(OSE
         return repr(item)
 
 
-class Fetcher(AsyncStatefulStage[str, bytes], workers=16, backend="task", buffer=64):
+class Fetcher(AsyncStatefulStage[str, bytes], workers=16, backend="task", buffer=64, shared=True):
     async def setup(self) -> None:
         self.session: dict[str, bytes] = {}
 
