@@ -264,6 +264,36 @@ def test_fail_fast_raises_the_first_failure(backend: Backend) -> None:
     assert caught.value.item == 0
 
 
+def test_values_raise_the_original_exception_and_close_the_run(backend: Backend) -> None:
+    assert list(on(backend, reciprocal).run([1, 2, 4]).values()) == [1.0, 0.5, 0.25]
+    got: list[float] = []
+    with pytest.raises(ZeroDivisionError) as caught:
+        got.extend(on(backend, reciprocal).run([1, 2, 0, 3]).values())
+    assert got == [1.0, 0.5]
+    (note,) = caught.value.__notes__
+    assert note.startswith("(typeflow) stage 'reciprocal' failed on item 0: ZeroDivisionError")
+    assert leftovers() == ([], [])
+    # Leaving the loop early closes the run.
+    values = on(backend, reciprocal).run(itertools.count(1)).values()
+    assert next(values) == 1.0
+    values.close()
+    assert leftovers() == ([], [])
+
+
+def test_async_values_raise_the_original_exception(backend: Backend) -> None:
+    got: list[float] = []
+
+    async def main() -> None:
+        async with on(backend, reciprocal).arun([1, 2, 0, 3]) as run:
+            async for value in run.values():
+                got.append(value)
+
+    with pytest.raises(ZeroDivisionError, match="division by zero"):
+        asyncio.run(main())
+    assert got == [1.0, 0.5]
+    assert leftovers() == ([], [])
+
+
 def test_a_crashed_process_worker_fails_only_its_item_and_is_replaced() -> None:
     results = list(on("process", crash_on_three, workers=2).run(range(8)))
     assert len(results) == 8

@@ -34,6 +34,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Callable,
@@ -155,6 +156,16 @@ def _check_grace(value: object) -> None:
             f"grace={value!r} is not allowed; give the seconds a signalled run may take to "
             "drain, 0 or more"
         )
+
+
+def _original(error: StageError) -> BaseException:
+    """The exception a failed item's stage raised, with a note that names the stage
+    and the item (its ``__cause__``, a process worker's traceback, is kept)."""
+    exc = error.exception
+    note = f"(typeflow) {error}"
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+    return exc
 
 
 def _check_count(value: object) -> None:
@@ -1242,6 +1253,33 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
                 failures.append(result.failure())
         return failures
 
+    def values(self) -> Generator[Out, None, None]:
+        """The values alone, as calling the stages one after the other would give
+        them: the first failure closes the run and raises the original exception
+        (a ``KeyError`` is a ``KeyError``), with a note naming the stage and the
+        item.  Leaving the loop early closes the run too.
+
+        Example:
+            >>> from typeflow import stage
+            >>> @stage
+            ... def inverse(x: int) -> float:
+            ...     return 1 / x
+            >>> list(inverse.run([1, 2, 4]).values())
+            [1.0, 0.5, 0.25]
+            >>> list(inverse.run([1, 0, 4]).values())
+            Traceback (most recent call last):
+            ...
+            ZeroDivisionError: division by zero
+            (typeflow) stage 'inverse' failed on item 0: ZeroDivisionError: division by zero
+        """
+        try:
+            for result in self:
+                if isinstance(result, Failure):
+                    raise _original(result.failure())
+                yield result.unwrap()
+        finally:
+            self.close()
+
     def start(self) -> Self:
         """Start the workers and begin reading input now, before the first ``next()``."""
         if self._items is not None:
@@ -1350,6 +1388,19 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
     async def aclose(self) -> None:
         """Stop the run now: every worker is stopped and joined."""
         await _to_thread(self._collector.close)
+
+    async def values(self) -> AsyncGenerator[Out, None]:
+        """The async twin of :meth:`Run.values`: the values alone; the first failure
+        closes the run and raises the original exception.  An async generator is
+        closed only when it is finished or closed: leave the loop early inside
+        ``async with pipeline.arun(items) as run:``, which closes the run."""
+        try:
+            async for result in self:
+                if isinstance(result, Failure):
+                    raise _original(result.failure())
+                yield result.unwrap()
+        finally:
+            await self.aclose()
 
     def statistics(self) -> RunStatistics:
         """Per-stage counters so far: items in, succeeded, failed, filtered, retried,

@@ -248,6 +248,13 @@ def take_and_consume() -> None:
     print(errors)
 
 
+def values_are_the_values() -> None:
+    # E[mypy]: Argument 1 to "list" has incompatible type "Generator[int, None, None]"; expected "Iterable[str]"  [arg-type]
+    # E[pyright]: Type "list[int]" is not assignable to declared type "list[str]"
+    texts: list[str] = list(parse.run(["1"]).values())
+    print(texts)
+
+
 def merged_types(texts: list[str], numbers: list[int]) -> None:
     # merge's result is the union of its sources' item types.  mypy solves both
     # type variables from the declared type, so it blames the second source.

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Generator,
+    Iterable,
+    Iterator,
+)
 
 from returns.result import Result
 from typing_extensions import TypeGuard, TypeIs, assert_type
@@ -290,6 +297,8 @@ def run_methods() -> None:
     assert_type(run, Run[str])
     assert_type(run.statistics(), RunStatistics)
     assert_type(run.statistics().stages[0].filtered, int)
+    assert_type((parse | double).run(["1"]).values(), Generator[int, None, None])
+    assert_type((parse | double).arun(["1"]).values(), AsyncGenerator[int, None])
 
 
 # -- feeds ----------------------------------------------------------------------------------
