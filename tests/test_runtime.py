@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import re
@@ -20,6 +21,7 @@ from typeflow import (
     CompositionError,
     DefinitionError,
     RemoteTraceback,
+    Run,
     StageError,
     WorkerCrashed,
     route,
@@ -292,6 +294,39 @@ def test_async_values_raise_the_original_exception(backend: Backend) -> None:
         asyncio.run(main())
     assert got == [1.0, 0.5]
     assert leftovers() == ([], [])
+
+
+class _Cycle:
+    """Something that refers to itself (a request object, say), holding a run."""
+
+    def __init__(self, run: Run[int]) -> None:
+        self.me = self
+        self.run = run
+
+
+def test_a_run_collected_in_one_of_its_own_threads_still_shuts_down() -> None:
+    # A run dropped inside a reference cycle is closed by the garbage collector,
+    # in whichever thread allocates: one of its own workers could not join itself,
+    # and the run's event loop thread and its file descriptors leaked for good.
+    dropped = threading.Event()
+    collected = threading.Event()
+
+    def collect_once(n: int) -> int:
+        if dropped.is_set() and not collected.is_set():
+            collected.set()
+            gc.collect()
+        return n
+
+    gc.disable()
+    try:
+        cycle = _Cycle((stage(workers=2)(collect_once) | on("task", inc)).run(itertools.count()))
+        next(cycle.run)
+        del cycle
+        dropped.set()
+        assert collected.wait(10)
+    finally:
+        gc.enable()
+    assert leftovers(10.0) == ([], [])
 
 
 def test_a_crashed_process_worker_fails_only_its_item_and_is_replaced() -> None:

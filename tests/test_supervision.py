@@ -226,6 +226,33 @@ def test_a_retry_waits_its_backoff_first(backend: Backend, tmp_path: Path) -> No
     assert run.statistics().stages[0].retried == 1
 
 
+@pytest.mark.parametrize("is_async", [False, True])
+def test_closing_a_run_ends_the_backoff_of_a_retry_on_a_thread(is_async: bool) -> None:
+    # The backoff was a plain sleep: close() waited for the run's join timeout, the
+    # worker threads outlived the run, and they called the function again after
+    # close() had returned.
+    calls: list[int] = []
+    both_failed = threading.Barrier(3)
+
+    def always_fails(n: int) -> int:
+        calls.append(n)
+        if len(calls) <= 2:
+            both_failed.wait(10)
+        raise ValueError(n)
+
+    async def always_fails_async(n: int) -> int:
+        return always_fails(n)
+
+    options = stage(workers=2, retries=4, backoff=30.0, max_backoff=60.0)
+    failing = options(always_fails_async) if is_async else options(always_fails)
+    run = failing.run(range(10))
+    run.start()
+    both_failed.wait(10)  # each worker's first try has failed: now it waits 30 s
+    run.close()
+    assert leftovers() == ([], [])
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("retries", [0, 1, 2])
 def test_retries_per_backend_and_attempt_counts(backend: Backend, retries: int) -> None:
     flaky = make_flaky(2)

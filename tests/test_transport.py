@@ -816,3 +816,44 @@ def test_lambdas_and_closures_still_ship_by_value() -> None:
         return x * offset
 
     assert [r.unwrap() for r in stage(backend="process")(closure).run([3])] == [30]
+
+
+def _exit_at_once() -> None:
+    pass
+
+
+def test_a_worker_process_asked_about_by_several_threads_at_once_is_reaped_once() -> None:
+    # The pump, the thread closing the run and multiprocessing's own clean-up poll a
+    # worker from different threads: the waitpid of one failed with ECHILD in the
+    # others, which took the ended worker for alive (a false warning, a SIGKILL to
+    # a pid already reaped).
+    import multiprocessing
+    import select
+    from multiprocessing.process import BaseProcess
+
+    from typeflow._backends._process import reaped_once
+
+    ctx = multiprocessing.get_context("fork")
+    for _ in range(20):
+        proc = ctx.Process(target=_exit_at_once, daemon=True)
+        proc.start()
+        reaped_once(proc)
+        poller = select.poll()
+        poller.register(proc.sentinel, select.POLLIN)
+        assert poller.poll(10_000)  # ended, not reaped yet
+        gate = threading.Barrier(8)
+        alive: list[bool] = []
+
+        def ask(
+            p: BaseProcess = proc, g: threading.Barrier = gate, seen: list[bool] = alive
+        ) -> None:
+            g.wait(10)
+            seen.append(p.is_alive())
+
+        askers = [threading.Thread(target=ask) for _ in range(8)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(10)
+        assert alive == [False] * 8
+        assert proc.exitcode == 0

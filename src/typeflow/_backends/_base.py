@@ -70,6 +70,14 @@ class RatePacer:
     def resting(self) -> None:
         pass
 
+    def rest(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    async def arest(self, seconds: float) -> None:
+        import asyncio
+
+        await asyncio.sleep(seconds)
+
     def trying(self) -> None:
         if self.limiter is not None:
             time.sleep(self.limiter.reserve(1))

@@ -81,10 +81,10 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
 from multiprocessing.process import BaseProcess
-from typing import Final, TypeAlias, cast
+from typing import Any, Final, TypeAlias, cast
 
 from typeflow._backends._base import (
     BatchSizer,
@@ -379,6 +379,7 @@ class _Pump:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
             child.close()
+        reaped_once(proc)
         self._forked = (proc, parent)
 
     def _spawn(self) -> None:
@@ -437,6 +438,7 @@ class _Pump:
                 raise _Cancelled
             with _main_not_imported():
                 proc.start()
+            reaped_once(proc)
             self._proc, self._conn = proc, parent
         child.close()
         # Wait until the worker is up, so that start-up never counts against a timeout.
@@ -999,6 +1001,35 @@ def _main_not_imported() -> Generator[None, None, None]:
             yield
         finally:
             main.__file__ = path
+
+
+def reaped_once(proc: BaseProcess) -> None:
+    """Make ``proc``'s reaping safe from several threads, right after it started.
+
+    Its pump, the thread closing the run (``exitcode`` before a SIGTERM) and
+    multiprocessing itself (every ``Process.start`` polls the children it knows,
+    from whatever thread starts one) may ask about it at the same moment; the
+    ``waitpid`` of one then fails with ECHILD in another, which takes the ended
+    worker for alive (a false "did not end" warning, a SIGKILL sent to a pid
+    already reaped), and two readers of a forkserver worker's status split it.
+    One lock per process around its poll and its signals keeps them in turn (a
+    blocking poll happens only once its sentinel says it ended: never held long).
+    """
+    popen: Any = vars(proc)["_popen"]
+    lock = threading.Lock()
+    poll: Callable[[int], int | None] = popen.poll
+    send: Callable[[int], None] = popen._send_signal
+
+    def locked_poll(flag: int = os.WNOHANG) -> int | None:
+        with lock:
+            return poll(flag)
+
+    def locked_send(sig: int) -> None:
+        with lock:
+            send(sig)
+
+    popen.poll = locked_poll
+    popen._send_signal = locked_send
 
 
 def _join(proc: BaseProcess, timeout: float) -> None:

@@ -182,6 +182,14 @@ class _Pacer:
         if self._progress is not None:
             self._progress.slots[1] = math.inf  # as during a setup
 
+    def rest(self, seconds: float) -> None:
+        time.sleep(seconds)  # a run that stops sends SIGTERM, which ends the sleep
+
+    async def arest(self, seconds: float) -> None:
+        import asyncio
+
+        await asyncio.sleep(seconds)
+
     def trying(self) -> None:
         if self._rated:
             time.sleep(self._slot())

@@ -104,13 +104,25 @@ class _Stop(WorkerExit):
 
 
 class _RatePacer(RatePacer):
-    """A thread worker's: the wait for a slot ends early if the run stops."""
+    """A thread worker's: the backoff between tries and the wait for a rate slot
+    end early if the run stops (no call is made after the run was closed)."""
 
     __slots__ = ("_group",)
 
     def __init__(self, group: ThreadGroup) -> None:
         super().__init__(group.limiter)
         self._group = group
+
+    def rest(self, seconds: float) -> None:
+        self._group.wait_unless_stopped(seconds)
+
+    async def arest(self, seconds: float) -> None:
+        # An async stage on a thread: the worker's own event loop waits for the
+        # run's stop in its executor (only between two tries of a failed call).
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._group.wait_unless_stopped, seconds)
 
     def trying(self) -> None:
         self._group.wait_for_rate(1)
@@ -232,8 +244,7 @@ class ThreadGroup:
         sizer = BatchSizer(1 if self.limiter is not None else BATCH_LIMIT, BATCH_SECONDS)
         clock = time.perf_counter
         ctx = WorkerContext(slot.index, self._scope)
-        if self.limiter is not None:
-            ctx.pacer = _RatePacer(self)
+        ctx.pacer = _RatePacer(self)  # used only when a call is tried again
         replaced = False
         try:
             if first is not None and not self._take_over(slot, *first, ctx):
@@ -277,7 +288,10 @@ class ThreadGroup:
         the run's end cuts the wait short (``_Stop``)."""
         if self.limiter is None:
             return
-        seconds = self.limiter.reserve(calls)
+        self.wait_unless_stopped(self.limiter.reserve(calls))
+
+    def wait_unless_stopped(self, seconds: float) -> None:
+        """Wait ``seconds``; ``_Stop`` if the run stops meanwhile."""
         if seconds > 0:
             with self._cond:
                 if self._cond.wait_for(lambda: self._stopped, seconds):

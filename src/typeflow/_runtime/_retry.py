@@ -46,6 +46,13 @@ class Pacer(Protocol):
     def resting(self) -> None:
         """A try failed; the wait before the next one begins (no deadline runs)."""
 
+    def rest(self, seconds: float) -> None:
+        """Wait ``seconds`` before the next try (a thread worker's wait ends, with
+        ``WorkerExit``, when the run stops)."""
+
+    async def arest(self, seconds: float) -> None:
+        """The awaitable twin of :meth:`rest`."""
+
     def trying(self) -> None:
         """The next try begins now (after its rate slot): its deadline counts from here."""
 
@@ -90,9 +97,11 @@ def call(
         except Exception as exc:
             if not options.should_retry(exc, before + attempt):
                 raise Exhausted(exc, attempt) from exc
-        if pacer is not None:
+        if pacer is None:
+            time.sleep(delay(options, before + attempt))
+        else:
             pacer.resting()
-        time.sleep(delay(options, before + attempt))
+            pacer.rest(delay(options, before + attempt))
         attempt += 1
         if pacer is not None:
             pacer.trying()
@@ -122,9 +131,11 @@ async def acall(
         except Exception as exc:
             if not options.should_retry(exc, before + attempt):
                 raise Exhausted(exc, attempt) from exc
-        if pacer is not None:
+        if pacer is None:
+            await asyncio.sleep(delay(options, before + attempt))
+        else:
             pacer.resting()
-        await asyncio.sleep(delay(options, before + attempt))
+            await pacer.arest(delay(options, before + attempt))
         attempt += 1
         if pacer is not None:
             await pacer.atrying()

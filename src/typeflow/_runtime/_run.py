@@ -849,19 +849,21 @@ class RunCore:
             with contextlib.suppress(RuntimeError):  # its loop is already closed
                 self._cancel_async_feed()
         deadline = time.monotonic() + JOIN_TIMEOUT
-        for group in self._groups:
-            group.join(max(0.0, deadline - time.monotonic()))
-        feeder = self._feeder
-        if (
-            feeder is not None
-            and feeder.ident is not None
-            and feeder is not threading.current_thread()
-        ):
-            # A feeder blocked inside the caller's iterator cannot be interrupted;
-            # it is a daemon thread and stops at its next item.
-            feeder.join(max(0.0, min(1.0, deadline - time.monotonic())))
-        if self._loop is not None:
-            self._loop.stop(max(0.0, deadline - time.monotonic()))
+        try:
+            for group in self._groups:
+                group.join(max(0.0, deadline - time.monotonic()))
+            feeder = self._feeder
+            if (
+                feeder is not None
+                and feeder.ident is not None
+                and feeder is not threading.current_thread()
+            ):
+                # A feeder blocked inside the caller's iterator cannot be interrupted;
+                # it is a daemon thread and stops at its next item.
+                feeder.join(max(0.0, min(1.0, deadline - time.monotonic())))
+        finally:
+            if self._loop is not None:
+                self._loop.stop(max(0.0, deadline - time.monotonic()))
 
 
 class _Group:
@@ -1312,7 +1314,7 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self._core.shutdown()
+            _shutdown_when_dropped(self._core)
 
 
 class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
@@ -1424,14 +1426,19 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
         if not self._owns:
             return
         with contextlib.suppress(Exception):
-            if _on_running_loop():
-                # Dropped on an event loop (``break`` out of ``async for`` without
-                # ``aclose``): the workers are joined off the loop.
-                threading.Thread(
-                    target=self._core.shutdown, name="typeflow:shutdown", daemon=True
-                ).start()
-            else:
-                self._core.shutdown()
+            _shutdown_when_dropped(self._core)
+
+
+def _shutdown_when_dropped(core: RunCore) -> None:
+    """Shut down a run that nobody holds any more.  Dropped on an event loop (a
+    ``break`` out of ``async for`` without ``aclose``), the workers are joined off
+    the loop; collected by the garbage collector in one of typeflow's own threads
+    (a worker of this run or another one, which cannot join itself or should not
+    wait), in a thread of its own.  Else, as a ``break`` promises, at once."""
+    if threading.current_thread().name.startswith("typeflow:") or _on_running_loop():
+        threading.Thread(target=core.shutdown, name="typeflow:shutdown", daemon=True).start()
+    else:
+        core.shutdown()
 
 
 def _on_running_loop() -> bool:
