@@ -584,10 +584,36 @@ class AsyncStageDecorator:
 
 @overload
 def stage(  # type: ignore[overload-overlap] # async first: a coroutine function is also a Callable[[A], B]
-    fn: Callable[[A], Coroutine[Any, Any, B]], /
+    fn: Callable[[A], Coroutine[Any, Any, B]],
+    /,
+    *,
+    workers: int = 1,
+    backend: Backend = "thread",
+    buffer: int = DEFAULT_BUFFER,
+    name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[Exception], ...] = (Exception,),
+    backoff: float = 0.1,
+    max_backoff: float = 30.0,
+    rate: float | None = None,
 ) -> AsyncFnStage[A, B]: ...
 @overload
-def stage(fn: Callable[[A], B], /) -> FnStage[A, B]: ...
+def stage(
+    fn: Callable[[A], B],
+    /,
+    *,
+    workers: int = 1,
+    backend: Literal["thread", "process"] = "thread",
+    buffer: int = DEFAULT_BUFFER,
+    name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_on: tuple[type[Exception], ...] = (Exception,),
+    backoff: float = 0.1,
+    max_backoff: float = 30.0,
+    rate: float | None = None,
+) -> FnStage[A, B]: ...
 @overload
 def stage(  # type: ignore[overload-overlap] # pyright: ignore[reportOverlappingOverload] - "task" is the special case of Backend
     *,
@@ -633,7 +659,8 @@ def stage(
 ) -> Stage[Any, Any] | StageDecorator | AsyncStageDecorator:
     """Turn a one-argument function into a pipeline stage.
 
-    Use it bare (``@stage``: one thread worker) or with options.  The decorated
+    Use it bare (``@stage``: one thread worker) or with options, as a decorator
+    or called on a function (``stage(parse, workers=4)``).  The decorated
     object is still callable like the function, so its logic can be unit-tested
     without the runtime.
 

@@ -103,3 +103,21 @@ def unwrapped_wrong() -> bytes:
 @stage(retries=2, retry_on=(SystemExit,))
 def retries_an_exit(x: int) -> int:
     return x
+
+
+def double_it(x: int) -> int:
+    return 2 * x
+
+
+# Called on a function: a plain function is refused on the task backend, as by the
+# decorator form, and the options are checked as there.
+# E[mypy]: No overload variant of "stage" matches argument types "Callable[[int], int]", "str"  [call-overload]
+# E[pyright]: No overloads for "stage" match the provided arguments (reportCallIssue)
+# E[pyright]: Argument of type "Literal['task']" cannot be assigned to parameter "backend" of type "Literal['thread', 'process']" in function "stage"
+# E[pyright]: Type of "on_tasks" is unknown (reportUnknownVariableType)
+on_tasks = stage(double_it, backend="task")
+# E[mypy]: No overload variant of "stage" matches argument types "Callable[[int], int]", "str"  [call-overload]
+# E[pyright]: No overloads for "stage" match the provided arguments (reportCallIssue)
+# E[pyright]: Argument of type "Literal['4']" cannot be assigned to parameter "workers" of type "int" in function "stage"
+# E[pyright]: Type of "workers_as_text_too" is unknown (reportUnknownVariableType)
+workers_as_text_too = stage(double_it, workers="4")

@@ -50,6 +50,20 @@ async def encode_on_threads(x: str) -> bytes:
     return x.encode()
 
 
+def plain(x: int) -> str:
+    return str(x)
+
+
+async def coro(x: str) -> bytes:
+    return x.encode()
+
+
+# Called on a function, with options (pypeln's pl.process.map(f, workers=3)).
+assert_type(stage(plain, workers=3, backend="process"), FnStage[int, str])
+assert_type(stage(plain, timeout=1.0, retries=2), FnStage[int, str])
+assert_type(stage(coro, workers=8, backend="task"), AsyncFnStage[str, bytes])
+assert_type(stage(coro, backend="thread", rate=5.0), AsyncFnStage[str, bytes])
+
 assert_type(show, FnStage[int, str])
 assert_type(encode, AsyncFnStage[str, bytes])
 assert_type(show_cpu, FnStage[int, str])
