@@ -23,7 +23,9 @@ from typeflow import (
     RemoteTraceback,
     Run,
     StageError,
+    StatefulStage,
     WorkerCrashed,
+    current_worker,
     route,
     stage,
 )
@@ -294,6 +296,36 @@ def test_async_values_raise_the_original_exception(backend: Backend) -> None:
         asyncio.run(main())
     assert got == [1.0, 0.5]
     assert leftovers() == ([], [])
+
+
+def where_am_i(x: int) -> tuple[str, int, int, str]:
+    worker = current_worker()
+    assert worker is not None
+    return (worker.stage, worker.index, worker.workers, worker.backend)
+
+
+class Tagged(StatefulStage[int, str], workers=2):
+    def setup(self) -> None:
+        worker = current_worker()
+        assert worker is not None
+        self.tag = f"{worker.stage}:{worker.index}"
+
+    def process(self, item: int, /) -> str:
+        return self.tag
+
+
+def test_a_stage_knows_which_of_its_workers_runs_it(backend: Backend) -> None:
+    seen = {r.unwrap() for r in on(backend, where_am_i, workers=3).run(range(200))}
+    assert {(name, workers, kind) for name, _, workers, kind in seen} == {
+        ("where_am_i", 3, backend)
+    }
+    assert {index for _, index, _, _ in seen} <= {0, 1, 2}
+    assert current_worker() is None  # outside any worker
+    assert where_am_i.__name__ == "where_am_i"
+    with pytest.raises(AssertionError):
+        where_am_i(1)  # called directly: no worker
+    tags = {r.unwrap() for r in Tagged().run(range(50))}
+    assert tags <= {"Tagged:0", "Tagged:1"}
 
 
 class _Cycle:

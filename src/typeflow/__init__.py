@@ -58,6 +58,7 @@ from typeflow._stage import (
     StageDecorator,
     stage,
 )
+from typeflow._worker import WorkerInfo, current_worker
 
 __all__ = [
     "AsyncFlatMapStage",
@@ -89,8 +90,10 @@ __all__ = [
     "StatefulStage",
     "TypeflowError",
     "WorkerCrashed",
+    "WorkerInfo",
     "WorkerStartError",
     "batch",
+    "current_worker",
     "flat_map",
     "fork",
     "is_backend",

@@ -127,6 +127,7 @@ from typeflow._runtime._kernel import (
     rows,
     ship,
 )
+from typeflow._worker import WorkerInfo
 
 __all__ = [
     "BATCH_BYTES",
@@ -339,6 +340,7 @@ class _Pump:
         #: Items sent to the current worker process (its progress counts the same way).
         self._handed = 0
         self._sizer = BatchSizer(BATCH_LIMIT, BATCH_SECONDS, BATCH_BYTES)
+        self._info = WorkerInfo(node.name, index, node.options.workers, "process")
         self.thread = threading.Thread(
             target=self._main, name=f"typeflow:{node.name}:{index}", daemon=True
         )
@@ -367,6 +369,7 @@ class _Pump:
                 False,
                 self._progress,
                 self._limiter is not None,
+                self._info,
             ),
             name=f"typeflow:{self._node.name}:{self._index}",
             daemon=True,
@@ -427,6 +430,7 @@ class _Pump:
                 True,
                 self._progress,
                 self._limiter is not None,
+                self._info,
             ),
             name=f"typeflow:{self._node.name}:{self._index}",
             daemon=True,

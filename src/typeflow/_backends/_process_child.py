@@ -32,6 +32,7 @@ from typeflow._runtime._kernel import (
     WorkerExit,
     root_of,
 )
+from typeflow._worker import WorkerInfo, enter_worker
 
 __all__ = ["READY", "SET_UP", "SLOT", "RawFailure", "Reply", "Unreadable", "child_main"]
 
@@ -75,6 +76,7 @@ def child_main(
     handshake: bool = True,
     progress: Progress | None = None,
     rated: bool = False,
+    info: WorkerInfo | None = None,
 ) -> None:
     """Serve batches on ``conn`` until told to stop or the parent goes away.
 
@@ -107,6 +109,8 @@ def child_main(
             assert kernel_bytes is not None
             kernel = pickle.loads(kernel_bytes)
         assert kernel is not None
+        if info is not None:
+            enter_worker(info)
         ctx = WorkerContext(index)
         wire = Wire(conn)
         if handshake:

@@ -33,6 +33,7 @@ from typeflow._runtime._kernel import (
     rows,
     until_done,
 )
+from typeflow._worker import WorkerInfo, enter_worker
 
 __all__ = ["BATCH_LIMIT", "BATCH_SECONDS", "TaskGroup", "start"]
 
@@ -102,6 +103,7 @@ async def _work(
 ) -> None:
     kernel = node.kernel
     share = node.options.workers
+    enter_worker(WorkerInfo(node.name, index, share, "task"))  # this task's own context
     ctx = WorkerContext(index, scope)
     if limiter is not None:
         ctx.pacer = RatePacer(limiter)

@@ -50,6 +50,7 @@ from typeflow._runtime._kernel import (
     WorkerExit,
     rows,
 )
+from typeflow._worker import WorkerInfo, enter_worker
 
 __all__ = ["BATCH_LIMIT", "BATCH_SECONDS", "ThreadGroup", "start"]
 
@@ -243,6 +244,7 @@ class ThreadGroup:
         share = node.options.workers
         sizer = BatchSizer(1 if self.limiter is not None else BATCH_LIMIT, BATCH_SECONDS)
         clock = time.perf_counter
+        enter_worker(WorkerInfo(node.name, slot.index, share, "thread"))
         ctx = WorkerContext(slot.index, self._scope)
         ctx.pacer = _RatePacer(self)  # used only when a call is tried again
         replaced = False
