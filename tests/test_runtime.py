@@ -277,6 +277,10 @@ def test_values_raise_the_original_exception_and_close_the_run(backend: Backend)
     (note,) = caught.value.__notes__
     assert note.startswith("(typeflow) stage 'reciprocal' failed on item 0: ZeroDivisionError")
     assert leftovers() == ([], [])
+    # fail_fast raises the StageError from the run itself: values() still unwraps it.
+    with pytest.raises(ZeroDivisionError):
+        list(on(backend, reciprocal).run([1, 0, 3], fail_fast=True).values())
+    assert leftovers() == ([], [])
     # Leaving the loop early closes the run.
     values = on(backend, reciprocal).run(itertools.count(1)).values()
     assert next(values) == 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import sys
 import threading
@@ -739,6 +740,19 @@ class SetupExitsInAProcess(SetupExits, backend="process"):
     pass
 
 
+class AsyncSetupExits(AsyncStatefulStage[int, int], workers=2, backend="task"):
+    async def setup(self) -> None:
+        await asyncio.sleep(0)
+        sys.exit("no configuration")
+
+    async def process(self, item: int, /) -> int:
+        return item
+
+
+class SharedAsyncSetupExits(AsyncSetupExits, workers=2, backend="task", shared=True):
+    pass
+
+
 def test_a_setup_error_that_does_not_pickle_still_stops_the_run() -> None:
     # It used to fail every item (endlessly, on an endless input) as a RuntimeError.
     with pytest.raises(RuntimeError, match=r"DatabaseDown: cannot reach db.local: 61") as caught:
@@ -748,11 +762,15 @@ def test_a_setup_error_that_does_not_pickle_still_stops_the_run() -> None:
     assert leftovers() == ([], [])
 
 
-@pytest.mark.parametrize("make", [SetupExits, SetupExitsInAProcess])
+@pytest.mark.parametrize(
+    "make", [SetupExits, SetupExitsInAProcess, AsyncSetupExits, SharedAsyncSetupExits]
+)
 def test_a_setup_that_exits_stops_the_run_with_its_system_exit(
     make: Callable[[], Stage[int, int]],
 ) -> None:
-    # It used to fail every item on threads and crash every worker on processes.
+    # It used to fail every item on threads and crash every worker on processes;
+    # an async setup's SystemExit on tasks escaped the run's event loop, and the
+    # run ended with "typeflow lost track of items".
     with pytest.raises(SystemExit, match="no configuration"):
         list(make().run(itertools.count()))
     assert leftovers() == ([], [])
@@ -859,7 +877,7 @@ def test_a_put_into_a_feed_nobody_reads_gives_up_after_its_timeout(backend: Back
         got: list[int] = []
         reader = threading.Thread(target=lambda: got.extend(r.unwrap() for r in feed))
         reader.start()  # reading makes room
-        feed.put("yy", timeout=30)
+        feed.put("yy", timeout=math.inf)  # as long as it takes (it was an OverflowError)
         feed.close()
         reader.join(30)
     assert 1 <= len(put) <= 4 + 4 + 1  # the buffer, the window, the reader's chunk

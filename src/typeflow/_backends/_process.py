@@ -1020,7 +1020,7 @@ def reaped_once(proc: BaseProcess) -> None:
     blocking poll happens only once its sentinel says it ended: never held long).
     """
     popen: Any = vars(proc)["_popen"]
-    lock = threading.Lock()
+    lock = threading.RLock()  # a failed signal polls (Popen._send_signal)
     poll: Callable[[int], int | None] = popen.poll
     send: Callable[[int], None] = popen._send_signal
 

@@ -219,12 +219,19 @@ class ThreadGroup:
     def _launch_all(self, slots: list[_Slot]) -> None:
         for i, slot in enumerate(slots):
             with self._cond:
-                if self._stopped:  # the run is over: these workers never start
-                    for unused in slots[i:]:
-                        self._scope.leave(WorkerContext(unused.index))
-                        unused.emitter.done()
-                    return
-                self._launch(slot, None)
+                if not self._stopped:
+                    self._launch(slot, None)
+                    continue
+            # The run is over: these workers never start (the last to leave a
+            # shared object tears it down, on a context of its own).
+            for unused in slots[i:]:
+                ctx = WorkerContext(unused.index)
+                try:
+                    self._scope.leave(ctx)
+                finally:
+                    ctx.close()
+                    unused.emitter.done()
+            return
 
     def _launch(self, slot: _Slot, first: tuple[_Batch, BaseException] | None) -> None:
         thread = threading.Thread(
@@ -413,12 +420,14 @@ class ThreadGroup:
                     with slot.lock:  # the worker may finish the call right now
                         if batch.abandoned or not batch.running() or batch.began + timeout > now:
                             continue
+                        # The replacement counts before the abandoned thread can see
+                        # that it was and leave: a shared object is not torn down.
+                        self._scope.enter()
                         batch.abandoned = True
                     slot.batch = None
                     if slot.thread is not None:
                         slot.retired.append(slot.thread)
                     slot.emitter.restarted()
-                    self._scope.enter()  # the abandoned thread leaves when its call returns
                     self._launch(slot, (batch, StageTimeout(self._node.name, timeout)))
                 if next_deadline is not None and next_deadline <= time.monotonic():
                     continue  # a call finished just as it was looked at: look again

@@ -112,7 +112,9 @@ class _ThreadWaiter(_Waiter):
 
     def wait(self, timeout: float | None = None) -> bool:
         # Positional: a keyword argument sends the call through the slow argument parser.
-        return self._lock.acquire(True, -1 if timeout is None else max(0.0, timeout))
+        if timeout is None or timeout > threading.TIMEOUT_MAX:  # inf: for as long as it takes
+            return self._lock.acquire(True, -1)
+        return self._lock.acquire(True, max(0.0, timeout))
 
 
 class _TaskWaiter(_Waiter):

@@ -787,17 +787,31 @@ async def until_done(work: Awaitable[object]) -> bool:
     wait."""
     import asyncio
 
-    task = asyncio.ensure_future(work)
+    task = asyncio.ensure_future(_held(work))
     cancelled = False
     while True:
         try:
-            await asyncio.shield(task)
+            exit_error = await asyncio.shield(task)
         except asyncio.CancelledError:
             if not task.done():
                 cancelled = True
                 continue
             raise
+        if exit_error is not None:
+            raise exit_error
         return cancelled
+
+
+async def _held(work: Awaitable[object]) -> BaseException | None:
+    """``await work``, returning a ``SystemExit`` or ``KeyboardInterrupt`` it raises
+    rather than raising it: asyncio lets those two out of a task's step, out of the
+    event loop itself, where they would end the run's loop thread instead of
+    being the setup's (or teardown's) error."""
+    try:
+        await work
+    except (SystemExit, KeyboardInterrupt) as exc:
+        return exc
+    return None
 
 
 def _cancelled_by_run() -> bool:

@@ -164,7 +164,8 @@ def _original(error: StageError) -> BaseException:
     exc = error.exception
     note = f"(typeflow) {error}"
     if note not in getattr(exc, "__notes__", ()):
-        exc.add_note(note)
+        with contextlib.suppress(TypeError):  # its __notes__ is not a list: no note
+            exc.add_note(note)
     return exc
 
 
@@ -1259,7 +1260,10 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
         """The values alone, as calling the stages one after the other would give
         them: the first failure closes the run and raises the original exception
         (a ``KeyError`` is a ``KeyError``), with a note naming the stage and the
-        item.  Leaving the loop early closes the run too.
+        item.  Leaving the loop early closes the run too.  With ``fail_fast=True`` it
+        is the same.  (A stage's ``StopIteration`` comes as a ``RuntimeError``, as
+        from any generator: it must not end the caller's loop as if the values
+        had run out.)
 
         Example:
             >>> from typeflow import stage
@@ -1275,10 +1279,21 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
             (typeflow) stage 'inverse' failed on item 0: ZeroDivisionError: division by zero
         """
         try:
-            for result in self:
-                if isinstance(result, Failure):
-                    raise _original(result.failure())
-                yield result.unwrap()
+            while True:
+                failed: StageError | None = None
+                try:
+                    result = next(self)
+                except StopIteration:
+                    return
+                except StageError as error:  # fail_fast
+                    failed = error
+                else:
+                    if isinstance(result, Failure):
+                        failed = result.failure()
+                    else:
+                        yield result.unwrap()
+                if failed is not None:
+                    raise _original(failed)
         finally:
             self.close()
 
@@ -1397,10 +1412,21 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
         closed only when it is finished or closed: leave the loop early inside
         ``async with pipeline.arun(items) as run:``, which closes the run."""
         try:
-            async for result in self:
-                if isinstance(result, Failure):
-                    raise _original(result.failure())
-                yield result.unwrap()
+            while True:
+                failed: StageError | None = None
+                try:
+                    result = await anext(self)
+                except StopAsyncIteration:
+                    return
+                except StageError as error:  # fail_fast
+                    failed = error
+                else:
+                    if isinstance(result, Failure):
+                        failed = result.failure()
+                    else:
+                        yield result.unwrap()
+                if failed is not None:
+                    raise _original(failed)
         finally:
             await self.aclose()
 
