@@ -252,12 +252,7 @@ class WorkerContext:
         try:
             if self.state is not None:
                 state, self.state = self.state, None
-                try:
-                    state.teardown(self)
-                except WorkerExit:
-                    raise
-                except BaseException as exc:  # noqa: BLE001 - no item left to fail: logged
-                    state.teardown_failed(exc, self.index)
+                _tear_down(state, self)
         finally:
             if self._runner is not None:
                 self._runner.close()
@@ -347,12 +342,7 @@ class SharedScope:
         """A worker ends; the last one tears the shared object down."""
         state = self._last()
         if state is not None:
-            try:
-                state.teardown(ctx)
-            except WorkerExit:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - no item left to fail: logged
-                state.teardown_failed(exc, ctx.index)
+            _tear_down(state, ctx)
 
     async def aleave(self, ctx: WorkerContext) -> None:
         """:meth:`leave` for a task worker, on the loop."""
@@ -366,6 +356,17 @@ class SharedScope:
         state, self.state = self.state, None
         if state is not None:
             await _ateardown(state, 0)
+
+
+def _tear_down(state: WorkerState, ctx: WorkerContext) -> None:
+    """``state``'s teardown, on ``ctx``'s worker; an error is logged (no item is left
+    to fail), a ``WorkerExit`` ends the worker as always."""
+    try:
+        state.teardown(ctx)
+    except WorkerExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - no item left to fail: logged
+        state.teardown_failed(exc, ctx.index)
 
 
 async def _ateardown(state: WorkerState, worker: int) -> None:
