@@ -660,6 +660,17 @@ class HoldsALockInAProcess(HoldsALock, backend="process"):
     pass
 
 
+class SharedHoldsALock(HoldsALock, workers=2, shared=True):
+    pass
+
+
+def test_a_shared_stage_object_that_cannot_be_copied_is_named_as_copied_once() -> None:
+    with pytest.raises(TypeError, match=r"the stage object is copied for the run") as caught:
+        list(SharedHoldsALock().run(range(5)))
+    assert "in setup(), not in __init__" in str(caught.value)
+    assert leftovers() == ([], [])
+
+
 @pytest.mark.parametrize("make", [HoldsALock, HoldsALockInAProcess])
 def test_a_stage_object_that_cannot_be_copied_stops_the_run_with_the_fix(
     make: Callable[[], Stage[int, int]],

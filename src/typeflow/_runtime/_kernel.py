@@ -936,11 +936,15 @@ class StatefulKernel(Kernel):
         try:
             return copy.deepcopy(self.prototype)
         except Exception as exc:
+            copied = (
+                "the stage object is copied for the run"
+                if self.shared
+                else "each worker gets its own copy of the stage object"
+            )
             raise TypeError(
-                f"stage {self.name!r}: each worker gets its own copy of the stage object "
-                f"(copy.deepcopy), but it cannot be copied ({type(exc).__name__}: {exc}); "
-                "create what cannot be copied (locks, open files, connections, clients) "
-                "in setup(), not in __init__"
+                f"stage {self.name!r}: {copied} (copy.deepcopy), but it cannot be copied "
+                f"({type(exc).__name__}: {exc}); create what cannot be copied (locks, open "
+                "files, connections, clients) in setup(), not in __init__"
             ) from exc
 
     def _failed_setup(self, batch: list[Envelope], error: BaseException) -> Outcome:
