@@ -104,7 +104,7 @@ class _Stop(WorkerExit):
     run stops.  Never an item's failure."""
 
 
-class _RatePacer(RatePacer):
+class _ThreadPacer(RatePacer):
     """A thread worker's: the backoff between tries and the wait for a rate slot
     end early if the run stops (no call is made after the run was closed)."""
 
@@ -129,7 +129,7 @@ class _RatePacer(RatePacer):
         self._group.wait_for_rate(1)
 
 
-class _TimedPacer(_RatePacer):
+class _TimedPacer(_ThreadPacer):
     """The same for a call under a deadline: none runs between two tries, and each
     try's runs from when it begins."""
 
@@ -253,7 +253,7 @@ class ThreadGroup:
         clock = time.perf_counter
         enter_worker(WorkerInfo(node.name, slot.index, share, "thread"))
         ctx = WorkerContext(slot.index, self._scope)
-        ctx.pacer = _RatePacer(self)  # used only when a call is tried again
+        ctx.pacer = _ThreadPacer(self)  # used only when a call is tried again
         replaced = False
         try:
             if first is not None and not self._take_over(slot, *first, ctx):
