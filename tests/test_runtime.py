@@ -318,6 +318,46 @@ class Tagged(StatefulStage[int, str], workers=2):
         return self.tag
 
 
+async def checked(x: int) -> int:
+    await asyncio.sleep(0)
+    if x == 2:
+        raise ValueError("two")
+    if x == 3:
+        raise asyncio.CancelledError  # its own: fails the item, not the worker
+    return x
+
+
+async def tenfold(x: int) -> int:
+    await asyncio.sleep(0)
+    return 10 * x
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_task_items_one_at_a_time_keep_every_outcome(ordered: bool) -> None:
+    # One item in a feed at a time: each task worker takes a batch of one, which
+    # goes a shorter way than a batch (a value passed on without an outcome).
+    pipeline = stage(workers=4, backend="task")(checked) | stage(workers=4, backend="task")(tenfold)
+    outcomes: list[object] = []
+    with pipeline.feed(ordered=ordered) as feed:
+        results = iter(feed)
+        for x in range(6):
+            feed.put(x)
+            result = next(results)
+            if isinstance(result, Failure):
+                error = result.failure()
+                assert (error.stage, error.item) == ("checked", x)
+                frames = traceback.extract_tb(error.exception.__traceback__)
+                assert "checked" in [frame.name for frame in frames]
+                outcomes.append(type(error.exception))
+            else:
+                outcomes.append(result.unwrap())
+        feed.close()
+        assert list(results) == []
+    assert outcomes == [0, 10, ValueError, asyncio.CancelledError, 40, 50]
+    first, second = feed.run.statistics().stages
+    assert (first.succeeded, first.failed, second.succeeded) == (4, 2, 4)
+
+
 def test_a_stage_knows_which_of_its_workers_runs_it(backend: Backend) -> None:
     seen = {r.unwrap() for r in on(backend, where_am_i, workers=3).run(range(200))}
     assert {(name, workers, kind) for name, _, workers, kind in seen} == {

@@ -177,6 +177,11 @@ class Emitter(Protocol):
         the coroutine that waits for room and finishes the job (to be awaited)."""
         ...
 
+    def offer_one(self, keys: Sequence[Key], value: object) -> Coroutine[Any, Any, None] | None:
+        """:meth:`offer` for a batch of one item (``keys``, its key) that made one
+        output, ``value``, and nothing else (no outcome made for it)."""
+        ...
+
     def restarted(self) -> None:
         """Count one replacement of this worker (after a crash or a timeout)."""
         ...

@@ -39,6 +39,7 @@ __all__ = [
     "WorkerContext",
     "WorkerExit",
     "child_key",
+    "item_error",
     "root_of",
     "rows",
 ]
@@ -392,11 +393,16 @@ class _SharedUse(WorkerState):
 class Kernel:
     """Processes batches for one stage.  Must pickle (process workers get a copy)."""
 
-    __slots__ = ("is_async", "name")
+    __slots__ = ("is_async", "name", "one")
 
     def __init__(self, name: str, is_async: bool) -> None:
         self.name = name
         self.is_async = is_async
+        #: The ``async def`` function itself when awaiting it is all that an item
+        #: takes (a map without retries or a timeout): a task worker awaits it
+        #: directly for a batch of one, the common case of slow items, without a
+        #: batch's bookkeeping (see :meth:`one_failed`).  None otherwise.
+        self.one: Callable[[Any], Awaitable[object]] | None = None
 
     def process(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         """Run the batch in a thread or process worker."""
@@ -421,6 +427,14 @@ class Kernel:
     async def aprocess(self, batch: list[Envelope], ctx: WorkerContext) -> Outcome:
         """Run the batch in an asyncio task worker."""
         raise NotImplementedError
+
+    def one_failed(self, key: Key, item: object, exc: BaseException) -> Outcome:
+        """The outcome of an item whose call through :attr:`one` raised ``exc`` (what
+        :meth:`aprocess_columns` would have made of it); re-raised when it ends the
+        worker rather than the item (see :func:`item_error`)."""
+        out = Outcome()
+        out.failed.append((key, item_error(self.name, item, exc)))
+        return out
 
     async def aprocess_columns(
         self, keys: Sequence[Key], items: Sequence[object], ctx: WorkerContext
@@ -467,6 +481,8 @@ class FnKernel(Kernel):
         self.kind = kind
         #: An async generator function (a one-to-many stage's), drained per call.
         self._generates = kind == "flat" and inspect.isasyncgenfunction(fn)
+        if is_async and kind == "map" and not options.retries and options.timeout is None:
+            self.one = fn
 
     def __reduce__(self) -> tuple[object, ...]:
         fn = self._plain
@@ -660,8 +676,6 @@ class FnKernel(Kernel):
             return await self._aeach(keys, items, ctx)
         if self.options.timeout is not None:
             return await self._amap_timed(keys, items, self.options.timeout)
-        import asyncio
-
         # The common case, without the retry and timeout wrappers' frames, in
         # column form until (unless) an item fails.
         out = Outcome()
@@ -671,15 +685,12 @@ class FnKernel(Kernel):
         for i, item in enumerate(items):
             try:
                 value = await fn(item)
-            except WorkerExit:
-                raise
-            except BaseException as exc:  # becomes this item's Failure (see below)
-                if isinstance(exc, asyncio.CancelledError) and _cancelled_by_run():
-                    raise
+            except BaseException as exc:  # noqa: BLE001 - this item's Failure (see item_error)
+                error = item_error(self.name, item, exc)
                 if values:
                     ok.extend(zip(keys, values, strict=False))
                     values = []
-                failed.append((keys[i], StageError(self.name, item, exc)))
+                failed.append((keys[i], error))
             else:
                 if failed:
                     ok.append((keys[i], value))
@@ -813,6 +824,19 @@ async def _held(work: Awaitable[object]) -> BaseException | None:
     except (SystemExit, KeyboardInterrupt) as exc:
         return exc
     return None
+
+
+def item_error(stage: str, item: object, exc: BaseException) -> StageError:
+    """The error of an item whose ``async def`` call raised ``exc``; ``exc`` itself is
+    raised again when it is not the item's: a :class:`WorkerExit`, or the
+    cancellation of the worker's own task (see :func:`_cancelled_by_run`)."""
+    if isinstance(exc, WorkerExit):
+        raise exc
+    import asyncio
+
+    if isinstance(exc, asyncio.CancelledError) and _cancelled_by_run():
+        raise exc
+    return StageError(stage, item, exc)
 
 
 def _cancelled_by_run() -> bool:

@@ -407,6 +407,18 @@ class _Emitter:
             return self._aput([], ok)
         return None
 
+    def offer_one(self, keys: Sequence[Key], value: object) -> Coroutine[Any, Any, None] | None:
+        # What offer() makes of an outcome with one value (keys and values in
+        # column form), without making the outcome.
+        self.counters.succeeded += 1
+        if self._next is None:
+            entries: list[Entry] = [(keys, OKS, [value])]
+            if not self._outbox.offer(entries):
+                return self._aput(entries, [])
+        elif not self._next.offer(ok := [(keys[0], value)]):
+            return self._aput([], ok)
+        return None
+
     async def _aput(self, entries: list[Entry], ok: list[Envelope]) -> None:
         if entries:  # first, as in emit
             await self._outbox.aput_many(entries)
