@@ -288,6 +288,25 @@ def test_values_raise_the_original_exception_and_close_the_run(backend: Backend)
     assert leftovers() == ([], [])
 
 
+OUT_OF_RANGE = ValueError("out of range")  # one instance, raised for every item
+
+
+def refuse_above_two(x: int) -> int:
+    if x > 2:
+        raise OUT_OF_RANGE
+    return x
+
+
+def test_one_exception_raised_for_several_items_names_the_latest() -> None:
+    refuse = stage(refuse_above_two)
+    for first_bad in (3, 5):
+        with pytest.raises(ValueError, match="out of range") as caught:
+            list(refuse.run([1, first_bad, 2]).values())
+        assert caught.value is OUT_OF_RANGE
+        (note,) = caught.value.__notes__
+        assert f"failed on item {first_bad}:" in note
+
+
 def test_async_values_raise_the_original_exception(backend: Backend) -> None:
     got: list[float] = []
 
@@ -356,6 +375,18 @@ def test_task_items_one_at_a_time_keep_every_outcome(ordered: bool) -> None:
     assert outcomes == [0, 10, ValueError, asyncio.CancelledError, 40, 50]
     first, second = feed.run.statistics().stages
     assert (first.succeeded, first.failed, second.succeeded) == (4, 2, 4)
+
+
+async def in_a_thread(x: int) -> int:
+    return await asyncio.to_thread(inc, x)
+
+
+def test_the_threads_of_asyncio_to_thread_end_with_the_run() -> None:
+    before = set(threading.enumerate())
+    assert sorted(values(stage(workers=4, backend="task")(in_a_thread).run(range(20)))) == list(
+        range(1, 21)
+    )
+    assert [t.name for t in set(threading.enumerate()) - before] == []
 
 
 def test_a_stage_knows_which_of_its_workers_runs_it(backend: Backend) -> None:

@@ -162,11 +162,19 @@ def _original(error: StageError) -> BaseException:
     """The exception a failed item's stage raised, with a note that names the stage
     and the item (its ``__cause__``, a process worker's traceback, is kept)."""
     exc = error.exception
-    note = f"(typeflow) {error}"
-    if note not in getattr(exc, "__notes__", ()):
-        with contextlib.suppress(TypeError):  # its __notes__ is not a list: no note
-            exc.add_note(note)
+    notes: object = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        # One exception object raised for several items (a module-level instance)
+        # carries the note of the item it is raised for now, not one per failure.
+        kept = cast("list[object]", notes)
+        kept[:] = [n for n in kept if not (isinstance(n, str) and n.startswith(_NOTE))]
+    with contextlib.suppress(TypeError):  # its __notes__ is not a list: no note
+        exc.add_note(f"{_NOTE}{error}")
     return exc
+
+
+#: How the notes that :func:`_original` adds begin.
+_NOTE: Final = "(typeflow) "
 
 
 def _check_count(value: object) -> None:
@@ -487,6 +495,9 @@ class _LoopThread:
                 task.cancel()
             self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            # The threads of ``asyncio.to_thread`` calls (as asyncio.run does): a
+            # call still running is waited for, within the run's join timeout.
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
             self.loop.close()
 
     def stop(self, timeout: float) -> None:
