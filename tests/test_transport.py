@@ -153,6 +153,29 @@ def test_large_bytes_and_bytearrays_leave_out_of_band_and_arrive_as_they_were() 
         right.close()
 
 
+def test_a_buffer_copied_out_is_read_into_again_and_a_kept_one_never_is() -> None:
+    left, right = _pair()
+    try:
+        received: list[object] = []
+        size = 2 * OUT_OF_BAND_MIN
+        for round_ in range(4):  # bytes arrive as copies: their buffer is free again
+            payload = [bytes([round_]) * size, bytearray([100 + round_]) * size]
+            reader = threading.Thread(target=lambda: received.append(right.recv()))
+            reader.start()
+            left.send(lift(payload))
+            reader.join(10)
+        got = cast("list[list[bytes | bytearray]]", received)
+        # Every value is still what was sent: a later message never lands in the
+        # memory of an earlier bytearray (the value itself), nor of a bytes value.
+        assert [[value[0], value[-1], len(value)] for pair in got for value in pair] == [
+            [v, v, size] for round_ in range(4) for v in (round_, 100 + round_)
+        ]
+        assert [type(value) for value in got[0]] == [bytes, bytearray]
+    finally:
+        left.close()
+        right.close()
+
+
 def test_the_wire_carries_more_buffers_than_one_sendmsg_takes() -> None:
     left, right = _pair()
     try:

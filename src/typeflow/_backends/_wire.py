@@ -16,6 +16,10 @@ reads the rest of a large pickle or buffer with ``recv_into`` directly into
 memory it allocates once per buffer, so a 1 MiB array is copied once by the
 kernel on each side and never through Python-level chunks (which is what
 ``multiprocessing.Connection.recv_bytes`` does, at about a tenth of the speed).
+A buffer whose data was copied out (a ``bytes`` value's) is read into again by
+the next message (up to :data:`SPARE_BYTES`): no new memory to zero and, when
+the allocator has given the last one back to the system, to fault in page by
+page.
 
 The socket's buffers are raised to :data:`SOCKET_BUFFER` (the kernel may cap
 that); :attr:`Wire.pipeline_bytes` is how big a message may be and still be
@@ -29,6 +33,7 @@ import os
 import pickle
 import socket
 import struct
+import sys
 from collections.abc import Sequence
 from typing import Final, Protocol, SupportsIndex, TypeVar, cast
 
@@ -38,6 +43,7 @@ __all__ = [
     "OUT_OF_BAND_MIN",
     "RECV_BUFFER",
     "SOCKET_BUFFER",
+    "SPARE_BYTES",
     "Endpoint",
     "Undecodable",
     "Wire",
@@ -46,6 +52,11 @@ __all__ = [
 ]
 
 _HEAD: Final = struct.Struct("=IQ")
+#: Whether ``sys.getrefcount`` tells when nothing else holds an object (CPython).
+_COUNTS_REFERENCES: Final = sys.implementation.name == "cpython"
+#: Its count for a buffer held only by the received list: the list, the
+#: comprehension's variable, and the call's own argument.
+_ONLY_HERE: Final = 3
 #: Buffers smaller than this travel inside the pickle (a frame per buffer costs more).
 OUT_OF_BAND_MIN: Final = 16 * 1024
 #: The socket buffer size asked for, each way.
@@ -54,6 +65,8 @@ SOCKET_BUFFER: Final = 4 * 1024 * 1024
 _MAX_PARTS: Final = 512
 #: The receive buffer: messages up to this size are read in as few calls as can be.
 RECV_BUFFER: Final = 256 * 1024
+#: The most bytes of a message's out-of-band buffers kept for the next message.
+SPARE_BYTES: Final = 8 * 1024 * 1024
 
 
 class Undecodable(Exception):
@@ -82,13 +95,16 @@ class Wire:
     ``conn`` can still be waited on and closed on its own.
     """
 
-    __slots__ = ("_buf", "_end", "_sock", "_start", "pipeline_bytes")
+    __slots__ = ("_buf", "_end", "_sock", "_spare", "_start", "pipeline_bytes")
 
     def __init__(self, conn: Endpoint) -> None:
         self._sock = socket.socket(fileno=os.dup(conn.fileno()))
         #: Received bytes not yet used are ``_buf[_start:_end]``.
         self._buf = bytearray(RECV_BUFFER)
         self._start = self._end = 0
+        #: The out-of-band buffers of the last message that nothing kept (their
+        #: data was copied out: ``bytes`` values), for the next message to read into.
+        self._spare: list[bytearray] = []
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
@@ -143,11 +159,30 @@ class Wire:
         if count:
             sizes = struct.unpack(f"={count}Q", self._take(8 * count))
         data = self._take(length)
-        buffers = [self._take_into(bytearray(size)) for size in sizes]
+        buffers = [self._take_into(self._buffer(size)) for size in sizes]
         try:
-            return pickle.loads(data, buffers=buffers)
+            message = pickle.loads(data, buffers=buffers)
         except Exception as exc:
             raise Undecodable(exc) from exc
+        if buffers and _COUNTS_REFERENCES:
+            # A buffer that only this list holds now was copied out (into a
+            # ``bytes`` value): read the next message into it.  A fresh 1 MiB
+            # buffer each time cost more than the copy: the allocator gave the
+            # memory back to the system after every message, and each of its 256
+            # pages was faulted in again, zeroed, on the next.
+            spare = [b for b in buffers if sys.getrefcount(b) == _ONLY_HERE]
+            while sum(map(len, spare)) > SPARE_BYTES:  # a batch of many: keep a few
+                spare.pop()
+            self._spare = spare
+        return message
+
+    def _buffer(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes to read into: a spare one of that size, or new."""
+        spare = self._spare
+        for i, buffer in enumerate(spare):
+            if len(buffer) == size:
+                return spare.pop(i)
+        return bytearray(size)
 
     def _take(self, n: int) -> bytes | bytearray:
         """The next ``n`` bytes: from the receive buffer when they fit in it."""
