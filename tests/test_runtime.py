@@ -307,6 +307,19 @@ def test_one_exception_raised_for_several_items_names_the_latest() -> None:
         assert f"failed on item {first_bad}:" in note
 
 
+def inner_refuses(x: int) -> int:
+    (value,) = stage(refuse_above_two).run([x]).values()
+    return value
+
+
+def test_a_nested_run_s_note_stays_under_the_outer_stage_s() -> None:
+    with pytest.raises(ValueError, match="out of range") as caught:
+        list(stage(inner_refuses).run([1, 7]).values())
+    inner, outer = caught.value.__notes__
+    assert inner.startswith("(typeflow) stage 'refuse_above_two' failed on item 7:")
+    assert outer.startswith("(typeflow) stage 'inner_refuses' failed on item 7:")
+
+
 def test_async_values_raise_the_original_exception(backend: Backend) -> None:
     got: list[float] = []
 
@@ -381,12 +394,37 @@ async def in_a_thread(x: int) -> int:
     return await asyncio.to_thread(inc, x)
 
 
-def test_the_threads_of_asyncio_to_thread_end_with_the_run() -> None:
+def test_the_threads_of_asyncio_to_thread_are_the_run_s_and_end_after_it() -> None:
     before = set(threading.enumerate())
     assert sorted(values(stage(workers=4, backend="task")(in_a_thread).run(range(20)))) == list(
         range(1, 21)
     )
-    assert [t.name for t in set(threading.enumerate()) - before] == []
+    started = set(threading.enumerate()) - before
+    assert started  # (and the check after every test joins them: named typeflow:)
+    assert all(t.name.startswith("typeflow:to_thread") for t in started)
+    for thread in started:
+        thread.join(10)  # idle: told to end when the run's loop closed
+    assert [t.name for t in started if t.is_alive()] == []
+
+
+def test_closing_a_run_does_not_wait_for_a_call_in_asyncio_to_thread() -> None:
+    began, release = threading.Event(), threading.Event()
+
+    def held(x: int) -> int:
+        began.set()
+        release.wait(30)
+        return x
+
+    async def hold(x: int) -> int:
+        return await asyncio.to_thread(held, x)
+
+    run = stage(backend="task")(hold).run(itertools.count())
+    run.start()
+    assert began.wait(10)
+    run.close()  # returns while the call is still held (it cannot be interrupted)
+    assert not release.is_set()
+    assert [t.name for t in threading.enumerate() if t.name == "typeflow:loop"] == []
+    release.set()  # the call returns: its thread ends (joined by the check after the test)
 
 
 def test_a_stage_knows_which_of_its_workers_runs_it(backend: Backend) -> None:

@@ -52,11 +52,22 @@ __all__ = [
 ]
 
 _HEAD: Final = struct.Struct("=IQ")
-#: Whether ``sys.getrefcount`` tells when nothing else holds an object (CPython).
-_COUNTS_REFERENCES: Final = sys.implementation.name == "cpython"
-#: Its count for a buffer held only by the received list: the list, the
-#: comprehension's variable, and the call's own argument.
-_ONLY_HERE: Final = 3
+
+
+def _references(buffers: list[bytearray]) -> list[int]:
+    """``sys.getrefcount`` of each buffer, as counted from here."""
+    return [sys.getrefcount(b) for b in buffers]
+
+
+#: Whether ``sys.getrefcount`` tells when nothing else holds an object: CPython
+#: with its GIL (a free-threaded build defers some counts; ``sys._is_gil_enabled``
+#: is there from 3.13).
+_COUNTS_REFERENCES: Final = sys.implementation.name == "cpython" and bool(
+    getattr(sys, "_is_gil_enabled", lambda: True)()
+)
+#: The count of a buffer that only its list holds, measured rather than assumed
+#: (the interpreter decides which of the loop's own references it counts).
+_ONLY_HERE: Final = _references([bytearray(1)])[0]
 #: Buffers smaller than this travel inside the pickle (a frame per buffer costs more).
 OUT_OF_BAND_MIN: Final = 16 * 1024
 #: The socket buffer size asked for, each way.
@@ -170,7 +181,8 @@ class Wire:
             # buffer each time cost more than the copy: the allocator gave the
             # memory back to the system after every message, and each of its 256
             # pages was faulted in again, zeroed, on the next.
-            spare = [b for b in buffers if sys.getrefcount(b) == _ONLY_HERE]
+            counts = _references(buffers)
+            spare = [b for b, n in zip(buffers, counts, strict=True) if n == _ONLY_HERE]
             while sum(map(len, spare)) > SPARE_BYTES:  # a batch of many: keep a few
                 spare.pop()
             self._spare = spare

@@ -165,16 +165,14 @@ def _original(error: StageError) -> BaseException:
     notes: object = getattr(exc, "__notes__", None)
     if isinstance(notes, list):
         # One exception object raised for several items (a module-level instance)
-        # carries the note of the item it is raised for now, not one per failure.
+        # carries the note of the item it is raised for now, not one per failure
+        # of this stage (a nested run's note, another stage's, stays).
+        ours = f"(typeflow) stage {error.stage!r} failed on item "
         kept = cast("list[object]", notes)
-        kept[:] = [n for n in kept if not (isinstance(n, str) and n.startswith(_NOTE))]
+        kept[:] = [n for n in kept if not (isinstance(n, str) and n.startswith(ours))]
     with contextlib.suppress(TypeError):  # its __notes__ is not a list: no note
-        exc.add_note(f"{_NOTE}{error}")
+        exc.add_note(f"(typeflow) {error}")
     return exc
-
-
-#: How the notes that :func:`_original` adds begin.
-_NOTE: Final = "(typeflow) "
 
 
 def _check_count(value: object) -> None:
@@ -478,8 +476,14 @@ class _LoopThread:
 
     def __init__(self) -> None:
         import asyncio
+        from concurrent.futures import ThreadPoolExecutor
 
         self.loop = asyncio.new_event_loop()
+        # The threads of task stages' ``asyncio.to_thread`` calls, named as the
+        # run's own.  Closing the loop shuts them down without waiting: idle ones
+        # end at once, a call in progress when it returns (it cannot be
+        # interrupted, as a thread stage's stuck call cannot).
+        self.loop.set_default_executor(ThreadPoolExecutor(thread_name_prefix="typeflow:to_thread"))
         self._thread = threading.Thread(target=self._main, name="typeflow:loop", daemon=True)
         self._thread.start()
 
@@ -495,9 +499,6 @@ class _LoopThread:
                 task.cancel()
             self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            # The threads of ``asyncio.to_thread`` calls (as asyncio.run does): a
-            # call still running is waited for, within the run's join timeout.
-            self.loop.run_until_complete(self.loop.shutdown_default_executor())
             self.loop.close()
 
     def stop(self, timeout: float) -> None:
