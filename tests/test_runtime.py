@@ -7,6 +7,7 @@ import gc
 import itertools
 import os
 import re
+import sys
 import threading
 import traceback
 from collections import Counter
@@ -22,10 +23,13 @@ from typeflow import (
     DefinitionError,
     RemoteTraceback,
     Run,
+    Stage,
     StageError,
     StatefulStage,
     WorkerCrashed,
     current_worker,
+    flat_map,
+    keep,
     route,
     stage,
 )
@@ -848,6 +852,44 @@ def test_a_stage_of_many_threads_starts_them_while_the_first_ones_work() -> None
     run = many.run(itertools.count())
     assert [r.unwrap() for r in run.take(3)] == [1, 2, 3]
     assert leftovers() == ([], [])
+
+
+def pair(x: int) -> list[int]:
+    return [x, x]
+
+
+def positive(x: int) -> bool:
+    return x > 0
+
+
+def workers_started(pipeline: Stage[int, int], items: Iterable[int]) -> int:
+    """How many worker threads of the stage named ``inc`` a run of ``items`` starts
+    (each new thread reports itself once, through ``threading.setprofile``)."""
+    names: list[str] = []
+
+    def first_event(*_: object) -> None:
+        names.append(threading.current_thread().name)
+        sys.setprofile(None)
+
+    threading.setprofile(first_event)
+    try:
+        list(pipeline.run(items))
+    finally:
+        threading.setprofile(None)
+    return len([name for name in names if re.fullmatch(r"typeflow:inc:\d+", name)])
+
+
+def test_a_short_input_in_memory_starts_no_more_workers_than_it_has_items() -> None:
+    eight = stage(workers=8)(inc)
+    assert workers_started(eight, [0, 1]) == 2
+    assert workers_started(eight, (0, 1, 2)) == 3
+    assert workers_started(eight, range(0)) == 1
+    assert workers_started(eight, range(20)) == 8
+    # A map or a filter before it keeps the bound; a one-to-many stage does not.
+    assert workers_started(stage(double) | keep(positive) | eight, [0, 1]) == 2
+    assert workers_started(flat_map(pair) | eight, [0]) == 8
+    # Any other input may be longer than it looks: every worker starts.
+    assert workers_started(eight, iter([0])) == 8
 
 
 @pytest.mark.parametrize("items", [None, 42, 3.5])

@@ -61,7 +61,15 @@ from typeflow._runtime._channel import (
     EndOfChannel,
     Window,
 )
-from typeflow._runtime._kernel import Envelope, Key, Node, Outcome, SetupFailed, root_of
+from typeflow._runtime._kernel import (
+    Envelope,
+    FnKernel,
+    Key,
+    Node,
+    Outcome,
+    SetupFailed,
+    root_of,
+)
 from typeflow._runtime._signals import SignalGuard
 from typeflow._runtime._stats import Counters, RunStatistics, StageStatistics
 
@@ -257,6 +265,13 @@ _BACKENDS: Final[dict[str, str]] = {
     "batcher": "typeflow._backends._batcher",
     "split": "typeflow._backends._split",
 }
+
+
+def _at_most_one_output(node: Node) -> bool:
+    """Whether each item that ``node`` takes makes at most one item for the next stage
+    (a map or a filter of a function)."""
+    kernel = node.kernel
+    return not node.runner and isinstance(kernel, FnKernel) and kernel.kind in ("map", "keep")
 
 
 def _backend(kind: str) -> WorkerBackend:
@@ -613,7 +628,12 @@ class RunCore:
                 # one, each at once.
                 feeder = self._feeder_for(self._feed, items)
             self._groups += self._start_nodes(
-                self.nodes, self.inboxes, self.outbox, self._emitters, first=feeder
+                self.nodes,
+                self.inboxes,
+                self.outbox,
+                self._emitters,
+                first=feeder,
+                known=len(items) if isinstance(items, list | tuple | range) else None,
             )
             if isinstance(items, AsyncIterable):
                 import asyncio
@@ -637,10 +657,16 @@ class RunCore:
         outbox: Outbox,
         emitters_out: list[list[_Emitter]] | None = None,
         first: threading.Thread | None = None,
+        known: int | None = None,
     ) -> list[WorkerGroup]:
         """Start the workers of ``nodes``; ``first`` (the feeder) starts before any
         worker thread: the input is read while they start (a short run waits for
         its first item less), though after any fork (see _backends._process).
+
+        ``known``: how many items the input holds, when it is in memory.  A stage
+        that can never get more items than that starts no more workers (the
+        others are done at once): one item through a stage of 2 processes forks
+        one, through a stage of 200 threads starts one.
 
         The last stage sends batched entries (OKS, GROUP) into ``outbox``: the
         caller's collector and a fork's joiner both read them; SPAN entries go
@@ -658,6 +684,15 @@ class RunCore:
         ]
         if emitters_out is not None:
             emitters_out.extend(emitters_of)
+        live: list[list[_Emitter]] = []
+        for node, emitters in zip(nodes, emitters_of, strict=True):
+            if known is not None and known < len(emitters):
+                for idle in emitters[max(1, known) :]:
+                    idle.done()  # a worker that could never get an item
+                emitters = emitters[: max(1, known)]
+            live.append(emitters)
+            if not _at_most_one_output(node):
+                known = None  # the stages after it may get more items than the input
         kinds = [node.runner or node.options.backend for node in nodes]
         started: dict[int, WorkerGroup] = {}
         try:
@@ -669,12 +704,12 @@ class RunCore:
                 with _process.deferred_threads(first):
                     for i, node in enumerate(nodes):
                         if kinds[i] == "process":
-                            started[i] = _process.start(node, inboxes[i], emitters_of[i], self)
+                            started[i] = _process.start(node, inboxes[i], live[i], self)
             elif first is not None:
                 first.start()
             for i, node in enumerate(nodes):
                 if kinds[i] != "process":
-                    started[i] = _backend(kinds[i]).start(node, inboxes[i], emitters_of[i], self)
+                    started[i] = _backend(kinds[i]).start(node, inboxes[i], live[i], self)
         except BaseException:
             for group in started.values():  # e.g. forked workers whose pumps never started
                 group.cancel()
