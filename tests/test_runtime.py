@@ -890,6 +890,19 @@ def test_a_short_input_in_memory_starts_no_more_workers_than_it_has_items() -> N
     assert workers_started(flat_map(pair) | eight, [0]) == 8
     # Any other input may be longer than it looks: every worker starts.
     assert workers_started(eight, iter([0])) == 8
+    # What counts is what iterating gives, not len().
+    assert workers_started(eight, Paged([0, 1])) == 5
+    # An input too long to go in at once is read while the run goes on (a list
+    # may grow meanwhile): every worker starts.
+    assert workers_started(stage(workers=8, buffer=2)(inc), [0, 1, 2]) == 8
+
+
+class Paged(list[int]):
+    """A list whose iteration fetches more pages than ``len()`` counts."""
+
+    def __iter__(self) -> Iterator[int]:
+        yield from super().__iter__()
+        yield from range(100, 103)
 
 
 @pytest.mark.parametrize("items", [None, 42, 3.5])

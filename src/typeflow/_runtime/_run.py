@@ -617,11 +617,14 @@ class RunCore:
             self._signals = None  # not the main thread: leave signals alone
         try:
             feeder: threading.Thread | None = None
+            #: How many items the input holds, once all of them are in.
+            known: int | None = None
             if isinstance(items, list | tuple | range):
                 # Items already in memory cannot keep a feeder waiting: a short
                 # input goes in at once, from here (see _pour_now); a longer one
                 # in chunks (one lock trip for many).
-                if not self._pour_now(items):
+                known = self._pour_now(items)
+                if known is None:
                     feeder = self._feeder_for(self._feed_chunks, items)
             elif not isinstance(items, AsyncIterable):
                 # Any other iterable may block between items: they go in one by
@@ -633,7 +636,7 @@ class RunCore:
                 self.outbox,
                 self._emitters,
                 first=feeder,
-                known=len(items) if isinstance(items, list | tuple | range) else None,
+                known=known,
             )
             if isinstance(items, AsyncIterable):
                 import asyncio
@@ -663,7 +666,8 @@ class RunCore:
         worker thread: the input is read while they start (a short run waits for
         its first item less), though after any fork (see _backends._process).
 
-        ``known``: how many items the input holds, when it is in memory.  A stage
+        ``known``: how many items the input holds, when all of them are in already
+        (a short input in memory, see _pour_now).  A stage
         that can never get more items than that starts no more workers (the
         others are done at once): one item through a stage of 2 processes forks
         one, through a stage of 200 threads starts one.
@@ -761,19 +765,22 @@ class RunCore:
         )
         return self._feeder
 
-    def _pour_now(self, items: Sequence[Any]) -> bool:
-        """Put a short input that is in memory in at once, from the caller's thread
-        (True); False when it does not fit the first buffer and the window: a
-        feeder thread reads it.  A short run then starts no feeder (the start of a
-        short run is mostly thread starts)."""
+    def _pour_now(self, items: Sequence[Any]) -> int | None:
+        """Put a short input that is in memory in at once, from the caller's thread,
+        and return how many items it held; None when it does not fit the first
+        buffer and the window: a feeder thread reads it.  A short run then starts
+        no feeder (the start of a short run is mostly thread starts)."""
         inbox, window = self.inboxes[0], self.window
-        if len(items) > inbox.capacity or not window.take_now(len(items)):
-            return False
-        if not inbox.offer_values(list(items)):  # too many bytes for a process stage
-            window.give_back(len(items))
-            return False
+        if len(items) > inbox.capacity:
+            return None
+        values = list(items)  # what iterating gives (a subclass may not match its len())
+        if len(values) > inbox.capacity or not window.take_now(len(values)):
+            return None
+        if not inbox.offer_values(values):  # too many bytes for a process stage
+            window.give_back(len(values))
+            return None
         self._close_input()
-        return True
+        return len(values)
 
     def _feed_chunks(self, items: Iterable[Any]) -> None:
         put_values, window = self.inboxes[0].put_values, self.window

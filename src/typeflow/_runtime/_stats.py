@@ -34,7 +34,7 @@ class StageStatistics:
     Attributes:
         name: the stage's name.
         backend: where its workers run.
-        workers: how many workers it runs at once.
+        workers: its ``workers`` option (a short input in memory may start fewer).
         items_in: items its workers have taken from its buffer.
         succeeded: items it passed on (a one-to-many stage counts each output).
         failed: items that failed in it (a ``Failure`` naming this stage).
