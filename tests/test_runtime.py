@@ -900,9 +900,23 @@ def test_a_short_input_in_memory_starts_no_more_workers_than_it_has_items() -> N
 class Paged(list[int]):
     """A list whose iteration fetches more pages than ``len()`` counts."""
 
+    def __init__(self, items: Iterable[int]) -> None:
+        super().__init__(items)
+        self.reads = 0
+
     def __iter__(self) -> Iterator[int]:
+        self.reads += 1
         yield from super().__iter__()
         yield from range(100, 103)
+
+
+@pytest.mark.parametrize("buffer", [64, 2])
+def test_an_input_in_memory_is_read_once(buffer: int) -> None:
+    # Short enough to go in at once or not (buffer=2: a feeder reads it), its
+    # pages are fetched once, and every item they hold is processed.
+    paged = Paged([0, 1])
+    assert values(stage(workers=2, buffer=buffer)(inc).run(paged)) == [1, 2, 101, 102, 103]
+    assert paged.reads == 1
 
 
 @pytest.mark.parametrize("items", [None, 42, 3.5])

@@ -623,7 +623,11 @@ class RunCore:
                 # Items already in memory cannot keep a feeder waiting: a short
                 # input goes in at once, from here (see _pour_now); a longer one
                 # in chunks (one lock trip for many).
-                known = self._pour_now(items)
+                if len(items) <= self.inboxes[0].capacity:
+                    # Read once, here: what iterating gives (a subclass may not
+                    # match its len()), poured in at once if it fits.
+                    items = list(items)
+                    known = self._pour_now(items)
                 if known is None:
                     feeder = self._feeder_for(self._feed_chunks, items)
             elif not isinstance(items, AsyncIterable):
@@ -765,15 +769,12 @@ class RunCore:
         )
         return self._feeder
 
-    def _pour_now(self, items: Sequence[Any]) -> int | None:
+    def _pour_now(self, values: list[Any]) -> int | None:
         """Put a short input that is in memory in at once, from the caller's thread,
         and return how many items it held; None when it does not fit the first
         buffer and the window: a feeder thread reads it.  A short run then starts
         no feeder (the start of a short run is mostly thread starts)."""
         inbox, window = self.inboxes[0], self.window
-        if len(items) > inbox.capacity:
-            return None
-        values = list(items)  # what iterating gives (a subclass may not match its len())
         if len(values) > inbox.capacity or not window.take_now(len(values)):
             return None
         if not inbox.offer_values(values):  # too many bytes for a process stage
