@@ -617,7 +617,7 @@ class RunCore:
             self._signals = None  # not the main thread: leave signals alone
         try:
             feeder: threading.Thread | None = None
-            #: How many items the input holds, once all of them are in.
+            # How many items the input holds, once all of them are in.
             known: int | None = None
             if isinstance(items, list | tuple | range):
                 # Items already in memory cannot keep a feeder waiting: a short
