@@ -126,7 +126,7 @@ async def _work(
                 # worker's own cost per item.
                 try:
                     value = await one(items[0])
-                except BaseException as exc:  # noqa: BLE001 - see Kernel.one_failed
+                except BaseException as exc:  # noqa: BLE001 - the item's Failure; one_failed re-raises the rest
                     rest = emitter.offer(kernel.one_failed(keys[0], items[0], exc))
                 else:
                     rest = emitter.offer_one(keys, value)
