@@ -292,6 +292,34 @@ def test_values_raise_the_original_exception_and_close_the_run(backend: Backend)
     assert leftovers() == ([], [])
 
 
+def test_values_count_as_yielded_only_once_handed_out(backend: Backend) -> None:
+    # values() takes every result that is ready at once (the first batch here holds
+    # many: the list is in the inbox before the worker starts), but the statistics
+    # count only the values the caller has been given, during the loop and after it.
+    run = on(backend, reciprocal).run([1, 2, 4, 8] * 50 + [0, 1])
+    values = run.values()
+    for k in range(1, 6):
+        assert next(values) == 1 / 2 ** ((k - 1) % 4)
+        assert (run.statistics().succeeded, run.statistics().failed) == (k, 0)
+    values.close()
+    assert (run.statistics().succeeded, run.statistics().failed) == (5, 0)
+    # The values before a failure are handed out, the failure raised, nothing after it.
+    run = on(backend, reciprocal).run([1, 2, 0, 4, 8])
+    got: list[float] = []
+    with pytest.raises(ZeroDivisionError):
+        got.extend(run.values())
+    assert got == [1.0, 0.5]
+    stats = run.statistics()
+    assert (stats.succeeded, stats.failed) == (2, 1)
+    # consume() takes them at once too, and keeps every failure, in order.
+    run = on(backend, reciprocal).run([0, 1, 0, 2, 0, 4] * 20)
+    failures = run.consume()
+    assert len(failures) == 60
+    assert all(isinstance(f.exception, ZeroDivisionError) for f in failures)
+    assert (run.statistics().succeeded, run.statistics().failed) == (60, 60)
+    assert leftovers() == ([], [])
+
+
 OUT_OF_RANGE = ValueError("out of range")  # one instance, raised for every item
 
 

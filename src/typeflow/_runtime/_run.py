@@ -45,7 +45,7 @@ from collections.abc import (
     Sequence,
 )
 from itertools import repeat
-from operator import itemgetter
+from operator import itemgetter, length_hint, methodcaller
 from types import MemberDescriptorType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
@@ -118,6 +118,18 @@ def _inner_value_setter() -> Callable[[object, object], None]:
 
 
 _set_inner_value = _inner_value_setter()
+
+
+def _inner_value_getter() -> Callable[[object], object]:
+    """``Success.unwrap`` without its Python frame: the slot's own descriptor when
+    there is one (see :func:`_inner_value_setter`), else ``unwrap`` itself."""
+    slot: object = getattr(Success, "_inner_value", None)
+    if isinstance(slot, MemberDescriptorType):
+        return slot.__get__
+    return methodcaller("unwrap")
+
+
+_inner_value = _inner_value_getter()
 
 
 def _success(value: object) -> Result[Any, StageError]:
@@ -987,6 +999,7 @@ class _Collector(Generic[Out]):
         "_done",
         "_failures_accepted",
         "_groups",
+        "_handed",
         "_next_seq",
         "_owed",
         "_pending",
@@ -1006,6 +1019,9 @@ class _Collector(Generic[Out]):
         self.completed = 0
         #: Results ready for the caller, in the order they are to be yielded.
         self._ready: deque[Result[Any, StageError]] = deque()
+        #: Values taken from ``_ready`` at once and being handed out (``values()``):
+        #: what is left of them counts as not yet yielded.
+        self._handed: Iterator[object] = iter(())
         self._groups: dict[int, _Group] = {}
         #: Ordered runs: complete roots waiting for their turn, by first root:
         #: how many consecutive roots the results cover, and the results.
@@ -1177,11 +1193,40 @@ class _Collector(Generic[Out]):
             return None
         return cast("Result[Out, StageError]", self._ready.popleft())
 
+    def take_ready(self, first: Result[Any, StageError]) -> _Results:
+        """``first`` (just popped) and every result ready after it, taken at once: a
+        caller that takes them all pays for one call, not one ``next()`` each."""
+        ready = self._ready
+        taken = [first, *ready]
+        ready.clear()
+        return taken
+
+    def hand_values(
+        self, first: Result[Any, StageError]
+    ) -> tuple[Iterator[object], StageError | None]:
+        """For ``values()``: the values of ``first`` (just popped) and of the results
+        ready after it, up to the first failure, and that failure (taken too; the
+        results after it stay ready).  The values are unwrapped at once, in C; until
+        they are all handed out, the rest count as not yielded (see :meth:`yielded`)."""
+        if type(first) is Failure:
+            return iter(()), cast("Failure[StageError]", first).failure()
+        ready = self._ready
+        kinds = list(map(type, ready))
+        failed: StageError | None = None
+        if Failure in kinds:  # rare: take the results before it, one by one
+            results = [first, *(ready.popleft() for _ in range(kinds.index(Failure)))]
+            failed = cast("Failure[StageError]", ready.popleft()).failure()
+        else:
+            results = [first, *ready]
+            ready.clear()
+        self._handed = handed = iter(list(map(_inner_value, results)))
+        return handed, failed
+
     def yielded(self) -> tuple[int, int]:
         """How many successes and failures the caller has been given so far."""
         waiting = list(self._ready)  # a copy: the caller's thread may be popping
         failed = self._failures_accepted - _failures_in(waiting) - self._failures_held()
-        return self._released - len(waiting) - failed, failed
+        return self._released - len(waiting) - length_hint(self._handed) - failed, failed
 
     def _failures_held(self) -> int:
         """Failures accepted but not released yet: in an ordered run, those of complete
@@ -1195,7 +1240,8 @@ class _Collector(Generic[Out]):
         self._done = True
         dropped = list(self._ready)
         self._failures_accepted -= _failures_in(dropped) + self._failures_held()
-        self._released -= len(dropped)
+        self._released -= len(dropped) + length_hint(self._handed)
+        self._handed = iter(())
         self._ready.clear()
         self._pending.clear()
         self._groups.clear()
@@ -1319,8 +1365,8 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
         """
         failures: list[StageError] = []
         for result in self:
-            if isinstance(result, Failure):
-                failures.append(result.failure())
+            results = self._collector.take_ready(result)
+            failures += [r.failure() for r in results if type(r) is Failure]
         return failures
 
     def values(self) -> Generator[Out, None, None]:
@@ -1345,20 +1391,19 @@ class Run(Iterator["Result[Out, StageError]"], Generic[Out]):
             ZeroDivisionError: division by zero
             (typeflow) stage 'inverse' failed on item 0: ZeroDivisionError: division by zero
         """
+        collector = self._collector
         try:
             while True:
-                failed: StageError | None = None
                 try:
                     result = next(self)
                 except StopIteration:
                     return
                 except StageError as error:  # fail_fast
-                    failed = error
+                    failed: StageError | None = error
                 else:
-                    if isinstance(result, Failure):
-                        failed = result.failure()
-                    else:
-                        yield result.unwrap()
+                    # Every result ready now at once: the loop over them is in C.
+                    values, failed = collector.hand_values(result)
+                    yield from cast("Iterator[Out]", values)
                 if failed is not None:
                     raise _original(failed)
         finally:
@@ -1478,20 +1523,19 @@ class AsyncRun(AsyncIterator["Result[Out, StageError]"], Generic[Out]):
         closes the run and raises the original exception.  An async generator is
         closed only when it is finished or closed: leave the loop early inside
         ``async with pipeline.arun(items) as run:``, which closes the run."""
+        collector = self._collector
         try:
             while True:
-                failed: StageError | None = None
                 try:
                     result = await anext(self)
                 except StopAsyncIteration:
                     return
                 except StageError as error:  # fail_fast
-                    failed = error
+                    failed: StageError | None = error
                 else:
-                    if isinstance(result, Failure):
-                        failed = result.failure()
-                    else:
-                        yield result.unwrap()
+                    values, failed = collector.hand_values(result)
+                    for value in cast("Iterator[Out]", values):
+                        yield value
                 if failed is not None:
                     raise _original(failed)
         finally:
