@@ -292,10 +292,11 @@ def test_values_raise_the_original_exception_and_close_the_run(backend: Backend)
     assert leftovers() == ([], [])
 
 
-def test_values_count_as_yielded_only_once_handed_out(backend: Backend) -> None:
-    # values() takes every result that is ready at once (the first batch here holds
-    # many: the list is in the inbox before the worker starts), but the statistics
-    # count only the values the caller has been given, during the loop and after it.
+def test_values_count_only_what_was_handed_out(backend: Backend) -> None:
+    # values() reads the results that are ready without a next() each (the first
+    # batch here holds many: the list is in the inbox before the worker starts), but
+    # the statistics count only the values the caller has been given, during the
+    # loop and after it.
     run = on(backend, reciprocal).run([1, 2, 4, 8] * 50 + [0, 1])
     values = run.values()
     for k in range(1, 6):
@@ -303,6 +304,26 @@ def test_values_count_as_yielded_only_once_handed_out(backend: Backend) -> None:
         assert (run.statistics().succeeded, run.statistics().failed) == (k, 0)
     values.close()
     assert (run.statistics().succeeded, run.statistics().failed) == (5, 0)
+    # A failure waiting behind the values is counted once it is raised, not before.
+    run = on(backend, reciprocal).run([1, 2, 0, 4] * 50)
+    values = run.values()
+    assert next(values) == 1.0
+    assert (run.statistics().succeeded, run.statistics().failed) == (1, 0)
+    values.close()
+    assert (run.statistics().succeeded, run.statistics().failed) == (1, 0)
+    # The results values() has not handed out are still the run's: another reader
+    # gets them, and a run closed under a suspended values() loop ends that loop.
+    run = on(backend, reciprocal).run([1, 2, 4, 8] * 5)
+    values = run.values()
+    assert next(values) == 1.0
+    assert [r.unwrap() for r in run] == [0.5, 0.25, 0.125] + [1.0, 0.5, 0.25, 0.125] * 4
+    assert list(values) == []
+    run = on(backend, reciprocal).run([1, 2, 4, 8] * 50)
+    values = run.values()
+    assert next(values) == 1.0
+    run.close()
+    assert list(values) == []
+    assert (run.statistics().succeeded, run.statistics().failed) == (1, 0)
     # The values before a failure are handed out, the failure raised, nothing after it.
     run = on(backend, reciprocal).run([1, 2, 0, 4, 8])
     got: list[float] = []
