@@ -171,6 +171,55 @@ def test_keep_drops_items_and_accounts_for_them(backend: Backend) -> None:
     assert (stats.done, stats.in_flight, stats.stages[0].filtered) == (100, 0, 50)
 
 
+def last_of_five(n: int) -> bool:
+    return n % 5 == 4
+
+
+def five_each(n: int) -> list[int]:
+    return [5 * n + i for i in range(5)]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_items_dropped_together_are_each_accounted_for(backend: Backend, ordered: bool) -> None:
+    # A batch's drops reach the caller as one entry: consecutive items (9 of
+    # every 10), scattered ones, several outputs of one item (4 of the 5 outputs
+    # of a flat_map); each input item still ends as exactly one outcome.
+    def keep_ends(n: int) -> bool:
+        return n % 10 == 9
+
+    cases: list[tuple[Stage[int, int], list[int], int]] = [
+        (
+            filter_on(backend, keep_ends) | on(backend, plus_one),
+            [10 * k + 10 for k in range(50)],
+            450,
+        ),
+        (filter_on(backend, is_even) | on(backend, plus_one), list(range(1, 500, 2)), 250),
+        (
+            flat_on(backend, five_each) | filter_on(backend, last_of_five),
+            [5 * n + 4 for n in range(500)],
+            2000,
+        ),
+        (  # a route's joiner gets the drops one by one
+            route(is_even, on(backend, plus_one), filter_on(backend, keep_ends)),
+            [n + 1 if n % 2 == 0 else n for n in range(500) if n % 2 == 0 or n % 10 == 9],
+            200,
+        ),
+    ]
+    for pipeline, expected, dropped in cases:
+        run = pipeline.run(range(500), ordered=ordered)
+        got = [r.unwrap() for r in run]
+        assert got == expected if ordered else sorted(got) == expected
+        stats = run.statistics()
+        assert (stats.items_read, stats.done, stats.in_flight) == (500, 500, 0)
+        assert max(s.filtered for s in stats.stages) == dropped  # (a route counts its branches)
+    # Behind a batch, the items it took in are dropped together too (a batch holds
+    # its items in the order they came, not in input order).
+    run = on(backend, plus_one).batch(64).unbatch().run(range(500), ordered=ordered)
+    assert sorted(r.unwrap() for r in run) == list(range(1, 501))
+    assert (run.statistics().done, run.statistics().in_flight) == (500, 0)
+    assert leftovers() == ([], [])
+
+
 class Ambiguous:
     """A verdict with no truth value (as a NumPy array of several elements)."""
 

@@ -87,7 +87,10 @@ Out = TypeVar("Out", covariant=True)
 #: OKS, the keys and the values of a whole batch of successes; for kind
 #: GROUP, a root and every output it will ever have, as envelopes; for kind
 #: SPAN, a range of consecutive roots and every output they will ever have, in
-#: order (only the caller's collector gets these: the outputs' keys are gone).
+#: order (only the caller's collector gets these: the outputs' keys are gone);
+#: for kind NONE, roots that made no output at all (a range, or a tuple of them:
+#: a filter's drops, a batch's absorbed items), one entry for many DELTAs of -1
+#: (the caller's collector only).
 Entry: TypeAlias = tuple[Any, int, Any]
 #: Entry kinds.
 OK: Final = 0
@@ -96,8 +99,12 @@ DELTA: Final = 2
 OKS: Final = 3
 GROUP: Final = 4
 SPAN: Final = 5
+NONE: Final = 6
 #: Results on their way to the caller (their type is the run's output type).
 _Results: TypeAlias = list[Result[Any, StageError]]
+#: Roots whose every output is known: the first, how many consecutive ones, and
+#: their results in order.
+_Complete: TypeAlias = tuple[int, int, Sequence[Result[Any, StageError]]]
 
 _new_object = object.__new__
 
@@ -353,7 +360,7 @@ async def _to_thread(fn: Callable[[], object]) -> None:
 class _Emitter:
     """One worker's way out: successes onward, failures to the outbox, and its counters."""
 
-    __slots__ = ("_next", "_outbox", "_spans", "counters")
+    __slots__ = ("_collected", "_next", "_outbox", "_spans", "counters")
 
     def __init__(
         self, next_inbox: Channel[Envelope] | None, outbox: Outbox, *, spans: bool = False
@@ -362,7 +369,9 @@ class _Emitter:
         #: one OKS entry (read by the caller's collector, or a fork's joiner).
         self._next = next_inbox
         self._outbox = outbox
-        #: Whether the outbox is the caller's collector, which takes SPAN entries.
+        #: Whether the outbox is the caller's collector, which takes NONE entries
+        #: (a fork's joiner reads DELTAs one by one), and, from the last stage, SPANs.
+        self._collected = spans
         self._spans = spans and next_inbox is None
         self.counters = Counters()
 
@@ -382,7 +391,7 @@ class _Emitter:
             else:
                 ok, deltas = self._whole_roots(outcome, entries)
         if deltas:
-            entries.extend([(root, DELTA, delta) for root, delta in deltas])
+            entries += self._delta_entries(deltas) if self._collected else _each_delta(deltas)
         if failed:
             counters.failed += len(failed)
             for key, err in failed:
@@ -409,6 +418,25 @@ class _Emitter:
         elif values:
             ok = outcome.envelopes()
         return ok, entries
+
+    @staticmethod
+    def _delta_entries(deltas: list[tuple[int, int]]) -> list[Entry]:
+        """``deltas`` as entries for the caller's collector: the roots that made no
+        output in one NONE entry (a range when they are consecutive), the others'
+        DELTAs one by one.  A filter that drops most items, or a batch of 64,
+        then costs the caller one entry, not one per item."""
+        if len(deltas) < 2:
+            return _each_delta(deltas)
+        none = [root for root, delta in deltas if delta == -1]
+        if len(none) < 2:
+            return _each_delta(deltas)
+        entries = _each_delta([d for d in deltas if d[1] != -1]) if len(none) < len(deltas) else []
+        first = none[0]
+        if none[-1] - first == len(none) - 1 and none == list(range(first, first + len(none))):
+            entries.append((range(first, first + len(none)), NONE, None))
+        else:
+            entries.append((tuple(none), NONE, None))
+        return entries
 
     @staticmethod
     def _whole_roots(
@@ -468,6 +496,10 @@ class _Emitter:
 
     def done(self) -> None:
         (self._outbox if self._next is None else self._next).producer_done()
+
+
+def _each_delta(deltas: list[tuple[int, int]]) -> list[Entry]:
+    return [(root, DELTA, delta) for root, delta in deltas]
 
 
 def _stage_statistics(
@@ -967,6 +999,8 @@ def _sort_key(entry: Entry) -> tuple[int, ...]:
 
 
 _first = itemgetter(0)
+#: The results of a root that made no output.
+_NO_RESULTS: Final[tuple[Result[Any, StageError], ...]] = ()
 
 
 def _failures_in(results: Iterable[Result[Any, StageError]]) -> int:
@@ -1026,7 +1060,7 @@ class _Collector(Generic[Out]):
         self._groups: dict[int, _Group] = {}
         #: Ordered runs: complete roots waiting for their turn, by first root:
         #: how many consecutive roots the results cover, and the results.
-        self._pending: dict[int, tuple[int, _Results]] = {}
+        self._pending: dict[int, tuple[int, Sequence[Result[Any, StageError]]]] = {}
         self._next_seq = 0
         self._done = False
         #: Places in the window of items released but maybe not yet yielded.
@@ -1056,7 +1090,7 @@ class _Collector(Generic[Out]):
         ordered = core.ordered
         groups = self._groups
         # Complete roots: (first root, how many consecutive roots, their results).
-        complete: list[tuple[int, int, _Results]] = []
+        complete: list[_Complete] = []
         for entry in entries:
             key, kind, payload = entry
             if kind == SPAN:
@@ -1085,6 +1119,15 @@ class _Collector(Generic[Out]):
             elif kind == DELTA and payload == -1 and key not in groups:
                 # A root's only output was dropped (a filter said no, a batch took it in).
                 complete.append((key, 1, []))
+            elif kind == NONE:
+                roots = cast("range | tuple[int, ...]", key)
+                if groups and not groups.keys().isdisjoint(roots):  # some made outputs before
+                    for root in roots:
+                        self._accept_one((root, DELTA, -1), complete)
+                elif type(roots) is range:
+                    complete.append((roots.start, len(roots), []))
+                else:
+                    complete += zip(roots, repeat(1), repeat(_NO_RESULTS))
             else:
                 self._accept_one(entry, complete)
         if not complete:
@@ -1093,21 +1136,21 @@ class _Collector(Generic[Out]):
         released = len(ready)
         if not ordered:
             freed = 0
-            for _, count, results in complete:
-                ready.extend(results)
+            for _, count, made in complete:
+                ready.extend(made)
                 freed += count
         else:
             pending = self._pending
             nxt = self._next_seq
-            for root, count, results in complete:
+            for root, count, made in complete:
                 if root == nxt:
-                    ready.extend(results)
+                    ready.extend(made)
                     nxt += count
                 else:
-                    pending[root] = (count, results)
+                    pending[root] = (count, made)
             while nxt in pending:
-                count, results = pending.pop(nxt)
-                ready.extend(results)
+                count, made = pending.pop(nxt)
+                ready.extend(made)
                 nxt += count
             freed = nxt - self._next_seq
             self._next_seq = nxt
@@ -1124,7 +1167,7 @@ class _Collector(Generic[Out]):
         if owed:
             self._core.window.give_back(owed)
 
-    def _accept_one(self, entry: Entry, complete: list[tuple[int, int, _Results]]) -> None:
+    def _accept_one(self, entry: Entry, complete: list[_Complete]) -> None:
         key, kind, payload = entry
         groups = self._groups
         if kind == GROUP:
@@ -1163,7 +1206,7 @@ class _Collector(Generic[Out]):
         self,
         keys: Sequence[Key],
         values: Sequence[object],
-        complete: list[tuple[int, int, _Results]],
+        complete: list[_Complete],
     ) -> None:
         """:meth:`_accept_one` for each output of an OKS entry off the fast path (the
         outputs of a stage behind a one-to-many one), without an entry for each."""
