@@ -29,12 +29,12 @@ EXAMPLES: Final = sorted((REPO_ROOT / "examples").glob("*.py"))
 #: Seconds one example may take; each is meant to finish in a few.
 EXAMPLE_TIMEOUT: Final = 60
 
-#: Pages whose snippets are run.  (``docs/benchmarks.md`` shows commands of the
+#: Pages whose snippets are run.  (The benchmark pages show commands of the
 #: benchmark suite, which needs the optional ``bench`` dependencies.)
 PAGES: Final = [
     page
     for page in sorted([REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md")])
-    if page.name != "benchmarks.md"
+    if not page.name.startswith("benchmarks")
 ]
 PYTHON_BLOCK: Final = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
