@@ -15,9 +15,10 @@ each checkout, one after the other, several times (this machine moves by
 
 ``--shape`` puts one more shape after the stages (``--stages 0``: the shape
 alone), with 2 workers where it has workers: ``flat`` (a ``flat_map`` making
-``[x, x]``), ``keep`` (even numbers), ``fork`` (``fork(x+1, 2x)`` then their
-sum) or ``batch`` (``batch(100)`` then ``unbatch()``); figures are then per
-input item.
+``[x, x]``), ``keep`` (even numbers), ``flat-map`` and ``keep-map`` (the same,
+then ``x+1``: the path of a stage behind a one-to-many stage or a filter),
+``fork`` (``fork(x+1, 2x)`` then their sum) or ``batch`` (``batch(100)`` then
+``unbatch()``); figures are then per input item.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def add(pair: tuple[int, int]) -> int:
 def _shape(name: str, backend: str) -> typeflow.Stage[Any, Any] | typeflow.Pipeline[Any, Any]:
     """The ``--shape`` after the stages (see the module's docstring)."""
     on = cast("typeflow.Backend", backend)
+    if name.endswith("-map"):  # the shape, then x+1 behind it
+        plus_one = typeflow.stage(workers=2, backend=on)(ainc if on == "task" else inc)
+        return _shape(name.removesuffix("-map"), backend) | plus_one
     if name == "flat":
         if on == "task":
             return typeflow.flat_map(workers=2, backend=on)(atwice)
@@ -90,7 +94,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=1, help="chained stages")
     parser.add_argument(
         "--shape",
-        choices=["flat", "keep", "fork", "batch"],
+        choices=["flat", "keep", "flat-map", "keep-map", "fork", "batch"],
         default=None,
         help="a shape after them",
     )
