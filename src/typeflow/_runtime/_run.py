@@ -1125,7 +1125,7 @@ class _Collector(Generic[Out]):
                     for root in roots:
                         self._accept_one((root, DELTA, -1), complete)
                 elif type(roots) is range:
-                    complete.append((roots.start, len(roots), []))
+                    complete.append((roots.start, len(roots), _NO_RESULTS))
                 else:
                     complete += zip(roots, repeat(1), repeat(_NO_RESULTS))
             else:
