@@ -15,8 +15,10 @@ each checkout, one after the other, several times (this machine moves by
 
 ``--shape`` puts one more shape after the stages (``--stages 0``: the shape
 alone), with 2 workers where it has workers: ``flat`` (a ``flat_map`` making
-``[x, x]``), ``keep`` (even numbers), ``flat-map`` and ``keep-map`` (the same,
-then ``x+1``: the path of a stage behind a one-to-many stage or a filter),
+``[x, x]``), ``opt`` (a ``flat_map`` making ``[x]``, or nothing for one number
+in four: a filter and a map in one), ``keep`` (even numbers), ``flat-map``,
+``opt-map`` and ``keep-map`` (the same, then ``x+1``: the path of a stage
+behind a one-to-many stage or a filter),
 ``fork`` (``fork(x+1, 2x)`` then their sum) or ``batch`` (``batch(100)`` then
 ``unbatch()``); figures are then per input item.
 """
@@ -51,6 +53,15 @@ async def atwice(x: int) -> AsyncIterator[int]:
     yield x
 
 
+def maybe(x: int) -> list[int]:
+    return [x] if x % 4 else []
+
+
+async def amaybe(x: int) -> AsyncIterator[int]:
+    if x % 4:
+        yield x
+
+
 def is_even(x: int) -> bool:
     return x % 2 == 0
 
@@ -69,6 +80,10 @@ def _shape(name: str, backend: str) -> typeflow.Stage[Any, Any] | typeflow.Pipel
         if on == "task":
             return typeflow.flat_map(workers=2, backend=on)(atwice)
         return typeflow.flat_map(workers=2, backend=on)(twice)
+    if name == "opt":
+        if on == "task":
+            return typeflow.flat_map(workers=2, backend=on)(amaybe)
+        return typeflow.flat_map(workers=2, backend=on)(maybe)
     if name == "keep":
         return typeflow.keep(is_even, workers=2, backend="thread" if on == "task" else on)
     if name == "fork":
@@ -94,7 +109,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=1, help="chained stages")
     parser.add_argument(
         "--shape",
-        choices=["flat", "keep", "flat-map", "keep-map", "fork", "batch"],
+        choices=["flat", "opt", "keep", "flat-map", "opt-map", "keep-map", "fork", "batch"],
         default=None,
         help="a shape after them",
     )

@@ -220,6 +220,52 @@ def test_items_dropped_together_are_each_accounted_for(backend: Backend, ordered
     assert leftovers() == ([], [])
 
 
+def some_outputs(n: int) -> list[int]:
+    """One output for most items, none or three for some; item 77 fails."""
+    if n == 77:
+        raise ValueError("seventy-seven")
+    return [10 * n + i for i in range((1, 1, 1, 0, 3)[n % 5])]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_an_items_only_output_is_in_its_place(backend: Backend, ordered: bool) -> None:
+    # An item's only output keeps the item's key (it then costs what a map's output
+    # costs); mixed with items that make none or several, nested, under retries (a
+    # kernel's other path) and inside a route, every input still ends as its
+    # outputs, in order, or as one Failure.
+    def model(n: int, depth: int) -> list[int | str]:
+        if n == 77:
+            return ["failed"]
+        if depth == 1:
+            return [x + 1 for x in some_outputs(n)]
+        return [y for x in some_outputs(n) for y in model(x, depth - 1)]
+
+    retrying = flat_map(workers=2, backend="thread" if backend == "task" else backend, retries=1)
+    cases: list[tuple[Pipeline[int, int] | Stage[int, int], list[int | str]]] = [
+        (
+            flat_on(backend, some_outputs) | flat_on(backend, some_outputs) | on(backend, plus_one),
+            [y for n in range(300) for y in model(n, 2)],
+        ),
+        (
+            retrying(some_outputs) | on(backend, plus_one),
+            [y for n in range(300) for y in model(n, 1)],
+        ),
+        (
+            route(
+                is_even, flat_on(backend, some_outputs) | on(backend, plus_one), on(backend, negate)
+            ),
+            [y for n in range(300) for y in (model(n, 1) if n % 2 == 0 else [-n])],
+        ),
+    ]
+    for pipeline, expected in cases:
+        run = pipeline.run(range(300), ordered=ordered)
+        got = [r.unwrap() if isinstance(r, Success) else "failed" for r in run]
+        assert got == expected if ordered else Counter(got) == Counter(expected)
+        stats = run.statistics()
+        assert (stats.items_read, stats.done, stats.in_flight) == (300, 300, 0)
+    assert leftovers() == ([], [])
+
+
 class Ambiguous:
     """A verdict with no truth value (as a NumPy array of several elements)."""
 

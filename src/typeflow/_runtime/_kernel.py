@@ -46,7 +46,8 @@ __all__ = [
 
 #: Where an item comes from: its position in the input (a "root"), or, for the
 #: outputs of one-to-many stages, the root followed by the output's position
-#: among its siblings at each such stage.
+#: among its siblings at each such stage that made more than one (or none) of
+#: them: an item's only output keeps its key (see :func:`child_key`).
 Key: TypeAlias = int | tuple[int, ...]
 #: An item in flight: its key, and its current value.
 Envelope: TypeAlias = tuple[Key, object]
@@ -75,7 +76,10 @@ def root_of(key: Key) -> int:
 
 
 def child_key(key: Key, index: int) -> Key:
-    """The key of output number ``index`` made from the item keyed ``key``."""
+    """The key of output number ``index`` made from the item keyed ``key``, when the
+    item made several (or none).  An item's one output keeps the item's key: its
+    root's count of outputs does not change, and in order there is nothing to sort
+    it against, so it costs no more downstream than a map's output."""
     return (key, index) if isinstance(key, int) else (*key, index)
 
 
@@ -538,8 +542,10 @@ class FnKernel(Kernel):
                     out.whole.append(key)
         else:
             values = cast("list[object]", value)
-            out.ok.extend([(child_key(key, i), v) for i, v in enumerate(values)])
-            if len(values) != 1:
+            if len(values) == 1:  # one output keeps its item's key: nothing to count
+                out.ok.append((key, values[0]))
+            else:
+                out.ok.extend([(child_key(key, i), v) for i, v in enumerate(values)])
                 out.deltas.append((root_of(key), len(values) - 1))
                 out.filtered += not values
             if type(key) is int:
@@ -593,12 +599,15 @@ class FnKernel(Kernel):
             root = key if isinstance(key, int) else None  # the item is its own root
             if flat:
                 made = len(values)
-                if root is not None:
+                if made == 1:  # one output keeps its item's key (see child_key)
+                    append((key, values[0]))
+                elif root is not None:
                     for i, v in enumerate(values):  # no comprehension: its frame costs more
                         append(((root, i), v))
-                    whole.append(root)
                 else:
                     ok += [(child_key(key, i), v) for i, v in enumerate(values)]
+                if root is not None:
+                    whole.append(root)
                 if made != 1:
                     deltas.append((root_of(key), made - 1))
                     filtered += not made

@@ -988,8 +988,8 @@ class _Group:
 
     __slots__ = ("entries", "outstanding")
 
-    def __init__(self) -> None:
-        self.outstanding = 1
+    def __init__(self, outstanding: int = 1) -> None:
+        self.outstanding = outstanding
         self.entries: list[Entry] = []
 
 
@@ -1014,7 +1014,11 @@ def _in_order(entries: list[Entry]) -> _Results:
             entries.sort(key=_first)  # child keys: tuples, compared in C
         except TypeError:  # the root's own key among them
             entries.sort(key=_sort_key)
-    return [_result(entry) for entry in entries]
+    # _result inlined: one call less per output.
+    return [
+        _success(payload) if kind == OK else Failure(cast("StageError", payload))
+        for _, kind, payload in entries
+    ]
 
 
 class _Collector(Generic[Out]):
@@ -1116,9 +1120,18 @@ class _Collector(Generic[Out]):
                     complete.append((first, len(keys), results))
                     continue
                 self._accept_oks(keys, cast("Sequence[object]", payload), complete)
-            elif kind == DELTA and payload == -1 and key not in groups:
-                # A root's only output was dropped (a filter said no, a batch took it in).
-                complete.append((key, 1, []))
+            elif kind == DELTA:  # a root's count of outputs changes (keys: roots)
+                group = groups.get(key)
+                if group is not None:
+                    group.outstanding += payload
+                    if not group.outstanding:
+                        del groups[key]
+                        complete.append((key, 1, _in_order(group.entries)))
+                elif payload == -1:
+                    # A root's only output was dropped (a filter said no, a batch took it in).
+                    complete.append((key, 1, _NO_RESULTS))
+                else:  # the first news of a root with several outputs (or none)
+                    groups[key] = _Group(1 + payload)
             elif kind == NONE:
                 roots = cast("range | tuple[int, ...]", key)
                 if groups and not groups.keys().isdisjoint(roots):  # some made outputs before
