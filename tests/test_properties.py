@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import TypedDict, cast
 
 import pytest
 from hypothesis import given, settings
@@ -470,3 +471,90 @@ def test_crashes_and_hangs_lose_nothing(
         assert got == expected
     else:
         assert Counter(map(repr, got)) == Counter(map(repr, expected))
+
+
+class _CollectorCore:
+    """What the collector reads of a run: its order, fail_fast and window."""
+
+    def __init__(self, ordered: bool) -> None:
+        self.ordered = ordered
+        self.fail_fast = False
+        self.window = self
+        self.given_back = 0
+
+    def give_back(self, count: int) -> None:
+        self.given_back += count
+
+
+@given(
+    counts=st.lists(st.sampled_from([0, 1, 1, 2, 3, 5]), min_size=1, max_size=40),
+    failing=st.sets(st.integers(0, 200), max_size=20),
+    ordered=st.booleans(),
+    rnd=st.randoms(use_true_random=False),
+)
+def test_the_collector_releases_any_arrival_order_as_the_model_says(
+    counts: list[int], failing: set[int], ordered: bool, rnd: random.Random
+) -> None:
+    # The outcome entries of a stage behind a one-to-many one, in any order a run
+    # can deliver them (a root's DELTA before its outputs; outputs in batches of any
+    # size, mixed across roots, siblings together or apart; failures one by one):
+    # every root completes once, with its results in key order (ordered runs).
+    from typeflow._runtime import _run
+
+    outputs: list[tuple[int, tuple[int, ...] | int, object]] = []  # (root, key, value or error)
+    announced: list[tuple[int, int]] = []
+    for root, count in enumerate(counts):
+        if count != 1:
+            announced.append((root, count - 1))
+        for i in range(count):
+            key: tuple[int, ...] | int = root if count == 1 else (root, i)
+            number = len(outputs)
+            made: object = number
+            if number in failing:
+                made = StageError("s", number, ValueError(number))
+            outputs.append((root, key, made))
+    expected = [value for _, _, value in outputs]
+    # Deliver: in order, or shuffled (each root's siblings kept together or not),
+    # in batches, each root's DELTA before its first output.
+    order = list(outputs)
+    arrival = rnd.randrange(3)
+    if arrival == 0:  # roots in order, siblings together and in order
+        pass
+    else:
+        rnd.shuffle(order)
+        if arrival == 1:
+            order.sort(key=lambda o: o[0])  # roots in order, siblings together, any order
+    entries: list[tuple[object, int, object]] = []
+    pending_ok: list[tuple[object, object]] = []
+
+    def flush() -> None:
+        if pending_ok:
+            keys, values = zip(*pending_ok, strict=True)
+            entries.append((keys, _run.OKS, list(values)))
+            pending_ok.clear()
+
+    deltas = dict(announced)
+    for root, key, value in order:
+        if root in deltas:
+            flush()
+            entries.append((root, _run.DELTA, deltas.pop(root)))
+        if isinstance(value, StageError):
+            flush()
+            entries.append((key, _run.FAILED, value))
+        else:
+            pending_ok.append((key, value))
+            if rnd.random() < 0.3:
+                flush()
+    flush()
+    entries += [(root, _run.DELTA, delta) for root, delta in deltas.items()]  # roots with none
+    core = _CollectorCore(ordered)
+    collector: _run._Collector[object] = _run._Collector(cast("_run.RunCore", core))  # pyright: ignore[reportPrivateUsage] - the collector under test
+    got: list[object] = []
+    while entries:
+        cut = rnd.randint(1, len(entries))
+        collector.accept(list(entries[:cut]))
+        del entries[:cut]
+        while (result := collector.pop()) is not None:
+            got.append(result.unwrap() if isinstance(result, Success) else result.failure())
+    assert collector.completed == len(counts)
+    assert got == expected if ordered else Counter(map(id, got)) == Counter(map(id, expected))

@@ -45,7 +45,7 @@ from collections.abc import (
     Sequence,
 )
 from itertools import repeat
-from operator import itemgetter, methodcaller
+from operator import itemgetter, lt, methodcaller
 from types import MemberDescriptorType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 
@@ -1003,6 +1003,19 @@ _first = itemgetter(0)
 _NO_RESULTS: Final[tuple[Result[Any, StageError], ...]] = ()
 
 
+def _all_of(root: int, keys: Sequence[Key]) -> bool:
+    """Whether ``keys`` (two or more) are child keys of ``root``, each greater than the
+    one before: the first and the last are ``root``'s, and tuples in between, in
+    order, can only be too (compared in C)."""
+    last = keys[-1]
+    if type(last) is not tuple or last[0] != root:
+        return False
+    try:
+        return all(map(lt, keys, keys[1:]))
+    except TypeError:  # an input position among them: another root's
+        return False
+
+
 def _failures_in(results: Iterable[Result[Any, StageError]]) -> int:
     return sum(1 for r in results if type(r) is Failure)
 
@@ -1222,16 +1235,37 @@ class _Collector(Generic[Out]):
         complete: list[_Complete],
     ) -> None:
         """:meth:`_accept_one` for each output of an OKS entry off the fast path (the
-        outputs of a stage behind a one-to-many one), without an entry for each."""
+        outputs of a stage behind a one-to-many one), without an entry for each; a
+        root whose remaining outputs all come next, in order, completes at once."""
         groups, ready, ordered = self._groups, self._ready, self._core.ordered
-        for key, value in zip(keys, values, strict=True):
+        i, size = 0, len(keys)
+        while i < size:
+            key, value = keys[i], values[i]
             if isinstance(key, int):
+                i += 1
                 if key not in groups:  # one output for one input: complete
                     complete.append((key, 1, [_success(value)]))
                     continue
                 root = key
             else:
                 root = key[0]
+                group = groups.get(root)
+                if group is not None and not group.entries:  # none of its outputs held
+                    end = i + group.outstanding
+                    if end - i > 1 and end <= size and _all_of(root, keys[i:end]):
+                        # Every output the root waits for, together and in order (the
+                        # common case: siblings travel together): complete at once.
+                        del groups[root]
+                        results = _successes(values[i:end])
+                        if ordered:
+                            complete.append((root, 1, results))
+                        else:
+                            ready.extend(results)
+                            self._released += len(results)
+                            complete.append((root, 1, _NO_RESULTS))
+                        i = end
+                        continue
+                i += 1
             group = groups.get(root)
             if group is None:
                 group = groups[root] = _Group()
