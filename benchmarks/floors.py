@@ -314,6 +314,21 @@ def _one(kind: str, name: str) -> dict[str, float]:
     return result
 
 
+def _ratios(
+    title: str, table: dict[str, list[dict[str, float]]], key: str, names: tuple[str, str, str]
+) -> None:
+    """A table of each runner's median ``key``, and its ratio to one runner's."""
+    column, base, base_name = names
+    print(title)
+    print(f"| runner | {column} | / {base_name}'s |")
+    print("|---|---|---|")
+    against = statistics.median(r[key] for r in table[base])
+    for name, rows in table.items():
+        value = statistics.median(r[key] for r in rows)
+        print(f"| {name} | {value:.2f} | {value / against:.2f} |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -374,14 +389,8 @@ def main() -> None:
         )
         print()
     if "cpu" in kinds:
-        print(f"CPU-bound stage (about 1 ms per item, 2 processes), medians of {args.repeats}")
-        print("| runner | x serial | / the best peer's |")
-        print("|---|---|---|")
-        peer_best = median(cpu_bound["cf"], "x_serial")
-        for name, rows in cpu_bound.items():
-            x = median(rows, "x_serial")
-            print(f"| {name} | {x:.2f} | {x / peer_best:.2f} |")
-        print()
+        title = f"CPU-bound stage (about 1 ms per item, 2 processes), medians of {args.repeats}"
+        _ratios(title, cpu_bound, "x_serial", ("x serial", "cf", "the best peer"))
     if "threads" in kinds:
         ideal = WAITS * WAIT_S
         print(
@@ -397,14 +406,8 @@ def main() -> None:
             )
         print()
     if "bytes" in kinds:
-        print(f"1 MiB bytes, 2 processes, medians of {args.repeats}")
-        print("| runner | GB/s | / mpire's |")
-        print("|---|---|---|")
-        mpire = median(payload["mpire"], "gb_s")
-        for name, rows in payload.items():
-            rate = median(rows, "gb_s")
-            print(f"| {name} | {rate:.2f} | {rate / mpire:.2f} |")
-        print()
+        title = f"1 MiB bytes, 2 processes, medians of {args.repeats}"
+        _ratios(title, payload, "gb_s", ("GB/s", "mpire", "mpire"))
 
 
 if __name__ == "__main__":
