@@ -16,14 +16,17 @@
   peers a library can get.
 * ``bytes``: the 1 MiB ``bytes`` payload (fresh ``bytes`` from the benchmark's
   source into ``bytes.count`` on 2 processes), run by typeflow, mpire (the
-  best peer) and two references written by hand for this one job, each with
-  2 forked workers, no helper thread, no pickle, no ``Result``, no order and
-  two items in flight per worker: ``socket`` (a socket per worker; the
-  parent ``sendall``s each item, the worker reads it straight into a new
-  ``bytes`` object: one copy by the kernel on each side) and ``shm`` (3
-  slots of 1 MiB per worker in memory shared before the fork; the parent
-  copies each item into a free slot and sends its number, the worker copies
-  it out into a new ``bytes``): how fast these items can move here at all.
+  best peer) and references written by hand for this one job, each with 2
+  forked workers, no pickle, no ``Result``, no order and two items in
+  flight per worker.  ``socket``: a socket per worker; the parent
+  ``sendall``s each item, the worker reads it straight into a new ``bytes``
+  object (one copy by the kernel on each side).  ``shm``: 3 slots of 1 MiB
+  per worker in memory shared before the fork; the parent copies each item
+  into a free slot and sends its number, the worker copies it out into a
+  new ``bytes``.  Each from the caller's thread alone, or (``-threads``) as
+  a library's parent runs: a feeder thread makes the items into a bounded
+  queue, a thread per worker sends and receives, the caller's thread
+  collects.  How fast these items can move here at all.
 * ``threads``: 200 threads that do 10 waits of 10 ms each (2 000 items, the
   io workload's 200-thread case without any library), started by
   ``threading.Thread.start`` (which waits until each new thread runs) and by
@@ -46,6 +49,7 @@ import json
 import mmap
 import multiprocessing
 import pickle
+import queue
 import resource
 import socket
 import statistics
@@ -53,7 +57,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import cast
@@ -61,7 +65,7 @@ from typing import cast
 HERE = Path(__file__).resolve().parent
 MIXED_RUNNERS = ("typeflow", "cf", "mp_pool")
 CPU_RUNNERS = ("typeflow", "cf", "reference")
-BYTES_RUNNERS = ("typeflow", "mpire", "socket", "shm")
+BYTES_RUNNERS = ("typeflow", "mpire", "socket", "socket-threads", "shm", "shm-threads")
 KINDS = ("mixed", "cpu", "threads", "bytes")
 #: Items in flight per worker, and shared-memory slots per worker, of the references.
 BYTES_IN_FLIGHT, BYTES_SLOTS = 2, 3
@@ -190,15 +194,16 @@ def _bytes(name: str) -> dict[str, float]:
 
     case = next(c for c in payload_cases(quick=False) if "bytes" in c.name)
     n = case.n * 4  # a second or two: the start-up is not what is measured
-    if name not in ("socket", "shm"):
+    reference = name.split("-")[0] in ("socket", "shm")
+    if not reference:
         _imported(name)
     out: list[object] = []
     started = time.perf_counter()
-    if name == "socket":
-        _bytes_reference(n, out.append, shared=None)
-    elif name == "shm":
-        shared = mmap.mmap(-1, 2 * BYTES_SLOTS * PAYLOAD_BYTES)
-        _bytes_reference(n, out.append, shared=shared)
+    if reference:
+        shared = (
+            None if name.startswith("socket") else mmap.mmap(-1, 2 * BYTES_SLOTS * PAYLOAD_BYTES)
+        )
+        _bytes_reference(n, out.append, shared, threaded=name.endswith("-threads"))
     else:
         runner = {"typeflow": peers.run_typeflow, "mpire": peers.run_mpire}[name]
         runner(case.stages, case.items(n), out.append)
@@ -232,9 +237,12 @@ def _bytes_worker(
         sock.sendall(header + blob_ones(data).to_bytes(8, "little"))
 
 
-def _bytes_reference(n: int, sink: Callable[[object], None], shared: mmap.mmap | None) -> None:
+def _bytes_reference(
+    n: int, sink: Callable[[object], None], shared: mmap.mmap | None, *, threaded: bool
+) -> None:
     """The 1 MiB ``bytes`` of the benchmark's source through 2 forked workers, by socket
-    or through shared memory (see the module's docstring)."""
+    or through shared memory, from one thread or from a feeder and a thread per
+    worker (see the module's docstring)."""
     from workloads import PAYLOAD_BYTES, blobs
 
     ctx = multiprocessing.get_context("fork")
@@ -249,39 +257,107 @@ def _bytes_reference(n: int, sink: Callable[[object], None], shared: mmap.mmap |
         socks.append(mine)
         procs.append(proc)
         free.append(list(range(w * BYTES_SLOTS, (w + 1) * BYTES_SLOTS)))
-    items = blobs(n)
-    in_flight = [0, 0]
     reply = 8 if shared is None else 12
 
-    def send(w: int) -> None:
-        item = next(items, None)
-        if item is None:
-            return
+    def send(w: int, item: bytes) -> None:
         if shared is None:
             socks[w].sendall(item)
         else:
             slot = free[w].pop()
             shared[slot * PAYLOAD_BYTES : (slot + 1) * PAYLOAD_BYTES] = item
             socks[w].sendall(slot.to_bytes(4, "little"))
-        in_flight[w] += 1
 
-    for w in (0, 1):
-        for _ in range(BYTES_IN_FLIGHT):
-            send(w)
-    by_sock = {sock.fileno(): w for w, sock in enumerate(socks)}
-    while any(in_flight):
-        for ready in wait([s for w, s in enumerate(socks) if in_flight[w]]):
-            w = by_sock[cast("socket.socket", ready).fileno()]
-            message = socks[w].recv(reply, socket.MSG_WAITALL)
-            if shared is not None:
-                free[w].append(int.from_bytes(message[:4], "little"))
-            sink(int.from_bytes(message[-8:], "little"))
-            in_flight[w] -= 1
-            send(w)
+    def receive(w: int) -> int:
+        message = socks[w].recv(reply, socket.MSG_WAITALL)
+        if shared is not None:
+            free[w].append(int.from_bytes(message[:4], "little"))
+        return int.from_bytes(message[-8:], "little")
+
+    if threaded:
+        _bytes_threads(blobs(n), sink, send, receive)
+    else:
+        _bytes_one_thread(blobs(n), sink, send, receive, socks)
     for sock in socks:
         sock.close()
     for worker in procs:
         worker.join()
+
+
+def _bytes_one_thread(
+    items: Iterator[bytes],
+    sink: Callable[[object], None],
+    send: Callable[[int, bytes], None],
+    receive: Callable[[int], int],
+    socks: list[socket.socket],
+) -> None:
+    """Make, send and collect from the caller's thread alone."""
+    in_flight = [0, 0]
+
+    def send_next(w: int) -> None:
+        item = next(items, None)
+        if item is not None:
+            send(w, item)
+            in_flight[w] += 1
+
+    for w in (0, 1):
+        for _ in range(BYTES_IN_FLIGHT):
+            send_next(w)
+    by_sock = {sock.fileno(): w for w, sock in enumerate(socks)}
+    while any(in_flight):
+        for ready in wait([s for w, s in enumerate(socks) if in_flight[w]]):
+            w = by_sock[cast("socket.socket", ready).fileno()]
+            sink(receive(w))
+            in_flight[w] -= 1
+            send_next(w)
+
+
+def _bytes_threads(
+    items: Iterator[bytes],
+    sink: Callable[[object], None],
+    send: Callable[[int, bytes], None],
+    receive: Callable[[int], int],
+) -> None:
+    """Make the items in a feeder thread, send and receive in a thread per worker (the
+    kernel's copies then run beside the Python of the others), collect in the caller's."""
+    inbox: queue.Queue[bytes | None] = queue.Queue(maxsize=2 * BYTES_IN_FLIGHT)
+    results: queue.Queue[int | None] = queue.Queue()
+
+    def feed() -> None:
+        for item in items:
+            inbox.put(item)
+        for _ in range(2):
+            inbox.put(None)
+
+    def pump(w: int) -> None:
+        in_flight, more = 0, True
+        while more or in_flight:
+            while more and in_flight < BYTES_IN_FLIGHT:
+                item = inbox.get()
+                if item is None:
+                    more = False
+                else:
+                    send(w, item)
+                    in_flight += 1
+            if in_flight:
+                results.put(receive(w))
+                in_flight -= 1
+        results.put(None)
+
+    threads = [
+        threading.Thread(target=feed),
+        *(threading.Thread(target=pump, args=(w,)) for w in (0, 1)),
+    ]
+    for thread in threads:
+        thread.start()
+    ended = 0
+    while ended < 2:
+        value = results.get()
+        if value is None:
+            ended += 1
+        else:
+            sink(value)
+    for thread in threads:
+        thread.join()
 
 
 def _threads(how: str) -> dict[str, float]:
