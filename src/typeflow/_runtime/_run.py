@@ -1235,8 +1235,10 @@ class _Collector(Generic[Out]):
         complete: list[_Complete],
     ) -> None:
         """:meth:`_accept_one` for each output of an OKS entry off the fast path (the
-        outputs of a stage behind a one-to-many one), without an entry for each; a
-        root whose remaining outputs all come next, in order, completes at once."""
+        outputs of a stage behind a one-to-many one), without an entry for each.  A
+        root completes at once when two or more of its outputs come next, in order,
+        and are all it waits for: all it has (ordered runs: none held before them),
+        or all it has left (unordered runs, whose outputs are never held)."""
         groups, ready, ordered = self._groups, self._ready, self._core.ordered
         i, size = 0, len(keys)
         while i < size:
