@@ -176,6 +176,75 @@ def test_a_buffer_copied_out_is_read_into_again_and_a_kept_one_never_is() -> Non
         right.close()
 
 
+def test_bytes_values_come_straight_into_new_bytes_and_the_stream_stays_in_step() -> None:
+    # After a message with a large bytes value the wire reads no further than each
+    # part needs, so the next bytes value is read by the kernel straight into a new
+    # bytes object; the first one, and any whose first part came in with a read
+    # ahead, are copied.  Mixed with bytearrays, small messages sent together, and
+    # a read cut short (as by a signal), every message arrives whole and in order.
+    left, right = _pair()
+    size = 3 * OUT_OF_BAND_MIN
+    messages: list[object] = [
+        lift([bytes([1]) * size]),
+        ("small", 1),
+        lift([bytes([2]) * size, bytearray([3]) * size, b"tiny", bytes([4]) * (size + 1)]),
+        ("small", 2),
+        ("small", 3),
+        lift([bytes([5]) * size]),
+        lift([bytearray([6]) * size]),
+        lift([bytes([7]) * size]),
+    ]
+    real = right._sock  # pyright: ignore[reportPrivateUsage] - cut one read short below
+
+    class ShortOnce:
+        """The socket, whose first whole-value read returns half (as a signal may)."""
+
+        def __init__(self) -> None:
+            self.cut = False
+
+        def recv(self, size: int, flags: int = 0) -> bytes:
+            if not self.cut and flags & socket.MSG_WAITALL:
+                self.cut = True
+                return real.recv(size // 2, flags)
+            return real.recv(size, flags)
+
+        def recv_into(self, buffer: memoryview, size: int = 0) -> int:
+            return real.recv_into(buffer, size)
+
+    short = ShortOnce()
+    try:
+        received: list[object] = []
+        right._sock = cast("socket.socket", short)  # pyright: ignore[reportPrivateUsage]
+        reader = threading.Thread(target=lambda: received.extend(right.recv() for _ in messages))
+        reader.start()
+        for message in messages:
+            left.send(message)
+        reader.join(10)
+        assert short.cut
+
+        def shown(message: object) -> object:
+            if not isinstance(message, list):
+                return message
+            values = cast("list[bytes | bytearray]", message)
+            return [(type(v).__name__, v[0], len(v)) for v in values]
+
+        assert [shown(m) for m in received] == [
+            [("bytes", 1, size)],
+            ("small", 1),
+            [("bytes", 2, size), ("bytearray", 3, size), ("bytes", 116, 4), ("bytes", 4, size + 1)],
+            ("small", 2),
+            ("small", 3),
+            [("bytes", 5, size)],
+            [("bytearray", 6, size)],
+            [("bytes", 7, size)],
+        ]
+        assert not right.has_message()
+    finally:
+        right._sock = real  # pyright: ignore[reportPrivateUsage]
+        left.close()
+        right.close()
+
+
 def test_the_wire_carries_more_buffers_than_one_sendmsg_takes() -> None:
     left, right = _pair()
     try:

@@ -16,10 +16,14 @@ reads the rest of a large pickle or buffer with ``recv_into`` directly into
 memory it allocates once per buffer, so a 1 MiB array is copied once by the
 kernel on each side and never through Python-level chunks (which is what
 ``multiprocessing.Connection.recv_bytes`` does, at about a tenth of the speed).
-A buffer whose data was copied out (a ``bytes`` value's) is read into again by
-the next message (up to :data:`SPARE_BYTES`): no new memory to zero and, when
-the allocator has given the last one back to the system, to fault in page by
-page.
+A ``bytes`` value's buffer is marked in the frame: for a few messages after
+one that held such a value the receiver reads no further than each part
+needs, and the next value is read by the kernel straight into a new ``bytes``
+object (``recv`` with ``MSG_WAITALL``), with no copy of its own.  A buffer
+whose data was copied out (a ``bytes`` value's, when part of it came in with a
+read ahead) is read into again by the next message (up to
+:data:`SPARE_BYTES`): no new memory to zero and, when the allocator has given
+the last one back to the system, to fault in page by page.
 
 The socket's buffers are raised to :data:`SOCKET_BUFFER` (the kernel may cap
 that); :attr:`Wire.pipeline_bytes` is how big a message may be and still be
@@ -52,6 +56,12 @@ __all__ = [
 ]
 
 _HEAD: Final = struct.Struct("=IQ")
+#: Set in a buffer's length in the frame when the buffer is a ``bytes`` object's
+#: data: the receiver may read it straight into a new ``bytes`` (see Wire.recv).
+_BYTES_FLAG: Final = 1 << 63
+_SIZE: Final = _BYTES_FLAG - 1
+#: After a message with a large ``bytes`` value, how many messages are read exactly.
+_EXACT_MESSAGES: Final = 4
 
 
 def _references(buffers: list[bytearray]) -> list[int]:
@@ -106,7 +116,7 @@ class Wire:
     ``conn`` can still be waited on and closed on its own.
     """
 
-    __slots__ = ("_buf", "_end", "_sock", "_spare", "_start", "pipeline_bytes")
+    __slots__ = ("_buf", "_end", "_exact", "_sock", "_spare", "_start", "pipeline_bytes")
 
     def __init__(self, conn: Endpoint) -> None:
         self._sock = socket.socket(fileno=os.dup(conn.fileno()))
@@ -116,6 +126,8 @@ class Wire:
         #: The out-of-band buffers of the last message that nothing kept (their
         #: data was copied out: ``bytes`` values), for the next message to read into.
         self._spare: list[bytearray] = []
+        #: How many more messages to read no further than they need (see :meth:`recv`).
+        self._exact = 0
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
                 self._sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
@@ -163,26 +175,45 @@ class Wire:
             EOFError: the other side is gone.
             Undecodable: the message arrived whole but does not unpickle.
         """
-        self._fill(_HEAD.size)
+        # For a few messages after one that carried a large ``bytes`` value, read
+        # only what each part needs: the next such value then comes straight from
+        # the socket into a new ``bytes`` object, where a read ahead would have
+        # taken its first part into the receive buffer (and the value would be
+        # copied out whole).  Each message costs a read more meanwhile.
+        exact = self._exact > 0
+        self._fill(_HEAD.size, exact=exact)
         count, length = _HEAD.unpack_from(self._buf, self._start)
         self._start += _HEAD.size
         sizes: tuple[int, ...] = ()
+        if 8 * count + length <= len(self._buf):
+            self._fill(8 * count + length, exact=exact)
         if count:
             sizes = struct.unpack(f"={count}Q", self._take(8 * count))
         data = self._take(length)
-        buffers = [self._take_into(self._buffer(size)) for size in sizes]
+        buffers: list[bytes | bytearray] = [
+            self._take_bytes(size & _SIZE)
+            if size & _BYTES_FLAG
+            else self._take_into(self._buffer(size))
+            for size in sizes
+        ]
+        if any(size & _BYTES_FLAG for size in sizes):
+            self._exact = _EXACT_MESSAGES
+        elif exact:
+            self._exact -= 1
         try:
             message = pickle.loads(data, buffers=buffers)
         except Exception as exc:
             raise Undecodable(exc) from exc
-        if buffers and _COUNTS_REFERENCES:
+        arrays = [b for b in buffers if isinstance(b, bytearray)]  # bytes: nothing to reuse
+        del buffers
+        if arrays and _COUNTS_REFERENCES:
             # A buffer that only this list holds now was copied out (into a
             # ``bytes`` value): read the next message into it.  A fresh 1 MiB
             # buffer each time cost more than the copy: the allocator gave the
             # memory back to the system after every message, and each of its 256
             # pages was faulted in again, zeroed, on the next.
-            counts = _references(buffers)
-            spare = [b for b, n in zip(buffers, counts, strict=True) if n == _ONLY_HERE]
+            counts = _references(arrays)
+            spare = [b for b, n in zip(arrays, counts, strict=True) if n == _ONLY_HERE]
             while sum(map(len, spare)) > SPARE_BYTES:  # a batch of many: keep a few
                 spare.pop()
             self._spare = spare
@@ -219,10 +250,29 @@ class Wire:
         sizes: tuple[int, ...] = struct.unpack_from(
             f"={count}Q", self._buf, self._start + _HEAD.size
         )
-        return available >= _HEAD.size + 8 * count + length + sum(sizes)
+        return available >= _HEAD.size + 8 * count + length + sum(n & _SIZE for n in sizes)
 
-    def _fill(self, n: int) -> None:
-        """Make sure ``n`` (at most the buffer's size) received bytes are buffered."""
+    def _take_bytes(self, size: int) -> bytes:
+        """The next ``size`` bytes as a new ``bytes``: read straight into it by the
+        kernel when none of them has been received yet, else copied."""
+        if self._start == self._end:
+            data = self._sock.recv(size, socket.MSG_WAITALL)
+            if len(data) == size:
+                return data
+            if not data:
+                raise EOFError("the other end of the worker's socket is closed")
+            # Cut short (a signal): the rest by hand, and one copy after all.
+            rest = bytearray(size - len(data))
+            self._read_into(memoryview(rest))
+            return data + rest
+        buffer = self._take_into(self._buffer(size))
+        data = bytes(buffer)
+        self._spare.append(buffer)  # free again: the next message may read into it
+        return data
+
+    def _fill(self, n: int, *, exact: bool = False) -> None:
+        """Make sure ``n`` (at most the buffer's size) received bytes are buffered;
+        ``exact``: receive no more than that."""
         if self._end - self._start >= n:
             return
         buf = self._buf
@@ -233,7 +283,8 @@ class Wire:
         recv_into = self._sock.recv_into
         with memoryview(buf) as view:
             while self._end - self._start < n:
-                got = recv_into(view[self._end :])
+                want = n - (self._end - self._start) if exact else 0  # 0: all there is room for
+                got = recv_into(view[self._end :], want)
                 if not got:
                     raise EOFError("the other end of the worker's socket is closed")
                 self._end += got
@@ -267,7 +318,8 @@ class _OutOfBand:
     with a ``buffer_callback`` (neither ``reducer_override`` nor a dispatch table
     is asked about them); wrapped, its data leaves out of band like an array's.
     On the other side a ``bytearray`` is the very buffer the data was read into,
-    and ``bytes`` one copy of it.
+    and ``bytes`` a new ``bytes`` object the data was read into (or a copy of the
+    buffer, when part of the data came in with a read ahead: see Wire.recv).
     """
 
     __slots__ = ("data",)
@@ -325,6 +377,9 @@ def encode(obj: object) -> tuple[list[memoryview | bytes], int]:
     sizes = [b.nbytes for b in buffers]
     head = _HEAD.pack(len(buffers), len(data))
     if buffers:
-        head += struct.pack(f"={len(buffers)}Q", *sizes)
+        flags = [_BYTES_FLAG if type(b.obj) is bytes else 0 for b in buffers]
+        head += struct.pack(
+            f"={len(buffers)}Q", *[n | f for n, f in zip(sizes, flags, strict=True)]
+        )
     parts: list[memoryview | bytes] = [head, data, *buffers]
     return parts, len(head) + len(data) + sum(sizes)
