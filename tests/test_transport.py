@@ -245,6 +245,31 @@ def test_bytes_values_come_straight_into_new_bytes_and_the_stream_stays_in_step(
         right.close()
 
 
+def test_buffers_kept_for_reuse_stay_within_their_budget() -> None:
+    # bytes values of a new size each, each read after a read ahead took its first
+    # part (four small messages between them end the exact reads): the buffers
+    # they were copied out of are kept for the next message, but no more than
+    # SPARE_BYTES of them.
+    from typeflow._backends._wire import SPARE_BYTES
+
+    left, right = _pair()
+    try:
+        for i in range(12):
+            value = bytes([i]) * ((1 << 20) + i)
+            sender = threading.Thread(target=left.send, args=(lift([value]),))
+            sender.start()  # (the socket's buffer may hold less than the value)
+            sender.join(2)  # all sent before the read (if it fits): a read ahead takes a part
+            assert right.recv() == [value]
+            for j in range(4):
+                left.send(("small", j))
+                assert right.recv() == ("small", j)
+        spare = right._spare  # pyright: ignore[reportPrivateUsage] - the budget under test
+        assert 0 < sum(map(len, spare)) <= SPARE_BYTES
+    finally:
+        left.close()
+        right.close()
+
+
 def test_the_wire_carries_more_buffers_than_one_sendmsg_takes() -> None:
     left, right = _pair()
     try:

@@ -188,10 +188,11 @@ class Wire:
         if 8 * count + length <= len(self._buf):
             self._fill(8 * count + length, exact=exact)
         if count:
-            sizes = struct.unpack(f"={count}Q", self._take(8 * count))
-        data = self._take(length)
+            sizes = struct.unpack(f"={count}Q", self._take(8 * count, exact=exact))
+        data = self._take(length, exact=exact)
+        copied: list[bytearray] = []  # buffers whose data went into a bytes value
         buffers: list[bytes | bytearray] = [
-            self._take_bytes(size & _SIZE)
+            self._take_bytes(size & _SIZE, copied)
             if size & _BYTES_FLAG
             else self._take_into(self._buffer(size))
             for size in sizes
@@ -206,14 +207,18 @@ class Wire:
             raise Undecodable(exc) from exc
         arrays = [b for b in buffers if isinstance(b, bytearray)]  # bytes: nothing to reuse
         del buffers
-        if arrays and _COUNTS_REFERENCES:
-            # A buffer that only this list holds now was copied out (into a
-            # ``bytes`` value): read the next message into it.  A fresh 1 MiB
-            # buffer each time cost more than the copy: the allocator gave the
-            # memory back to the system after every message, and each of its 256
-            # pages was faulted in again, zeroed, on the next.
-            counts = _references(arrays)
-            spare = [b for b, n in zip(arrays, counts, strict=True) if n == _ONLY_HERE]
+        counted = arrays and _COUNTS_REFERENCES
+        if counted or copied:
+            # A buffer whose data was copied out (into a ``bytes`` value), and one
+            # that only this list holds now (the same, through pickle's own
+            # rebuild), is read into by the next message.  A fresh 1 MiB buffer
+            # each time cost more than the copy: the allocator gave the memory back
+            # to the system after every message, and each of its 256 pages was
+            # faulted in again, zeroed, on the next.
+            spare = copied
+            if counted:
+                counts = _references(arrays)
+                spare += [b for b, n in zip(arrays, counts, strict=True) if n == _ONLY_HERE]
             while sum(map(len, spare)) > SPARE_BYTES:  # a batch of many: keep a few
                 spare.pop()
             self._spare = spare
@@ -227,11 +232,11 @@ class Wire:
                 return spare.pop(i)
         return bytearray(size)
 
-    def _take(self, n: int) -> bytes | bytearray:
+    def _take(self, n: int, *, exact: bool = False) -> bytes | bytearray:
         """The next ``n`` bytes: from the receive buffer when they fit in it."""
         if n > len(self._buf):
             return self._take_into(bytearray(n))
-        self._fill(n)
+        self._fill(n, exact=exact)
         with memoryview(self._buf) as view:
             data = view[self._start : self._start + n].tobytes()
         self._start += n
@@ -252,9 +257,10 @@ class Wire:
         )
         return available >= _HEAD.size + 8 * count + length + sum(n & _SIZE for n in sizes)
 
-    def _take_bytes(self, size: int) -> bytes:
+    def _take_bytes(self, size: int, copied: list[bytearray]) -> bytes:
         """The next ``size`` bytes as a new ``bytes``: read straight into it by the
-        kernel when none of them has been received yet, else copied."""
+        kernel when none of them has been received yet, else copied out of a buffer
+        (added to ``copied``: free again)."""
         if self._start == self._end:
             data = self._sock.recv(size, socket.MSG_WAITALL)
             if len(data) == size:
@@ -266,9 +272,8 @@ class Wire:
             self._read_into(memoryview(rest))
             return data + rest
         buffer = self._take_into(self._buffer(size))
-        data = bytes(buffer)
-        self._spare.append(buffer)  # free again: the next message may read into it
-        return data
+        copied.append(buffer)
+        return bytes(buffer)
 
     def _fill(self, n: int, *, exact: bool = False) -> None:
         """Make sure ``n`` (at most the buffer's size) received bytes are buffered;
@@ -377,7 +382,7 @@ def encode(obj: object) -> tuple[list[memoryview | bytes], int]:
     sizes = [b.nbytes for b in buffers]
     head = _HEAD.pack(len(buffers), len(data))
     if buffers:
-        flags = [_BYTES_FLAG if type(b.obj) is bytes else 0 for b in buffers]
+        flags = [_BYTES_FLAG if type(b.obj) is bytes and b.readonly else 0 for b in buffers]
         head += struct.pack(
             f"={len(buffers)}Q", *[n | f for n, f in zip(sizes, flags, strict=True)]
         )
