@@ -214,7 +214,7 @@ def test_bytes_values_come_straight_into_new_bytes_and_the_stream_stays_in_step(
     short = ShortOnce()
     try:
         received: list[object] = []
-        right._sock = cast("socket.socket", short)  # pyright: ignore[reportPrivateUsage]
+        right._sock = cast("socket.socket", short)  # pyright: ignore[reportPrivateUsage] - the stand-in
         reader = threading.Thread(target=lambda: received.extend(right.recv() for _ in messages))
         reader.start()
         for message in messages:
@@ -240,7 +240,7 @@ def test_bytes_values_come_straight_into_new_bytes_and_the_stream_stays_in_step(
         ]
         assert not right.has_message()
     finally:
-        right._sock = real  # pyright: ignore[reportPrivateUsage]
+        right._sock = real  # pyright: ignore[reportPrivateUsage] - the socket back
         left.close()
         right.close()
 

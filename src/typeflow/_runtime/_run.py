@@ -1241,6 +1241,12 @@ class _Collector(Generic[Out]):
         or all it has left (unordered runs, whose outputs are never held)."""
         groups, ready, ordered = self._groups, self._ready, self._core.ordered
         i, size = 0, len(keys)
+        if len(values) != size:
+            raise RuntimeError(
+                f"typeflow lost track of items: a batch of {size} outputs came with "
+                f"{len(values)} values (a bug in typeflow: please report it)"
+            )
+        group: _Group | None
         while i < size:
             key, value = keys[i], values[i]
             if isinstance(key, int):
@@ -1249,6 +1255,7 @@ class _Collector(Generic[Out]):
                     complete.append((key, 1, [_success(value)]))
                     continue
                 root = key
+                group = groups[root]
             else:
                 root = key[0]
                 group = groups.get(root)
@@ -1268,7 +1275,6 @@ class _Collector(Generic[Out]):
                         i = end
                         continue
                 i += 1
-            group = groups.get(root)
             if group is None:
                 group = groups[root] = _Group()
             group.outstanding -= 1
