@@ -92,10 +92,11 @@ def test_take_columns_nowait_takes_a_fair_share() -> None:
 # -- the wire ------------------------------------------------------------------
 
 
-def _pair() -> tuple[Wire, Wire]:
+def _pair(*, worker: bool = False) -> tuple[Wire, Wire]:
+    """Two wires on one socket; ``worker``: the second is a worker's end."""
     a, b = socket.socketpair()
     ca, cb = Connection(a.detach()), Connection(b.detach())
-    wa, wb = Wire(ca), Wire(cb)
+    wa, wb = Wire(ca), Wire(cb, worker=worker)
     ca.close()  # the wires hold their own descriptors
     cb.close()
     return wa, wb
@@ -439,6 +440,37 @@ def test_a_message_already_received_is_known_to_be_there() -> None:
         right.close()
 
 
+def test_a_worker_reads_while_its_socket_is_full_so_neither_side_waits_for_the_other() -> None:
+    # The parent sends a batch while the worker sends a reply, each larger than any
+    # socket buffer: neither would return if the worker did not read meanwhile.
+    parent, worker = _pair(worker=True)
+    batch = bytes(range(256)) * (64 * 1024)  # 16 MiB
+    reply = bytearray(os.urandom(16 << 20))
+    replies: list[object] = []
+
+    def parent_side() -> None:
+        parent.send(batch)
+        replies.append(parent.recv())
+
+    sender = threading.Thread(target=parent_side, daemon=True)
+    try:
+        sender.start()
+        worker.send(reply)
+        buffered = len(worker._buf)  # pyright: ignore[reportPrivateUsage] - the read ahead
+        assert buffered > RECV_BUFFER  # it holds the batch, read while the reply went out
+        assert worker.recv() == batch
+        sender.join(60)
+        assert replies == [reply]
+        assert len(worker._buf) == RECV_BUFFER  # pyright: ignore[reportPrivateUsage] - given back
+        parent.send("and on")
+        assert worker.recv() == "and on"
+        worker.send("in step")
+        assert parent.recv() == "in step"
+    finally:
+        parent.close()
+        worker.close()
+
+
 def test_the_wire_raises_eof_when_the_other_end_is_gone() -> None:
     left, right = _pair()
     left.close()
@@ -487,6 +519,18 @@ def test_large_payloads_cross_both_ways(kind: type[bytes | bytearray]) -> None:
     echoed = [r.unwrap() for r in stage(workers=2, backend="process")(echo).run(payloads)]
     assert echoed == payloads
     assert {type(value) for value in echoed} == {kind}
+
+
+def quintuple(data: bytes) -> bytes:
+    return data * 5
+
+
+def test_replies_larger_than_the_socket_buffers_while_batches_pipeline() -> None:
+    # 2 MiB items make 10 MiB replies, more than the worker's socket takes, while
+    # the parent sends the next batch: the worker reads it meanwhile.
+    payloads = [bytes([i]) * (2 << 20) for i in range(12)]
+    results = list(stage(workers=2, backend="process")(quintuple).run(payloads))
+    assert [r.unwrap() for r in results] == [p * 5 for p in payloads]
 
 
 def test_a_short_input_too_heavy_for_the_byte_budget_is_fed_by_a_thread() -> None:

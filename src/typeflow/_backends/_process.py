@@ -20,11 +20,16 @@ buffers out of band, read straight into place (:mod:`typeflow._backends._wire`).
   (:data:`_SECOND_BATCH_MIN` items, or a full batch: a small one costs the
   parent as much, and collecting the reply first lets the inbox fill up), not
   at the end of the input (what is left is shared out so that the workers
-  finish together), and sends it early only if it fits into the socket's buffer
-  (:attr:`Wire.pipeline_bytes`): the worker may be blocked sending a big reply
-  that the pump reads only after its own send returns, and a send that fits
-  never blocks.  Under a ``timeout`` batches travel as usual and each call
-  still has its own deadline: the worker notes in shared memory which item it
+  finish together).  Sending it may wait until the worker reads it (a large
+  batch streams in as the worker takes it, see :mod:`~typeflow._backends._wire`);
+  a worker that is meanwhile blocked sending a big reply, which the pump reads
+  only after its own send returns, reads the batch while it waits, so the two
+  never wait for each other.  Under a ``timeout`` the pump must not wait in a
+  send (a worker stuck in a call reads nothing, and its deadline is watched
+  only while the pump waits for the reply): a second batch goes early only if
+  it fits into the socket's buffer (:attr:`Wire.pipeline_bytes`), and a send
+  that fits never waits.  Batches still hold many items under a timeout, and
+  each call has its own deadline: the worker notes in shared memory which item it
   is on and when it began it (:mod:`~typeflow._backends._progress`), which the
   pump reads when a deadline passes; before the worker begins a batch, the
   deadline counts from the reply to the one before it.  Under a rate limit the
@@ -32,10 +37,8 @@ buffers out of band, read straight into place (:mod:`typeflow._backends._wire`).
 * **Told to stop early.**  When the pump sends a batch and the inbox is then
   closed and empty, the request to stop follows it at once: the worker exits
   (running a stateful stage's teardown) as soon as it has replied, while its
-  last results make their way to the caller, instead of after them.  A stop
-  request is tiny and the batch before it fits into the socket's buffer or is
-  the only one in flight, so this send never blocks on a worker that is
-  itself blocked sending a reply.
+  last results make their way to the caller, instead of after them.  The
+  request travels in the batch's own send.
 
 A worker that dies (SIGKILL, ``os._exit``, segfault, out-of-memory killer) is
 replaced.  If it held a single item, that item becomes a ``Failure`` carrying
@@ -567,8 +570,8 @@ class _Pump:
 
         Replies come back in the order the batches were sent.  The next batch
         is taken only if it is already waiting (never waiting for input while
-        a reply is due), and sent early only if it is small enough to fit into
-        the socket's buffer, so that the two sides never block each other.
+        a reply is due); under a timeout it is sent early only if it fits into
+        the socket's buffer (see the module's docstring).
         """
         sent: deque[_Sent] = deque()
         while True:
@@ -631,7 +634,7 @@ class _Pump:
                     self._collect(sent)
                 self._emitter.emit(self._guarded(rows(keys, items)))
                 continue
-            while sent and nbytes > self._pipeline_bytes():
+            while sent and self._timeout is not None and nbytes > self._pipeline_bytes():
                 self._collect(sent)
             if self._wire is None:
                 try:
@@ -644,15 +647,15 @@ class _Pump:
             wire = self._wire
             if wire is None:
                 raise _Cancelled
+            if inbox.closed and not len(inbox):
+                # Nothing more will come: the worker may go as soon as it has
+                # replied, and its exit overlaps the last replies' way out.
+                parts += encode(None)[0]
+                self._farewell = wire
             sent.append(_Sent(keys, items, nbytes, time.monotonic(), self._handed))
             self._handed += len(items)
             with contextlib.suppress(OSError):  # the worker is gone: the next _collect sees it
                 wire.send_parts(parts, nbytes)
-                if inbox.closed and not len(inbox):
-                    # Nothing more will come: the worker may go as soon as it has
-                    # replied, and its exit overlaps the last replies' way out.
-                    wire.send(None)
-                    self._farewell = wire
 
     def _pipeline_bytes(self) -> int:
         wire = self._wire

@@ -112,7 +112,7 @@ def child_main(
         if info is not None:
             enter_worker(info)
         ctx = WorkerContext(index)
-        wire = Wire(conn)
+        wire = Wire(conn, worker=True)
         if handshake:
             # Started by spawn or the forkserver: ``conn`` is a multiprocessing Connection.
             from multiprocessing.connection import Connection

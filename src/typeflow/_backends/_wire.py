@@ -25,9 +25,18 @@ read ahead) is read into again by the next message (up to
 :data:`SPARE_BYTES`): no new memory to zero and, when the allocator has given
 the last one back to the system, to fault in page by page.
 
-The socket's buffers are raised to :data:`SOCKET_BUFFER` (the kernel may cap
-that); :attr:`Wire.pipeline_bytes` is how big a message may be and still be
-sent while the other side is busy (see the process backend).
+Each way has its own buffer size.  Batches to a worker go through a small
+one (:data:`BATCH_BUFFER`): a large batch then streams into the worker as it
+reads, and both copies find its data still in the processor's cache (from a
+buffer of many megabytes the worker read it back cold, which cost the copy
+twice as much).  The parent may send a batch while the worker is busy, and
+wait until the worker takes it: a worker that finds its own socket full while
+it sends a reply reads what arrives meanwhile (``worker=True``), so the two
+never wait for each other.  Replies go through a large one
+(:data:`REPLY_BUFFER`): a worker seldom waits for the parent to read.  The
+kernel may cap either; :attr:`Wire.pipeline_bytes` is how big a message may
+be and still be sent at once whatever the other side does (see the process
+backend, which needs that under a timeout).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import socket
 import struct
 import sys
@@ -44,9 +54,10 @@ from typing import Final, Protocol, SupportsIndex, TypeVar, cast
 from typing_extensions import Buffer
 
 __all__ = [
+    "BATCH_BUFFER",
     "OUT_OF_BAND_MIN",
     "RECV_BUFFER",
-    "SOCKET_BUFFER",
+    "REPLY_BUFFER",
     "SPARE_BYTES",
     "Endpoint",
     "Undecodable",
@@ -80,8 +91,10 @@ _COUNTS_REFERENCES: Final = sys.implementation.name == "cpython" and bool(
 _ONLY_HERE: Final = _references([bytearray(1)])[0]
 #: Buffers smaller than this travel inside the pickle (a frame per buffer costs more).
 OUT_OF_BAND_MIN: Final = 16 * 1024
-#: The socket buffer size asked for, each way.
-SOCKET_BUFFER: Final = 4 * 1024 * 1024
+#: The socket buffer asked for batches on their way to a worker (see above).
+BATCH_BUFFER: Final = 256 * 1024
+#: The socket buffer asked for replies on their way from a worker.
+REPLY_BUFFER: Final = 4 * 1024 * 1024
 #: The most parts handed to one ``sendmsg`` call (below every system's IOV_MAX).
 _MAX_PARTS: Final = 512
 #: The receive buffer: messages up to this size are read in as few calls as can be.
@@ -116,10 +129,22 @@ class Wire:
     ``conn`` can still be waited on and closed on its own.
     """
 
-    __slots__ = ("_buf", "_end", "_exact", "_sock", "_spare", "_start", "pipeline_bytes")
+    __slots__ = (
+        "_buf",
+        "_end",
+        "_exact",
+        "_sock",
+        "_spare",
+        "_start",
+        "_worker",
+        "pipeline_bytes",
+    )
 
-    def __init__(self, conn: Endpoint) -> None:
+    def __init__(self, conn: Endpoint, *, worker: bool = False) -> None:
         self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+        #: A worker's end: a send that finds the socket full reads what arrives
+        #: meanwhile (the parent may be blocked sending it).
+        self._worker = worker
         #: Received bytes not yet used are ``_buf[_start:_end]``.
         self._buf = bytearray(RECV_BUFFER)
         self._start = self._end = 0
@@ -128,9 +153,12 @@ class Wire:
         self._spare: list[bytearray] = []
         #: How many more messages to read no further than they need (see :meth:`recv`).
         self._exact = 0
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sending, receiving = (
+            (REPLY_BUFFER, BATCH_BUFFER) if worker else (BATCH_BUFFER, REPLY_BUFFER)
+        )
+        for option, size in ((socket.SO_SNDBUF, sending), (socket.SO_RCVBUF, receiving)):
             with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+                self._sock.setsockopt(socket.SOL_SOCKET, option, size)
         sndbuf = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         #: The largest message that always fits into the socket's send buffer
         #: (a quarter of it: the kernel counts its own overhead against it).
@@ -150,21 +178,54 @@ class Wire:
         return self.send_parts(*encode(obj))
 
     def send_parts(self, parts: list[memoryview | bytes], size: int) -> int:
+        """Send a frame made by :func:`encode`; returns its size.  A worker's wire
+        reads what arrives meanwhile whenever the socket is full."""
         sock = self._sock
         while parts:
             chunk = parts[:_MAX_PARTS]
-            sent = sock.sendmsg(chunk)
             del parts[: len(chunk)]
-            total = sum(memoryview(p).nbytes for p in chunk)
-            if sent < total:  # interrupted or very large: finish by hand
-                views = [memoryview(p).cast("B") for p in chunk]
-                for view in views:
-                    if sent >= view.nbytes:
-                        sent -= view.nbytes
-                        continue
-                    sock.sendall(view[sent:])
+            if not self._worker:
+                for view in _unsent(chunk, sock.sendmsg(chunk)):
+                    sock.sendall(view)
+                continue
+            left: Sequence[memoryview | bytes] = chunk
+            while left:
+                try:
+                    sent = sock.sendmsg(left, [], socket.MSG_DONTWAIT)
+                except BlockingIOError:
                     sent = 0
+                left = _unsent(left, sent)
+                if left:
+                    self._read_until_writable()
         return size
+
+    def _read_until_writable(self) -> None:
+        """Wait until the socket takes more; read what arrives meanwhile into the
+        receive buffer (the other side may be blocked sending it)."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN | select.POLLOUT)
+        while True:
+            for _, events in poller.poll():
+                if events & select.POLLOUT:
+                    return
+                if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    self._read_ahead()
+
+    def _read_ahead(self) -> None:
+        """Receive what there is into the receive buffer, which grows if it is full."""
+        buf = self._buf
+        if self._end == len(buf):
+            if self._start:  # room in front: move what is left there
+                left = self._end - self._start
+                buf[:left] = buf[self._start : self._end]
+                self._start, self._end = 0, left
+            else:
+                buf.extend(bytes(len(buf)))
+        with memoryview(buf) as view:
+            got = self._sock.recv_into(view[self._end :])
+        if not got:
+            raise BrokenPipeError("the other end of the worker's socket is closed")
+        self._end += got
 
     # -- receiving -----------------------------------------------------------
 
@@ -201,6 +262,10 @@ class Wire:
             self._exact = _EXACT_MESSAGES
         elif exact:
             self._exact -= 1
+        if self._start == self._end and len(self._buf) > RECV_BUFFER:
+            # Grown to hold what arrived while this side was sending: used up.
+            self._buf = bytearray(RECV_BUFFER)
+            self._start = self._end = 0
         try:
             message = pickle.loads(data, buffers=buffers)
         except Exception as exc:
@@ -310,6 +375,19 @@ class Wire:
             if not n:
                 raise EOFError("the other end of the worker's socket is closed")
             view = view[n:]
+
+
+def _unsent(parts: Sequence[memoryview | bytes], sent: int) -> list[memoryview]:
+    """What is left of ``parts`` once their first ``sent`` bytes are sent."""
+    left: list[memoryview] = []
+    for part in parts:
+        view = memoryview(part).cast("B")
+        if sent >= view.nbytes:
+            sent -= view.nbytes
+            continue
+        left.append(view[sent:])
+        sent = 0
+    return left
 
 
 _Values = TypeVar("_Values", bound=Sequence[object])
