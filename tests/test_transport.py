@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import os
 import pickle
@@ -30,7 +31,7 @@ from typeflow._runtime._channel import (
     EndOfChannel,
     Window,
 )
-from typeflow._runtime._kernel import Key
+from typeflow._runtime._kernel import Key, Outcome
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -290,7 +291,6 @@ def test_a_worker_sends_consecutive_keys_back_as_a_range() -> None:
     from typeflow._backends import _process_child
 
     reply = _process_child._reply  # pyright: ignore[reportPrivateUsage] - the unit under test
-    from typeflow._runtime._kernel import Outcome
 
     left, right = socket.socketpair()
     sender, receiver = Wire(left), Wire(right)
@@ -302,6 +302,30 @@ def test_a_worker_sends_consecutive_keys_back_as_a_range() -> None:
     for wire, end in ((sender, left), (receiver, right)):
         wire.close()
         end.close()
+
+
+def test_an_outcome_crosses_to_the_parent_with_every_field() -> None:
+    # Outcome pickles its fields as a tuple: a field added without it would be lost.
+    values: dict[str, object] = {
+        "ok": [(7, "seven")],
+        "failed": [(8, StageError("s", 8, ValueError(8)))],
+        "retries": 2,
+        "deltas": [(9, -1)],
+        "filtered": 1,
+        "keys": range(3, 5),
+        "values": ["three", "four"],
+        "whole": [3],
+        "span": range(3, 5),
+    }
+    assert [f.name for f in dataclasses.fields(Outcome)] == list(values)
+    outcome = Outcome(**values)  # type: ignore[arg-type] # each field's own type, above
+    back = pickle.loads(pickle.dumps(outcome, protocol=5))
+    assert isinstance(back, Outcome)
+    for name, value in values.items():
+        if name != "failed":  # an exception is equal only to itself
+            assert getattr(back, name) == value, name
+    ((key, error),) = back.failed
+    assert (key, error.stage, error.item, error.exception.args) == (8, "s", 8, (8,))
 
 
 def test_a_batch_is_one_span_only_if_its_roots_are_consecutive_in_order_and_whole() -> None:
@@ -756,7 +780,6 @@ def test_a_window_takes_places_now_only_if_all_of_them_are_free() -> None:
 
 
 def test_a_task_worker_s_emit_waits_only_when_the_next_stage_is_full() -> None:
-    from typeflow._runtime._kernel import Outcome
     from typeflow._runtime._run import _Emitter  # pyright: ignore[reportPrivateUsage] - the worker-facing emitter
 
     outbox: Channel[tuple[Key, int, object]] = Channel(10)
