@@ -180,22 +180,20 @@ class Wire:
     def send_parts(self, parts: list[memoryview | bytes], size: int) -> int:
         """Send a frame made by :func:`encode`; returns its size.  A worker's wire
         reads what arrives meanwhile whenever the socket is full."""
-        sock = self._sock
+        sock, worker = self._sock, self._worker
+        flags = socket.MSG_DONTWAIT if worker else 0
         while parts:
-            chunk = parts[:_MAX_PARTS]
-            del parts[: len(chunk)]
-            if not self._worker:
-                for view in _unsent(chunk, sock.sendmsg(chunk)):
-                    sock.sendall(view)
-                continue
-            left: Sequence[memoryview | bytes] = chunk
+            left: Sequence[memoryview | bytes] = parts[:_MAX_PARTS]
+            del parts[: len(left)]
             while left:
                 try:
-                    sent = sock.sendmsg(left, [], socket.MSG_DONTWAIT)
+                    sent = sock.sendmsg(left, [], flags)
                 except BlockingIOError:
                     sent = 0
+                if sent == size:  # the whole frame at once: the common case
+                    return size
                 left = _unsent(left, sent)
-                if left:
+                if left and worker:
                     self._read_until_writable()
         return size
 
