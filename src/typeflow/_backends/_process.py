@@ -3,7 +3,9 @@
 Each worker process has its own duplex socket; a pump thread in the parent
 takes batches from the stage's inbox, sends them, and waits for the replies
 *or* the process's death on the same ``poll`` call -- no polling loop, no
-shared queue lock, no feeder thread.  Batches travel as pickle protocol 5 with large
+shared queue lock, no feeder thread.  (A send may also wait, until the worker
+has read enough of the batch: a live worker always reads, and a dead one
+fails the send.)  Batches travel as pickle protocol 5 with large
 buffers out of band, read straight into place (:mod:`typeflow._backends._wire`).
 
 * **Adaptive batches.**  A batch is about :data:`BATCH_SECONDS` of the worker's
@@ -24,11 +26,14 @@ buffers out of band, read straight into place (:mod:`typeflow._backends._wire`).
   batch streams in as the worker takes it, see :mod:`~typeflow._backends._wire`);
   a worker that is meanwhile blocked sending a big reply, which the pump reads
   only after its own send returns, reads the batch while it waits, so the two
-  never wait for each other.  Under a ``timeout`` the pump must not wait in a
-  send (a worker stuck in a call reads nothing, and its deadline is watched
-  only while the pump waits for the reply): a second batch goes early only if
-  it fits into the socket's buffer (:attr:`Wire.pipeline_bytes`), and a send
-  that fits never waits.  Batches still hold many items under a timeout, and
+  never wait for each other (a second batch goes early only up to
+  :data:`_SECOND_BATCH_BYTES`: a worker that reads it that way holds it in
+  memory of its own).  Under a ``timeout`` the pump must not wait for a busy
+  worker in a send (a worker stuck in a call reads nothing, and its deadline
+  is watched only while the pump waits for the reply): a second batch goes
+  early only if it fits into the socket's buffer (:attr:`Wire.pipeline_bytes`),
+  and its send waits at most for the worker to take the rest of the batch
+  before it.  Batches still hold many items under a timeout, and
   each call has its own deadline: the worker notes in shared memory which item it
   is on and when it began it (:mod:`~typeflow._backends._progress`), which the
   pump reads when a deadline passes; before the worker begins a batch, the
@@ -171,6 +176,10 @@ _LEAST_SECONDS: Final = 0.005
 #: batch): a smaller one costs the parent as much as a big one, and collecting the
 #: reply first lets the inbox fill up for a bigger batch.
 _SECOND_BATCH_MIN: Final = 64
+#: The largest batch sent while the worker is busy with the one before (and, under
+#: a timeout, only what fits into the socket's buffer): a worker that meanwhile
+#: sends a large reply reads the batch into memory of its own, copied again after.
+_SECOND_BATCH_BYTES: Final = 2 * BATCH_BYTES
 
 _Context: TypeAlias = ForkServerContext | SpawnContext | ForkContext
 _context: _Context | None = None
@@ -634,7 +643,7 @@ class _Pump:
                     self._collect(sent)
                 self._emitter.emit(self._guarded(rows(keys, items)))
                 continue
-            while sent and self._timeout is not None and nbytes > self._pipeline_bytes():
+            while sent and nbytes > self._ahead_bytes():
                 self._collect(sent)
             if self._wire is None:
                 try:
@@ -650,14 +659,20 @@ class _Pump:
             if inbox.closed and not len(inbox):
                 # Nothing more will come: the worker may go as soon as it has
                 # replied, and its exit overlaps the last replies' way out.
-                parts += encode(None)[0]
+                stop, stop_bytes = encode(None)
+                parts += stop
                 self._farewell = wire
+            else:
+                stop_bytes = 0
             sent.append(_Sent(keys, items, nbytes, time.monotonic(), self._handed))
             self._handed += len(items)
             with contextlib.suppress(OSError):  # the worker is gone: the next _collect sees it
-                wire.send_parts(parts, nbytes)
+                wire.send_parts(parts, nbytes + stop_bytes)
 
-    def _pipeline_bytes(self) -> int:
+    def _ahead_bytes(self) -> int:
+        """The largest batch sent while the worker is busy (see _SECOND_BATCH_BYTES)."""
+        if self._timeout is None:
+            return _SECOND_BATCH_BYTES
         wire = self._wire
         return wire.pipeline_bytes if wire is not None else 0
 

@@ -25,18 +25,20 @@ read ahead) is read into again by the next message (up to
 :data:`SPARE_BYTES`): no new memory to zero and, when the allocator has given
 the last one back to the system, to fault in page by page.
 
-Each way has its own buffer size.  Batches to a worker go through a small
-one (:data:`BATCH_BUFFER`): a large batch then streams into the worker as it
+Each way has its own buffer size, asked for on both ends (some systems count
+the receiver's).  Batches to a worker go through a small one
+(:data:`BATCH_BUFFER`): a large batch then streams into the worker as it
 reads, and both copies find its data still in the processor's cache (from a
-buffer of many megabytes the worker read it back cold, which cost the copy
-twice as much).  The parent may send a batch while the worker is busy, and
-wait until the worker takes it: a worker that finds its own socket full while
-it sends a reply reads what arrives meanwhile (``worker=True``), so the two
-never wait for each other.  Replies go through a large one
-(:data:`REPLY_BUFFER`): a worker seldom waits for the parent to read.  The
-kernel may cap either; :attr:`Wire.pipeline_bytes` is how big a message may
-be and still be sent at once whatever the other side does (see the process
-backend, which needs that under a timeout).
+buffer of megabytes the worker read it back cold, which cost the copy about
+twice as much on a machine that allows such buffers).  The parent may send
+a batch while the worker is busy, and wait until the worker takes it: a
+worker that finds its own socket full while it sends a reply reads what
+arrives meanwhile (``worker=True``), so the two never wait for each other.
+Replies go through a large one (:data:`REPLY_BUFFER`) where the system allows
+it, so that a worker seldom has to.  The kernel caps both (stock Linux at
+about 208 KiB, ``net.core.wmem_max``); :attr:`Wire.pipeline_bytes` is how big
+a message may be and still be sent at once whatever the other side does
+(see the process backend, which needs that under a timeout).
 """
 
 from __future__ import annotations
