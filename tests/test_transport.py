@@ -185,6 +185,22 @@ def test_a_buffer_copied_out_is_read_into_again_and_a_kept_one_never_is() -> Non
         right.close()
 
 
+@pytest.mark.parametrize("worker", [True, False])
+def test_a_worker_reads_even_its_first_bytes_value_straight_into_place(worker: bool) -> None:
+    # A copied value leaves its buffer as a spare for the next message; a value read
+    # straight into a new bytes object leaves none.  Other wires read ahead at first.
+    left, right = _pair(worker=worker)
+    try:
+        value = bytes([7]) * (3 * OUT_OF_BAND_MIN)
+        left.send(lift([value]))
+        assert right.recv() == [value]
+        spare = right._spare  # pyright: ignore[reportPrivateUsage] - what was copied
+        assert (spare == []) is worker
+    finally:
+        left.close()
+        right.close()
+
+
 def test_bytes_values_come_straight_into_new_bytes_and_the_stream_stays_in_step() -> None:
     # After a message with a large bytes value the wire reads no further than each
     # part needs, so the next bytes value is read by the kernel straight into a new

@@ -17,9 +17,10 @@ memory it allocates once per buffer, so a 1 MiB array is copied once by the
 kernel on each side and never through Python-level chunks (which is what
 ``multiprocessing.Connection.recv_bytes`` does, at about a tenth of the speed).
 A ``bytes`` value's buffer is marked in the frame: for a few messages after
-one that held such a value the receiver reads no further than each part
-needs, and the next value is read by the kernel straight into a new ``bytes``
-object (``recv`` with ``MSG_WAITALL``), with no copy of its own.  A buffer
+one that held such a value (and for a worker's first few messages) the
+receiver reads no further than each part needs, and the next value is read
+by the kernel straight into a new ``bytes`` object (``recv`` with
+``MSG_WAITALL``), with no copy of its own.  A buffer
 whose data was copied out (a ``bytes`` value's, when part of it came in with a
 read ahead) is read into again by the next message (up to
 :data:`SPARE_BYTES`): no new memory to zero and, when the allocator has given
@@ -154,7 +155,10 @@ class Wire:
         #: data was copied out: ``bytes`` values), for the next message to read into.
         self._spare: list[bytearray] = []
         #: How many more messages to read no further than they need (see :meth:`recv`).
-        self._exact = 0
+        #: A worker's first messages too: its first batch's ``bytes`` then come
+        #: straight into place (a read ahead would copy the first one, at the start
+        #: of a run, while the new process still faults its pages in).
+        self._exact = _EXACT_MESSAGES if worker else 0
         sending, receiving = (
             (REPLY_BUFFER, BATCH_BUFFER) if worker else (BATCH_BUFFER, REPLY_BUFFER)
         )
