@@ -30,6 +30,7 @@ from typeflow import (
     keep,
     stage,
 )
+from typeflow._backends._wire import OUT_OF_BAND_MIN
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -471,6 +472,44 @@ def test_crashes_and_hangs_lose_nothing(
         assert got == expected
     else:
         assert Counter(map(repr, got)) == Counter(map(repr, expected))
+
+
+#: Payload sizes around the wire's thresholds: in the pickle or out of band, in
+#: one read or several, a reply that fits the worker's socket or one that does
+#: not (nine times the largest, more than the 4 MiB asked for, doubled by Linux).
+_PAYLOAD_SIZES = [0, 100, OUT_OF_BAND_MIN - 1, OUT_OF_BAND_MIN, 300_000, 1_100_000]
+
+
+def reshape_payload(data: bytes | bytearray) -> bytes | bytearray | int:
+    """Its length, itself, or nine copies of itself, by its first byte."""
+    how = data[0] % 3 if data else 0
+    if how == 0:
+        return len(data)
+    return data if how == 1 else data * 9
+
+
+@settings(max_examples=max(8, settings().max_examples // 4))
+@given(
+    specs=st.lists(
+        st.tuples(st.sampled_from(_PAYLOAD_SIZES), st.integers(0, 2), st.booleans()),
+        max_size=8,
+    ),
+    workers=st.integers(1, 2),
+)
+def test_payloads_of_any_size_cross_both_ways_as_a_plain_map_makes_them(
+    specs: list[tuple[int, int, bool]], workers: int
+) -> None:
+    # Every item and result whole, in order and of its type, whichever way the
+    # wire reads it: into place, copied after a read ahead, or read by a worker
+    # while its own socket is full (a large reply while the next batch comes).
+    payloads: list[bytes | bytearray] = [
+        (bytearray if mutable else bytes)(bytes([how]) * size) for size, how, mutable in specs
+    ]
+    run = stage(workers=workers, backend="process")(reshape_payload).run(payloads)
+    got = [r.unwrap() for r in run]
+    expected = [reshape_payload(p) for p in payloads]
+    assert got == expected
+    assert [type(v) for v in got] == [type(v) for v in expected]
 
 
 class _CollectorCore:
