@@ -500,8 +500,9 @@ def test_payloads_of_any_size_cross_both_ways_as_a_plain_map_makes_them(
     specs: list[tuple[int, int, bool]], workers: int
 ) -> None:
     # Every item and result whole, in order and of its type, whichever way the
-    # wire reads it: into place, copied after a read ahead, or read by a worker
-    # while its own socket is full (a large reply while the next batch comes).
+    # wire reads it: into place, copied after a read ahead, or (when a large reply
+    # meets the next batch, which these short inputs make only now and then) read
+    # by a worker while its own socket is full; the transport tests force that.
     payloads: list[bytes | bytearray] = [
         (bytearray if mutable else bytes)(bytes([how]) * size) for size, how, mutable in specs
     ]
