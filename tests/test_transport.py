@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from returns.result import Failure, Success
 
 from typeflow import StageError, StatefulStage, WorkerCrashed, flat_map, keep, stage
@@ -735,6 +737,65 @@ def test_a_byte_budget_bounds_a_channel_by_size_as_well_as_by_count() -> None:
     blocked.join()
     assert [key for key, _ in channel.get_many(10)] == [2, 3]
     assert channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("method", ["put_many", "offer", "put_chunk", "pour"])
+def test_numbers_count_for_nothing_against_a_byte_budget(method: str) -> None:
+    # A budget that one weighed int (28 bytes) would fill: numbers are not weighed.
+    numbers: list[object] = [10**100, 1.5, 2j, True, None, 7]
+    channel: Channel[object] = Channel(8, max_bytes=16, numbered=True)
+    if method == "pour":
+        channel.pour(numbers, Window(100), 8)
+    else:
+        getattr(channel, method)(numbers)
+    assert channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
+    channel.put_many([bytes(100)])  # anything else is weighed as before
+    assert not channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
+    assert channel.get_many(10)[-1] == (6, bytes(100))
+
+
+@settings(max_examples=100)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("put"),
+                st.lists(st.one_of(st.integers(0, 1 << 40), st.integers(0, 40 << 10)), max_size=5),
+            ),
+            st.tuples(st.just("take"), st.integers(1, 6)),
+        ),
+        max_size=30,
+    )
+)
+def test_a_channel_s_byte_count_is_what_it_holds(ops: list[tuple[str, object]]) -> None:
+    # Values are numbers or bytes of up to 40 KiB (bytes of up to 1 KiB count for
+    # nothing here): whatever the order of puts and takes, the bytes the channel
+    # counts are those of the values it holds -- a take weighs only while
+    # something held counts.
+    channel: Channel[tuple[int, object]] = Channel(1000, max_bytes=1 << 20)
+    held: list[object] = []
+    key = 0
+    for op, arg in ops:
+        if op == "put":
+            sizes = cast("list[int]", arg)
+            values: list[object] = [
+                bytes(n) if n <= 40 << 10 and i % 2 else n for i, n in enumerate(sizes)
+            ]
+            batch = [(key + i, v) for i, v in enumerate(values)]
+            key += len(batch)
+            if batch and channel.offer(batch):  # (a full channel takes nothing)
+                held += values
+        elif held:
+            taken = channel.get_many(cast("int", arg))
+            assert [v for _, v in taken] == held[: len(taken)]
+            del held[: len(taken)]
+        small = (1 << 20) // 1000
+        counted = sum(
+            w for v in held if not isinstance(v, int) and (w := sys.getsizeof(v)) >= small
+        )
+        in_, out = channel._bytes_in, channel._bytes_out  # pyright: ignore[reportPrivateUsage] - the count is internal
+        assert in_ - out == counted
 
 
 def test_without_a_byte_budget_only_the_count_bounds_a_channel() -> None:

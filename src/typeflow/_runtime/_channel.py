@@ -15,7 +15,9 @@ last.  Threads block; tasks await; either may sit on either end.
   wait while the channel holds ``max_bytes`` or more.  Values under
   ``max_bytes / capacity`` count for nothing: the count bounds what they hold
   to ``max_bytes`` already, and a put of one is then the cheaper for it (the
-  channel holds at most twice ``max_bytes``, plus one item).  Without
+  channel holds at most twice ``max_bytes``, plus one item).  Nor do
+  numbers and ``None``, which are not weighed at all (``sys.getsizeof`` cost
+  more than the rest of their way through a process stage's channel).  Without
   ``max_bytes`` nothing is weighed.
 * **Batched.**  ``get_many`` takes every item that is there, up to a limit and a
   fair share for the other consumers, in one lock round trip: items travel in
@@ -52,11 +54,21 @@ if TYPE_CHECKING:
     import asyncio
 
 
-def _weight(values: Iterable[object], small: int) -> int:
+#: Types whose values count for nothing, never weighed: ``sys.getsizeof`` costs
+#: about 0.1 µs a value, which was a third of the parent's work in a chain of
+#: process stages of numbers.  An ``int`` is one of them: an ``int`` over the
+#: smallest weight that counts (8 KiB for a process stage) has some 20 000 digits.
+_WEIGHTLESS: frozenset[type] = frozenset({int, float, complex, bool, type(None)})
+
+
+def _weight(values: Sequence[object], small: int) -> int:
     """The bytes ``values`` of at least ``small`` bytes hold, roughly:
     ``sys.getsizeof`` of each (NumPy arrays and bytes report their data;
-    containers only themselves).  Loops in C: every item of a process stage is
-    weighed twice."""
+    containers only themselves), and nothing for a batch of numbers.  Loops in C:
+    an item of a process stage is weighed where it is put, and again where it is
+    taken while anything in its channel counts."""
+    if _WEIGHTLESS.issuperset(map(type, values)):
+        return 0
     return sum(filter(small.__le__, map(sys.getsizeof, values)))
 
 
@@ -276,11 +288,14 @@ class Channel(Generic[T]):
         while self._putters:
             self._putters.popleft().wake()
 
-    def _weigh(self, batch: Iterable[Any]) -> int:
-        return _weight(batch if self.numbered else map(_value_of, batch), self._small)
+    def _weigh(self, batch: Sequence[Any]) -> int:
+        return _weight(batch if self.numbered else list(map(_value_of, batch)), self._small)
 
     def _weigh_one(self, item: Any) -> int:
-        weight = sys.getsizeof(item if self.numbered else _value_of(item))
+        value = item if self.numbered else _value_of(item)
+        if type(value) in _WEIGHTLESS:
+            return 0
+        weight = sys.getsizeof(value)
         return weight if weight >= self._small else 0
 
     def _take(self, limit: int, share: int, least: int = 1) -> list[Any]:
@@ -301,8 +316,12 @@ class Channel(Generic[T]):
         batch = [items.popleft()] if n == 1 else list(map(_call, repeat(items.popleft, n)))
         self.taken += n
         if self._max_bytes != sys.maxsize:
-            # Empty: start afresh (a value may have changed size since it was weighed).
-            self._bytes_out = self._bytes_out + self._weigh(batch) if items else self._bytes_in
+            if not items:
+                # Empty: start afresh (a value may have changed size since it was weighed).
+                self._bytes_out = self._bytes_in
+            elif self._bytes_in != self._bytes_out:
+                self._bytes_out += self._weigh(batch)
+            # Else nothing held counts for anything: nor does the batch (not weighed).
         if self._putters and self._has_room() and (not self.numbered or len(items) <= self._low):
             self._putters.popleft().wake()
         if items and self._getters:
@@ -338,10 +357,10 @@ class Channel(Generic[T]):
             return range(end - len(batch), end), batch
         return tuple(map(_key_of, batch)), list(map(_value_of, batch))
 
-    def _give(self, batch: list[Any]) -> None:
+    def _give(self, batch: list[Any], weight: int | None = None) -> None:
         self._items.extend(batch)
         if self._max_bytes != sys.maxsize:
-            self._bytes_in += self._weigh(batch)
+            self._bytes_in += self._weigh(batch) if weight is None else weight
         if self._getters:
             self._getters.popleft().wake()
         if self._putters and self._has_room():
@@ -439,21 +458,24 @@ class Channel(Generic[T]):
                         return shape(self._take(limit, share, least))
                 raise TimeoutError
 
-    def put_many(self, batch: list[T], deadline: float | None = None) -> None:
+    def put_many(
+        self, batch: list[T], deadline: float | None = None, *, weight: int | None = None
+    ) -> None:
         """Add a batch, waiting while the channel is full.
 
-        ``deadline`` (a ``time.monotonic()`` value) bounds the wait.
+        ``deadline`` (a ``time.monotonic()`` value) bounds the wait; ``weight`` is
+        the batch's, when the caller has weighed it already.
 
         Raises:
             ChannelAborted: the run was cancelled.
             TimeoutError: the deadline passed with no room (nothing was added).
         """
-        if self.offer(batch):
+        if self.offer(batch, weight=weight):
             return
         while True:
             with self._lock:
                 if self._check_put():
-                    self._give(batch)
+                    self._give(batch, weight)
                     return
                 waiter = _ThreadWaiter()
                 self._putters.append(waiter)
@@ -467,7 +489,7 @@ class Channel(Generic[T]):
                 with self._lock:
                     self._forget(self._putters, waiter, False)
                     if self._check_put():
-                        self._give(batch)
+                        self._give(batch, weight)
                         return
                 raise TimeoutError
 
@@ -537,7 +559,7 @@ class Channel(Generic[T]):
                     room = window.take_up_to(chunk)
                 room -= 1
                 if len(items) < capacity:
-                    weight = getsizeof(value)
+                    weight = 0 if type(value) in _WEIGHTLESS else getsizeof(value)
                     if weight < small:  # counts for nothing: no byte test either
                         items.append(value)
                         if self._getters or not self._open:
@@ -583,11 +605,12 @@ class Channel(Generic[T]):
         Raises:
             ChannelAborted: the run was cancelled.
         """
-        if self._weighed and self._weigh(batch) > self._max_bytes // 8:
+        weight = self._weigh(batch) if self._weighed else 0
+        if weight > self._max_bytes // 8:
             for item in batch:
                 self.put(item)
         else:
-            self.put_many(batch)
+            self.put_many(batch, weight=weight)
 
     def put_values(self, values: list[object]) -> None:
         """:meth:`put_chunk` for a numbered channel: bare items (a feeder's chunk).
@@ -657,9 +680,10 @@ class Channel(Generic[T]):
                     self._forget(self._getters, waiter, True)
                 raise
 
-    def offer(self, batch: list[T]) -> bool:
+    def offer(self, batch: list[T], *, weight: int | None = None) -> bool:
         """Add a batch if there is room now (True), else leave it (False): the common
-        case of :meth:`put_many`, and a task's put without a coroutine.
+        case of :meth:`put_many`, and a task's put without a coroutine.  ``weight``:
+        the batch's, when the caller has weighed it already.
 
         Raises:
             ChannelAborted: the run was cancelled.
@@ -674,7 +698,7 @@ class Channel(Generic[T]):
             ):
                 items.extend(batch)
                 if self._max_bytes != sys.maxsize:
-                    self._bytes_in += self._weigh(batch)
+                    self._bytes_in += self._weigh(batch) if weight is None else weight
                 if self._getters:
                     self._getters.popleft().wake()
                 if self._putters and self._has_room():
