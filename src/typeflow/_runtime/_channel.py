@@ -61,14 +61,12 @@ if TYPE_CHECKING:
 _WEIGHTLESS: frozenset[type] = frozenset({int, float, complex, bool, type(None)})
 
 
-def _weight(values: Sequence[object], small: int) -> int:
+def _weight(values: Iterable[object], small: int) -> int:
     """The bytes ``values`` of at least ``small`` bytes hold, roughly:
     ``sys.getsizeof`` of each (NumPy arrays and bytes report their data;
-    containers only themselves), and nothing for a batch of numbers.  Loops in C:
-    an item of a process stage is weighed where it is put, and again where it is
-    taken while anything in its channel counts."""
-    if _WEIGHTLESS.issuperset(map(type, values)):
-        return 0
+    containers only themselves).  Loops in C: an item of a process stage is
+    weighed where it is put, and again where it is taken while anything in its
+    channel counts (a batch of numbers is not weighed at all: see _weigh)."""
     return sum(filter(small.__le__, map(sys.getsizeof, values)))
 
 
@@ -289,7 +287,13 @@ class Channel(Generic[T]):
             self._putters.popleft().wake()
 
     def _weigh(self, batch: Sequence[Any]) -> int:
-        return _weight(batch if self.numbered else list(map(_value_of, batch)), self._small)
+        if self.numbered:
+            if _WEIGHTLESS.issuperset(map(type, batch)):
+                return 0
+            return _weight(batch, self._small)
+        if _WEIGHTLESS.issuperset(map(type, map(_value_of, batch))):
+            return 0
+        return _weight(map(_value_of, batch), self._small)
 
     def _weigh_one(self, item: Any) -> int:
         value = item if self.numbered else _value_of(item)
