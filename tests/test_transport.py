@@ -739,63 +739,190 @@ def test_a_byte_budget_bounds_a_channel_by_size_as_well_as_by_count() -> None:
     assert channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
 
 
+def _weight_of(values: Sequence[object], small: int) -> int:
+    """What a byte budget counts of ``values``: each one's ``sys.getsizeof`` from
+    ``small`` up (the reference the channel's quicker ways must agree with)."""
+    return sum(w for v in values if (w := sys.getsizeof(v)) >= small)
+
+
+def _counted(channel: Channel[object]) -> int:
+    return channel._bytes_in - channel._bytes_out  # pyright: ignore[reportPrivateUsage] - the count is internal
+
+
+#: Numbers of every kind, ints past what a budget's smallest counted weight allows.
+_NUMBERS: list[object] = [10**400, 1.5, 2j, True, None, 7, -(10**400), 0, False]
+
+
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("method", ["put_many", "offer", "put_chunk", "pour"])
-def test_numbers_count_for_nothing_against_a_byte_budget(method: str) -> None:
-    # A budget that one weighed int (28 bytes) would fill: numbers are not weighed.
-    numbers: list[object] = [10**100, 1.5, 2j, True, None, 7]
-    channel: Channel[object] = Channel(8, max_bytes=16, numbered=True)
+@pytest.mark.parametrize("small", [16, 64])  # 16: every number counts; 64: only the big ints
+@pytest.mark.parametrize(
+    ("method", "numbered"),
+    [
+        ("put_many", True),
+        ("put_many", False),
+        ("offer", True),
+        ("offer", False),
+        ("put_chunk", True),
+        ("aput_many", False),
+        ("offer_values", True),
+        ("put_solo", True),
+        ("pour", True),
+    ],
+)
+def test_numbers_weigh_what_they_weigh_through_every_put(
+    method: str, numbered: bool, small: int
+) -> None:
+    # Numbers are not weighed one by one where their type and magnitude tell they
+    # count for nothing, and are where they may count: the count is the same.
+    channel: Channel[object] = Channel(1000, max_bytes=small * 1000, numbered=numbered)
+    batch: list[object] = _NUMBERS if numbered else list(enumerate(_NUMBERS))
     if method == "pour":
-        channel.pour(numbers, Window(100), 8)
+        channel.pour(batch, Window(100), 8)
+    elif method == "put_solo":
+        for item in batch:
+            channel.put_solo(item)
+    elif method == "aput_many":
+        asyncio.run(channel.aput_many(batch))
     else:
-        getattr(channel, method)(numbers)
-    assert channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
-    channel.put_many([bytes(100)])  # anything else is weighed as before
-    assert not channel._has_room()  # pyright: ignore[reportPrivateUsage] - the budget is internal
-    assert channel.get_many(10)[-1] == (6, bytes(100))
+        getattr(channel, method)(batch)
+    assert _counted(channel) == _weight_of(_NUMBERS, small)
+
+
+def _near_power_of_two(bits: int, offset: int) -> int:
+    return (1 << bits) + offset
+
+
+def _negative_power_of_two(bits: int) -> int:
+    return -(1 << bits)
+
+
+_any_value = st.one_of(
+    st.integers(),
+    st.builds(_near_power_of_two, st.integers(0, 62_000), st.integers(-2, 2)),
+    st.builds(_negative_power_of_two, st.integers(0, 62_000)),
+    st.floats(allow_nan=True),
+    st.complex_numbers(),
+    st.none(),
+    st.booleans(),
+    st.binary(max_size=100),
+    st.text(max_size=20),
+)
+
+
+@given(
+    st.lists(_any_value, max_size=8),
+    st.sampled_from([1, 16, 28, 29, 32, 33, 64, 1 << 10, 8 << 10]),
+    st.booleans(),
+)
+def test_a_batch_weighs_what_getsizeof_says_however_it_is_weighed(
+    values: list[object], small: int, numbered: bool
+) -> None:
+    channel: Channel[object] = Channel(1000, max_bytes=small * 1000, numbered=numbered)
+    batch: list[object] = values if numbered else list(enumerate(values))
+    weigh, weigh_one = channel._weigh, channel._weigh_one  # pyright: ignore[reportPrivateUsage] - the weighing is internal
+    assert weigh(batch) == _weight_of(values, small)
+    assert [weigh_one(item) for item in batch] == [_weight_of([v], small) for v in values]
+
+
+def test_the_int_bound_is_where_an_int_starts_to_count() -> None:
+    # The channel's bound on an int's magnitude, held to sys.getsizeof on both
+    # sides: just under it an int counts for nothing, at it an int may count.
+    for small in [*range(1, 80), 1 << 10, 8 << 10, 1 << 20]:
+        bound = _channel._int_bound(small)  # pyright: ignore[reportPrivateUsage] - the bound is internal
+        if bound:
+            assert sys.getsizeof(bound - 1) < small <= sys.getsizeof(bound), small
+            assert sys.getsizeof(-(bound - 1)) < small
+        else:
+            assert sys.getsizeof(1 << 30) >= small  # only ints of one digit or none could be under
 
 
 @settings(max_examples=100)
 @given(
+    st.booleans(),
     st.lists(
         st.one_of(
             st.tuples(
                 st.just("put"),
-                st.lists(st.one_of(st.integers(0, 1 << 40), st.integers(0, 40 << 10)), max_size=5),
+                st.lists(st.sampled_from(["int", "big int", "bytes", "blob"]), max_size=5),
             ),
+            st.tuples(st.just("put one"), st.sampled_from(["int", "big int", "bytes", "blob"])),
             st.tuples(st.just("take"), st.integers(1, 6)),
         ),
-        max_size=30,
-    )
+        max_size=40,
+    ),
 )
-def test_a_channel_s_byte_count_is_what_it_holds(ops: list[tuple[str, object]]) -> None:
-    # Values are numbers or bytes of up to 40 KiB (bytes of up to 1 KiB count for
-    # nothing here): whatever the order of puts and takes, the bytes the channel
-    # counts are those of the values it holds -- a take weighs only while
-    # something held counts.
-    channel: Channel[tuple[int, object]] = Channel(1000, max_bytes=1 << 20)
+def test_a_channel_s_byte_count_is_what_it_holds(
+    numbered: bool, ops: list[tuple[str, object]]
+) -> None:
+    # Values of 64 bytes and more count (a big int is 112 bytes, a blob 533):
+    # whatever the order of puts and takes, the bytes the channel counts are
+    # those of the values it holds -- a take weighs only while something held
+    # counts, numbers are weighed by their type and magnitude.
+    make: dict[str, object] = {"int": 7, "big int": 10**200, "bytes": b"x", "blob": bytes(500)}
+    channel: Channel[object] = Channel(1000, max_bytes=64_000, numbered=numbered)
     held: list[object] = []
-    key = 0
     for op, arg in ops:
-        if op == "put":
-            sizes = cast("list[int]", arg)
-            values: list[object] = [
-                bytes(n) if n <= 40 << 10 and i % 2 else n for i, n in enumerate(sizes)
-            ]
-            batch = [(key + i, v) for i, v in enumerate(values)]
-            key += len(batch)
-            if batch and channel.offer(batch):  # (a full channel takes nothing)
+        if op == "take":
+            if held:
+                taken = cast("list[tuple[int, object]]", channel.get_many(cast("int", arg)))
+                assert [value for _, value in taken] == held[: len(taken)]
+                del held[: len(taken)]
+        else:
+            values = [make[k] for k in cast("list[str]", arg if op == "put" else [arg])]
+            batch: list[object] = (
+                values if numbered else [(channel.poured + i, v) for i, v in enumerate(values)]
+            )
+            if op == "put one" and numbered:
+                channel.put_solo(batch[0])
                 held += values
-        elif held:
-            taken = channel.get_many(cast("int", arg))
-            assert [v for _, v in taken] == held[: len(taken)]
-            del held[: len(taken)]
-        small = (1 << 20) // 1000
-        counted = sum(
-            w for v in held if not isinstance(v, int) and (w := sys.getsizeof(v)) >= small
-        )
-        in_, out = channel._bytes_in, channel._bytes_out  # pyright: ignore[reportPrivateUsage] - the count is internal
-        assert in_ - out == counted
+            elif batch and channel.offer(batch):  # (a full channel takes nothing)
+                held += values
+        assert _counted(channel) == _weight_of(held, 64)
+
+
+def test_a_chunk_of_the_input_counts_what_it_weighs() -> None:
+    channel: Channel[object] = Channel(1000, max_bytes=1 << 20, numbered=True)
+    chunk: list[object] = [bytes(10 << 10)] * 4  # under an eighth of the budget: in whole
+    channel.put_values(chunk)
+    assert _counted(channel) == _weight_of(chunk, (1 << 20) // 1000)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["put_many", "aput_many"])
+def test_a_put_that_waited_for_room_counts_its_batch(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The channel is full by count; the put's waiter, just before it waits, takes
+    # an item itself (which wakes it): the put then goes in by its waiting path.
+    channel: Channel[object] = Channel(2, max_bytes=1 << 20)
+    channel.put_many([(0, b"a"), (1, b"b")])
+    waits: list[str] = []
+
+    class ThreadWaiter(_channel._ThreadWaiter):  # pyright: ignore[reportPrivateUsage] - the waiters are internal
+        __slots__ = ()
+
+        def wait(self, timeout: float | None = None) -> bool:
+            waits.append("thread")
+            channel.get_many(1)
+            return super().wait(timeout)
+
+    class TaskWaiter(_channel._TaskWaiter):  # pyright: ignore[reportPrivateUsage] - the waiters are internal
+        __slots__ = ()
+
+        async def wait(self) -> None:
+            waits.append("task")
+            channel.get_many(1)
+            await super().wait()
+
+    monkeypatch.setattr(_channel, "_ThreadWaiter", ThreadWaiter)
+    monkeypatch.setattr(_channel, "_TaskWaiter", TaskWaiter)
+    blob = bytes(600 << 10)
+    if how == "put_many":
+        channel.put_many([(2, blob)])
+    else:
+        asyncio.run(channel.aput_many([(2, blob)]))
+    assert waits == ["thread" if how == "put_many" else "task"]
+    assert _counted(channel) == sys.getsizeof(blob)
 
 
 def test_without_a_byte_budget_only_the_count_bounds_a_channel() -> None:
