@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import itertools
 import os
 import pickle
@@ -749,11 +750,17 @@ def _counted(channel: Channel[object]) -> int:
     return channel._bytes_in - channel._bytes_out  # pyright: ignore[reportPrivateUsage] - the count is internal
 
 
-#: Numbers of every kind, ints past what a budget's smallest counted weight allows.
-_NUMBERS: list[object] = [10**400, 1.5, 2j, True, None, 7, -(10**400), 0, False]
+#: Numbers of every kind, ints past what a budget's smallest counted weight
+#: allows; ints alone and the others alone take quicker paths than a mix.
+_NUMBERS: list[list[object]] = [
+    [10**400, 1.5, 2j, True, None, 7, -(10**400), 0, False],
+    [10**400, 7, True, -(10**400), 0, 1 << 40],
+    [1.5, 2j, True, None, float("nan"), False],
+]
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("numbers", _NUMBERS)
 @pytest.mark.parametrize("small", [16, 64])  # 16: every number counts; 64: only the big ints
 @pytest.mark.parametrize(
     ("method", "numbered"),
@@ -770,12 +777,12 @@ _NUMBERS: list[object] = [10**400, 1.5, 2j, True, None, 7, -(10**400), 0, False]
     ],
 )
 def test_numbers_weigh_what_they_weigh_through_every_put(
-    method: str, numbered: bool, small: int
+    method: str, numbered: bool, small: int, numbers: list[object]
 ) -> None:
     # Numbers are not weighed one by one where their type and magnitude tell they
     # count for nothing, and are where they may count: the count is the same.
     channel: Channel[object] = Channel(1000, max_bytes=small * 1000, numbered=numbered)
-    batch: list[object] = _NUMBERS if numbered else list(enumerate(_NUMBERS))
+    batch: list[object] = numbers if numbered else list(enumerate(numbers))
     if method == "pour":
         channel.pour(batch, Window(100), 8)
     elif method == "put_solo":
@@ -785,7 +792,7 @@ def test_numbers_weigh_what_they_weigh_through_every_put(
         asyncio.run(channel.aput_many(batch))
     else:
         getattr(channel, method)(batch)
-    assert _counted(channel) == _weight_of(_NUMBERS, small)
+    assert _counted(channel) == _weight_of(numbers, small)
 
 
 def _near_power_of_two(bits: int, offset: int) -> int:
@@ -825,15 +832,90 @@ def test_a_batch_weighs_what_getsizeof_says_however_it_is_weighed(
 
 
 def test_the_int_bound_is_where_an_int_starts_to_count() -> None:
-    # The channel's bound on an int's magnitude, held to sys.getsizeof on both
-    # sides: just under it an int counts for nothing, at it an int may count.
+    # The channel's bound on an int's magnitude, held to sys.getsizeof: just
+    # under it an int counts for nothing; at it an int counts, unless the bound
+    # was capped (a bound of a budget's size would itself be that big).
     for small in [*range(1, 80), 1 << 10, 8 << 10, 1 << 20]:
         bound = _channel._int_bound(small)  # pyright: ignore[reportPrivateUsage] - the bound is internal
+        assert bound.bit_length() <= 1 + 30 * 4  # capped: a small int whatever the budget
         if bound:
-            assert sys.getsizeof(bound - 1) < small <= sys.getsizeof(bound), small
+            assert sys.getsizeof(bound - 1) < small
             assert sys.getsizeof(-(bound - 1)) < small
+            assert small <= sys.getsizeof(bound) or bound.bit_length() == 1 + 30 * 4, small
         else:
             assert sys.getsizeof(1 << 30) >= small  # only ints of one digit or none could be under
+
+
+class _Small(enum.IntEnum):
+    A = 1
+
+
+class _Int(int):
+    pass
+
+
+class _Float(float):
+    pass
+
+
+class _Odd(type):
+    """A metaclass that makes its classes unhashable."""
+
+    def __eq__(cls, other: object) -> bool:
+        return cls is other
+
+    __hash__ = None  # type: ignore[assignment]  # pyright: ignore[reportAssignmentType] - unhashable on purpose
+
+
+class _OddValue(metaclass=_Odd):
+    def __sizeof__(self) -> int:
+        return 1 << 20
+
+
+def _edges(small: int) -> list[object]:
+    bound = _channel._int_bound(small)  # pyright: ignore[reportPrivateUsage] - the bound is internal
+    ints = [0, 1, -1, bound - 1, bound, bound + 1, 2 * bound, 1 - bound, -bound, -bound - 1]
+    return [*ints, True, False, None, 0.5, float("nan"), -0.0, 2j, _Small.A, _Int(1), _Float(1.0)]
+
+
+@pytest.mark.parametrize("small", [24, 28, 29, 32, 33, 36, 64, 8 << 10])
+@pytest.mark.parametrize("numbered", [True, False])
+def test_numbers_at_the_edges_weigh_what_getsizeof_says(small: int, numbered: bool) -> None:
+    # Each number alone, and first, last or in the middle of a batch of ints, of
+    # bools or of other numbers (the quick paths), through _weigh, _weigh_one, pour.
+    channel: Channel[object] = Channel(1000, max_bytes=small * 1000, numbered=numbered)
+    weigh, weigh_one = channel._weigh, channel._weigh_one  # pyright: ignore[reportPrivateUsage] - the weighing is internal
+
+    def wrap(values: list[object]) -> list[object]:
+        return values if numbered else list(enumerate(values))
+
+    edges = _edges(small)
+    for v in edges:
+        for values in ([v], [v, 0], [0, v], [0, v, 0], [v, True], [False, v], [v, 0.5], [None, v]):
+            assert weigh(wrap(values)) == _weight_of(values, small), (small, values)
+        assert weigh_one(wrap([v])[0]) == _weight_of([v], small), (small, v)
+    if numbered:
+        poured: Channel[object] = Channel(1000, max_bytes=small * 1000, numbered=True)
+        poured.pour(edges, Window(1000), 8)
+        assert _counted(poured) == _weight_of(edges, small)
+
+
+@pytest.mark.timeout(30)
+def test_a_value_of_an_unhashable_type_is_weighed_like_any_other() -> None:
+    # Its type cannot go into a set or be looked up in one: it is weighed, and
+    # the channel goes on.
+    odd = _OddValue()
+    channel: Channel[object] = Channel(100, max_bytes=100 << 20, numbered=True)
+    channel.put_many([odd, 1])
+    channel.put_solo(odd)
+    channel.pour([odd, 2.0], Window(100), 8)
+    envelopes: Channel[object] = Channel(100, max_bytes=100 << 20)
+    envelopes.put_many([(0, odd), (1, 1)])
+    assert _counted(channel) == 3 * sys.getsizeof(odd)
+    assert _counted(envelopes) == sys.getsizeof(odd)
+    assert len(channel.get_many(10)) == 5
+    assert envelopes.get_many(10) == [(0, odd), (1, 1)]
+    assert _counted(channel) == _counted(envelopes) == 0
 
 
 @settings(max_examples=100)
@@ -859,7 +941,8 @@ def test_a_channel_s_byte_count_is_what_it_holds(
     # those of the values it holds -- a take weighs only while something held
     # counts, numbers are weighed by their type and magnitude.
     make: dict[str, object] = {"int": 7, "big int": 10**200, "bytes": b"x", "blob": bytes(500)}
-    channel: Channel[object] = Channel(1000, max_bytes=64_000, numbered=numbered)
+    # (Room for all of 40 steps' values: a put_solo into a full channel would wait.)
+    channel: Channel[object] = Channel(2000, max_bytes=128_000, numbered=numbered)
     held: list[object] = []
     for op, arg in ops:
         if op == "take":

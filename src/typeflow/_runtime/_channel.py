@@ -60,22 +60,36 @@ if TYPE_CHECKING:
 # numbers): what they weigh is known from their type, and for an ``int`` from
 # its magnitude.
 
-#: Types whose values all weigh the same, at most :data:`_FIXED_MAX` bytes.
+#: Types whose values weigh a few bytes each, at most :data:`_FIXED_MAX`.
 _FIXED: frozenset[type] = frozenset({float, complex, bool, type(None)})
-_FIXED_MAX: int = max(map(sys.getsizeof, (0.0, 0j, None, False, True)))
+#: (``sys.maxsize`` where ``sys.getsizeof`` tells nothing, as on PyPy: no shortcut.)
+_FIXED_MAX: int = max(sys.getsizeof(v, sys.maxsize) for v in (0.0, 0j, None, False, True))
+_NONE: type = type(None)
 #: Types whose values weigh by their magnitude.
 _INTEGRAL: frozenset[type] = frozenset({int, bool})
+#: Ints of more digits than this are weighed one by one: the bound itself is an
+#: int of that many digits, kept by every channel with a byte budget.
+_INT_DIGITS_MAX: int = 4
+#: ``type``, declared to return a ``type`` (for a value typed ``Any``).
+_kind_of: Callable[[object], type] = type
 
 
 def _int_bound(small: int) -> int:
     """An ``int`` of a smaller magnitude than this weighs less than ``small`` bytes
     (0: none is known to).  CPython's ``int`` weighs ``int.__basicsize__`` and
     ``int.__itemsize__`` for each digit of ``sys.int_info.bits_per_digit`` bits
-    (a test holds it to ``sys.getsizeof`` on both sides of the bound)."""
+    (at least one: 0 too); a test holds the bound to ``sys.getsizeof``."""
     if sys.implementation.name != "cpython":
         return 0
     digits = (small - 1 - int.__basicsize__) // int.__itemsize__  # the most that stay under
+    digits = min(digits, _INT_DIGITS_MAX)
     return 1 << (sys.int_info.bits_per_digit * digits) if digits > 0 else 0
+
+
+def _is_fixed(kind: type) -> bool:
+    """Whether ``kind`` is one of :data:`_FIXED`, by identity: a type's metaclass
+    may make it unhashable, or equal to another."""
+    return kind is float or kind is _NONE or kind is bool or kind is complex
 
 
 def _weight(values: Iterable[object], small: int) -> int:
@@ -315,7 +329,10 @@ class Channel(Generic[T]):
         weigh less than ``_small`` each, without weighing each (one pass over their
         types, and for ints over their extremes: about a third of the time)."""
         values = batch if self.numbered else list(map(_value_of, batch))
-        kinds = set(map(type, values))
+        try:
+            kinds = set(map(type, values))
+        except TypeError:  # a type its metaclass makes unhashable: weigh each
+            return _weight(values, self._small)
         if kinds <= _FIXED:
             light = self._fixed_small
         elif kinds <= _INTEGRAL:  # (bools count as ints here, 0 and 1, and weigh no more)
@@ -329,7 +346,7 @@ class Channel(Generic[T]):
         if type(value) is int:
             if self._int_low < value < self._int_bound:
                 return 0
-        elif type(value) in _FIXED and self._fixed_small:
+        elif self._fixed_small and _is_fixed(type(value)):
             return 0
         weight = sys.getsizeof(value)
         return weight if weight >= self._small else 0
@@ -590,18 +607,21 @@ class Channel(Generic[T]):
         # taken back), which a put must look for anyway.
         if weighed:
             small, low, bound = self._small, self._int_low, self._int_bound
-            fixed: frozenset[type] = _FIXED if self._fixed_small else frozenset()
+            fixed, kind_of, none = self._fixed_small, _kind_of, _NONE
             for value in values:
                 if not room:
                     room = window.take_up_to(chunk)
                 room -= 1
                 if len(items) < capacity:
                     # As _weigh_one, inlined: a number known to count for nothing is not weighed.
-                    number: Any = value  # narrowed to int below; value stays what the puts take
-                    if (type(number) is int and low < number < bound) or type(number) in fixed:
-                        weight = 0
+                    kind = kind_of(value)
+                    if kind is int:
+                        light = low < value < bound
                     else:
-                        weight = getsizeof(value)
+                        light = fixed and (
+                            kind is float or kind is none or kind is bool or kind is complex
+                        )
+                    weight = 0 if light else getsizeof(value)
                     if weight < small:  # counts for nothing: no byte test either
                         items.append(value)
                         if self._getters or not self._open:
