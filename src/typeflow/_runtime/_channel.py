@@ -255,7 +255,7 @@ class Channel(Generic[T]):
         #: Numbers known to count for nothing without weighing each (see _weigh).
         self._fixed_small = self._small > _FIXED_MAX
         self._int_bound = _int_bound(self._small)
-        self._int_low = -self._int_bound  # (negating it makes a new int of its size)
+        self._int_low = -self._int_bound  # negated once here, not for every value
         # Bytes put and bytes taken, apart: producers write the one, consumers the
         # other, so that a sole producer needs no lock to count (see put_solo).
         self._bytes_in = 0
