@@ -21,6 +21,10 @@ in four: a filter and a map in one), ``keep`` (even numbers), ``flat-map``,
 behind a one-to-many stage or a filter),
 ``fork`` (``fork(x+1, 2x)`` then their sum) or ``batch`` (``batch(100)`` then
 ``unbatch()``); figures are then per input item.
+
+``--items`` sends other values than ints through the stages, which then pass
+each value on as it is: ``str`` (URLs of 25-30 characters), ``bytes`` (about 10
+bytes), ``tuple`` (pairs), ``dict`` (two keys).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import gc
 import operator
 import resource
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 
 from workloads import adbl, ainc, dbl, inc
@@ -42,6 +46,23 @@ from typeflow._options import DEFAULT_BUFFER
 
 def _items(n: int) -> Iterator[int]:
     yield from range(n)
+
+
+#: What ``--items`` sends, by the position of the item.
+ITEMS: dict[str, Callable[[int], object]] = {
+    "str": lambda i: f"https://example.org/item/{i}",
+    "bytes": lambda i: b"item-%d" % i,
+    "tuple": lambda i: (i, "x"),
+    "dict": lambda i: {"id": i, "name": "x"},
+}
+
+
+def same(x: object) -> object:
+    return x
+
+
+async def asame(x: object) -> object:
+    return x
 
 
 def twice(x: int) -> list[int]:
@@ -119,35 +140,43 @@ def main() -> None:
     parser.add_argument(
         "--coroutine", action="store_true", help="x+1 as async def on thread and process stages"
     )
+    parser.add_argument(
+        "--items", choices=sorted(ITEMS), default=None, help="values other than ints, passed on"
+    )
     args = parser.parse_args()
     buffer: int = DEFAULT_BUFFER if args.buffer is None else args.buffer
     timeout: float | None = args.timeout
     retries: int = args.retries
-    stages: list[typeflow.Stage[int, int]]
+    stages: list[typeflow.Stage[Any, Any]]
+    passed = args.items is not None
     if args.backend == "task":
         stages = [
             typeflow.stage(
                 workers=2, backend="task", buffer=buffer, timeout=timeout, retries=retries
-            )(ainc)
+            )(asame if passed else ainc)
         ] * args.stages
     else:
         on = cast("typeflow.Backend", args.backend)
         decorate = typeflow.stage(
             workers=2, backend=on, buffer=buffer, timeout=timeout, retries=retries
         )
-        stages = [decorate(ainc) if args.coroutine else decorate(inc)] * args.stages
+        if passed:
+            stages = [decorate(asame) if args.coroutine else decorate(same)] * args.stages
+        else:
+            stages = [decorate(ainc) if args.coroutine else decorate(inc)] * args.stages
     parts: list[Any] = list(stages)
     if args.shape is not None:
         parts.append(_shape(args.shape, args.backend))
     pipeline = functools.reduce(operator.or_, parts)
-    list(pipeline.run(range(100)))  # start-up costs out of the way
+    make = ITEMS[args.items] if passed else None
+    list(pipeline.run(range(100) if make is None else map(make, range(100))))  # start-up
     n = args.n
     for _ in range(3):
         gc_before = [g["collections"] for g in gc.get_stats()]
         used = resource.getrusage(resource.RUSAGE_SELF)
         used_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
-        for result in pipeline.run(_items(n)):
+        for result in pipeline.run(_items(n) if make is None else map(make, _items(n))):
             result.unwrap()
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_SELF)

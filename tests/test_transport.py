@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import enum
 import itertools
@@ -756,12 +757,16 @@ _NUMBERS: list[list[object]] = [
     [10**400, 1.5, 2j, True, None, 7, -(10**400), 0, False],
     [10**400, 7, True, -(10**400), 0, 1 << 40],
     [1.5, 2j, True, None, float("nan"), False],
+    # (and values whose length tells what they weigh, of one type and mixed)
+    ["x", "y" * 700, "", "\U0001f600" * 3],
+    [b"z", bytes(2000), (1, 2), (0,) * 300, "x", "y" * 700, 7],
 ]
 
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("numbers", _NUMBERS)
-@pytest.mark.parametrize("small", [16, 64])  # 16: every number counts; 64: only the big ints
+# 16: every number counts; 64: only the big ints; 1 KiB: short str, bytes, tuples do not
+@pytest.mark.parametrize("small", [16, 64, 1 << 10])
 @pytest.mark.parametrize(
     ("method", "numbered"),
     [
@@ -900,6 +905,136 @@ def test_numbers_at_the_edges_weigh_what_getsizeof_says(small: int, numbered: bo
         assert _counted(poured) == _weight_of(edges, small)
 
 
+class _Str(str):
+    def __sizeof__(self) -> int:  # heavier than its length tells
+        return 4096
+
+
+class _Bytes(bytes):
+    pass
+
+
+class _Tuple(tuple[int, ...]):
+    __slots__ = ()
+
+    def __sizeof__(self) -> int:  # heavier than its length tells
+        return 4096
+
+
+def _cache_other_forms(text: str) -> None:
+    """Make CPython keep the copies of ``text`` that ``sys.getsizeof`` counts beside
+    its characters: a UTF-8 one, and before 3.12 a ``wchar_t`` one."""
+    api = ctypes.pythonapi
+    as_utf8 = api.PyUnicode_AsUTF8AndSize
+    as_utf8.argtypes = [ctypes.py_object, ctypes.c_void_p]
+    as_utf8.restype = ctypes.c_void_p
+    if all(ord(c) < 0xD800 or ord(c) > 0xDFFF for c in text):  # (a lone surrogate has none)
+        as_utf8(text, None)
+    as_unicode = getattr(api, "PyUnicode_AsUnicode", None)  # gone in 3.12, with the copy
+    if as_unicode is not None:
+        as_unicode.argtypes = [ctypes.py_object]
+        as_unicode.restype = ctypes.c_void_p
+        as_unicode(text)
+
+
+_texts = st.one_of(
+    st.text(st.characters(max_codepoint=0x7F), max_size=2000),
+    st.text(st.characters(max_codepoint=0xFF), max_size=2000),
+    st.text(st.characters(max_codepoint=0xFFFF), max_size=2000),
+    st.text(max_size=2000),
+)
+
+
+@pytest.mark.parametrize("char", ["a", "\xe9", "\u07ff", "\u0800", "\u20ac", "\U0001f600"])
+@pytest.mark.parametrize("length", [0, 1, 2, 10, 100, 1000])
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_str_of_each_kind_weighs_no_more_than_its_length_tells(
+    char: str, length: int, cached: bool
+) -> None:
+    # One or two bytes per character in UTF-8 (ASCII, Latin-1, up to U+07FF), three
+    # (the rest of the BMP), four (beyond): the bound must hold for the longest.
+    text = "".join([char * length, ""])
+    if cached:
+        _cache_other_forms(text)
+    base, per = _channel._STR_SHAPE  # pyright: ignore[reportPrivateUsage] - the bound is internal
+    assert sys.getsizeof(text) <= base + per * length
+
+
+@settings(max_examples=200)
+@given(_texts, st.booleans())
+def test_a_str_weighs_no_more_than_its_length_tells(text: str, cached: bool) -> None:
+    # The bound the channel takes a str's weight under, held to sys.getsizeof for
+    # every kind of character, with and without the copies CPython may keep.
+    text = "".join([text, ""])  # a str of its own (an empty or one-character one is shared)
+    if cached:
+        _cache_other_forms(text)
+    base, per = _channel._STR_SHAPE  # pyright: ignore[reportPrivateUsage] - the bound is internal
+    assert sys.getsizeof(text) <= base + per * len(text)
+
+
+@given(st.integers(0, 20_000))
+def test_bytes_and_tuples_weigh_what_their_length_tells(length: int) -> None:
+    base, per = _channel._BYTES_SHAPE  # pyright: ignore[reportPrivateUsage] - the bound is internal
+    assert sys.getsizeof(bytes(length)) == base + per * length
+    base, per = _channel._TUPLE_SHAPE  # pyright: ignore[reportPrivateUsage] - the bound is internal
+    assert sys.getsizeof((0,) * length) == base + per * length
+
+
+def _around(longest: int) -> list[int]:
+    """Lengths just under, at and just over ``longest``, and well over it."""
+    return [n for n in (longest - 1, longest, longest + 1, 2 * longest + 1) if n >= 0]
+
+
+def _sized_edges(small: int) -> list[object]:
+    """``str``, ``bytes`` and ``tuple`` values around the longest a channel takes
+    for light by their length, and subclasses of each."""
+    channel: Channel[object] = Channel(1000, max_bytes=small * 1000)
+    edges: list[object] = [_Str("s"), _Bytes(b"b"), _Tuple((1,)), b"", (), ""]
+    for n in _around(channel._longest_str):  # pyright: ignore[reportPrivateUsage] - the bound is internal
+        edges += ["\xe9" * n, "\U0001f600" * n]
+    for n in _around(channel._longest_bytes):  # pyright: ignore[reportPrivateUsage] - the bound is internal
+        edges.append(bytes(n))
+    for n in _around(channel._longest_tuple):  # pyright: ignore[reportPrivateUsage] - the bound is internal
+        edges.append((0,) * n)
+    return edges
+
+
+def _empty_of(value: object) -> object:
+    """An empty ``str``, ``bytes`` or ``tuple`` for one of those (a subclass's too);
+    anything else as it is."""
+    if isinstance(value, str | bytes):
+        return value[:0]
+    if isinstance(value, tuple):
+        return ()
+    return value
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("small", [16, 34, 35, 41, 48, 49, 90, 102, 113, 1 << 10, 8 << 10])
+@pytest.mark.parametrize("numbered", [True, False])
+def test_sized_values_at_the_edges_weigh_what_getsizeof_says(small: int, numbered: bool) -> None:
+    # Each value alone, in a batch of its own type and kind and in a mixed one,
+    # through _weigh, _weigh_one and pour (which keeps the last heavy type).
+    channel: Channel[object] = Channel(1000, max_bytes=small * 1000, numbered=numbered)
+    weigh, weigh_one = channel._weigh, channel._weigh_one  # pyright: ignore[reportPrivateUsage] - the weighing is internal
+
+    def wrap(values: list[object]) -> list[object]:
+        return values if numbered else list(enumerate(values))
+
+    edges = _sized_edges(small)
+    for v in edges:
+        batches: list[list[object]] = [[v], [v, _empty_of(v)], [v, 0], [None, v], [v, {"a": 1}]]
+        for values in batches:
+            assert weigh(wrap(values)) == _weight_of(values, small), (small, values)
+        assert weigh_one(wrap([v])[0]) == _weight_of([v], small), (small, v)
+    if numbered:
+        # (Room for all of it: a pour into a full channel would wait.)
+        poured: Channel[object] = Channel(100_000, max_bytes=small * 100_000, numbered=True)
+        stream = [{"a": 1}, *edges, {"b": 2}, 1.5, *edges, 7, _Str("t")]
+        poured.pour(stream, Window(1000), 8)
+        assert _counted(poured) == _weight_of(stream, small)
+
+
 @pytest.mark.timeout(30)
 def test_a_value_of_an_unhashable_type_is_weighed_like_any_other() -> None:
     # Its type cannot go into a set or be looked up in one: it is weighed, and
@@ -918,6 +1053,18 @@ def test_a_value_of_an_unhashable_type_is_weighed_like_any_other() -> None:
     assert _counted(channel) == _counted(envelopes) == 0
 
 
+#: Values by name: a big int is 112 bytes, a blob 533, text 69 and long text 249.
+_KINDS: dict[str, object] = {
+    "int": 7,
+    "big int": 10**200,
+    "bytes": b"x",
+    "blob": bytes(500),
+    "text": "y" * 20,
+    "long text": "y" * 200,
+    "tuple": (1, 2),
+}
+
+
 @settings(max_examples=100)
 @given(
     st.booleans(),
@@ -925,9 +1072,9 @@ def test_a_value_of_an_unhashable_type_is_weighed_like_any_other() -> None:
         st.one_of(
             st.tuples(
                 st.just("put"),
-                st.lists(st.sampled_from(["int", "big int", "bytes", "blob"]), max_size=5),
+                st.lists(st.sampled_from(sorted(_KINDS)), max_size=5),
             ),
-            st.tuples(st.just("put one"), st.sampled_from(["int", "big int", "bytes", "blob"])),
+            st.tuples(st.just("put one"), st.sampled_from(sorted(_KINDS))),
             st.tuples(st.just("take"), st.integers(1, 6)),
         ),
         max_size=40,
@@ -936,11 +1083,11 @@ def test_a_value_of_an_unhashable_type_is_weighed_like_any_other() -> None:
 def test_a_channel_s_byte_count_is_what_it_holds(
     numbered: bool, ops: list[tuple[str, object]]
 ) -> None:
-    # Values of 64 bytes and more count (a big int is 112 bytes, a blob 533):
-    # whatever the order of puts and takes, the bytes the channel counts are
-    # those of the values it holds -- a take weighs only while something held
-    # counts, numbers are weighed by their type and magnitude.
-    make: dict[str, object] = {"int": 7, "big int": 10**200, "bytes": b"x", "blob": bytes(500)}
+    # Values of 64 bytes and more count (see _KINDS): whatever the order of puts
+    # and takes, the bytes the channel counts are those of the values it holds --
+    # a take weighs only while something held counts, numbers are weighed by
+    # their type and magnitude, text and tuples by their length where it tells.
+    make = _KINDS
     # (Room for all of 40 steps' values: a put_solo into a full channel would wait.)
     channel: Channel[object] = Channel(2000, max_bytes=128_000, numbered=numbered)
     held: list[object] = []

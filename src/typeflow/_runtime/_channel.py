@@ -17,8 +17,9 @@ last.  Threads block; tasks await; either may sit on either end.
   to ``max_bytes`` already, and a put of one is then the cheaper for it (the
   channel holds at most twice ``max_bytes``, plus one item).  Numbers are
   not weighed one by one where their type (and an ``int``'s magnitude) tells
-  that they count for nothing: ``sys.getsizeof`` cost more than the rest of
-  their way through a process stage's channel.  Without ``max_bytes``
+  that they count for nothing, nor are ``str``, ``bytes`` and ``tuple``
+  values where their length does: ``sys.getsizeof`` cost more than the rest
+  of their way through a process stage's channel.  Without ``max_bytes``
   nothing is weighed.
 * **Batched.**  ``get_many`` takes every item that is there, up to a limit and a
   fair share for the other consumers, in one lock round trip: items travel in
@@ -58,7 +59,8 @@ if TYPE_CHECKING:
 # Numbers are weighed without ``sys.getsizeof`` on each (about 0.1 µs a value,
 # which was a third of the parent's work in a chain of process stages of
 # numbers): what they weigh is known from their type, and for an ``int`` from
-# its magnitude.
+# its magnitude.  So is a bound on what a ``str``, ``bytes`` or ``tuple`` weighs,
+# from its length (a tenth of the time of a process stage of short strings).
 
 #: Types whose values weigh a few bytes each, at most :data:`_FIXED_MAX`.
 _FIXED: frozenset[type] = frozenset({float, complex, bool, type(None)})
@@ -72,6 +74,38 @@ _INTEGRAL: frozenset[type] = frozenset({int, bool})
 _INT_DIGITS_MAX: int = 4
 #: ``type``, declared to return a ``type`` (for a value typed ``Any``).
 _kind_of: Callable[[object], type] = type
+
+
+class _NoValue:
+    """A type no value has (where a type is expected before there is one)."""
+
+
+def _sized_shapes() -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """``(base, per)`` for ``str``, ``bytes`` and ``tuple``: a value of exactly that
+    type weighs at most ``base + per * len(value)`` bytes on CPython (``(0, 0)``
+    elsewhere: no shortcut).  ``bytes`` and ``tuple`` weigh exactly that (a
+    tuple's items are not counted, as for any container); a ``str`` at most: its
+    header, up to 4 bytes per character, and up to 4 more for each of the copies
+    CPython may keep beside them (a UTF-8 one; before 3.12 a ``wchar_t`` one),
+    each with its terminator.  A test holds the bounds to ``sys.getsizeof``."""
+    if sys.implementation.name != "cpython":
+        return (0, 0), (0, 0), (0, 0)
+    text = (str.__basicsize__ + 4 + 4 + 1, 4 + 4 + 4)
+    data = (sys.getsizeof(b""), bytes.__itemsize__)
+    items = (sys.getsizeof(()), tuple.__itemsize__)
+    return text, data, items
+
+
+_STR_SHAPE, _BYTES_SHAPE, _TUPLE_SHAPE = _sized_shapes()
+
+
+def _longest_light(shape: tuple[int, int], small: int) -> int:
+    """The longest value of ``shape`` (see :func:`_sized_shapes`) that weighs less
+    than ``small`` bytes for sure: -1 if none is known to."""
+    base, per = shape
+    if not per or small - 1 < base:
+        return -1
+    return (small - 1 - base) // per
 
 
 def _int_bound(small: int) -> int:
@@ -218,6 +252,9 @@ class Channel(Generic[T]):
         "_int_low",
         "_items",
         "_lock",
+        "_longest_bytes",
+        "_longest_str",
+        "_longest_tuple",
         "_low",
         "_max_bytes",
         "_open",
@@ -256,6 +293,10 @@ class Channel(Generic[T]):
         self._fixed_small = self._small > _FIXED_MAX
         self._int_bound = _int_bound(self._small)
         self._int_low = -self._int_bound  # negated once here, not for every value
+        #: The longest ``str``, ``bytes`` and ``tuple`` known to count for nothing.
+        self._longest_str = _longest_light(_STR_SHAPE, self._small)
+        self._longest_bytes = _longest_light(_BYTES_SHAPE, self._small)
+        self._longest_tuple = _longest_light(_TUPLE_SHAPE, self._small)
         # Bytes put and bytes taken, apart: producers write the one, consumers the
         # other, so that a sole producer needs no lock to count (see put_solo).
         self._bytes_in = 0
@@ -337,16 +378,34 @@ class Channel(Generic[T]):
             light = self._fixed_small
         elif kinds <= _INTEGRAL:  # (bools count as ints here, 0 and 1, and weigh no more)
             light = self._int_low < min(values) and max(values) < self._int_bound
+        elif len(kinds) == 1 and (longest := self._longest(next(iter(kinds)))) >= 0:
+            light = max(map(len, values)) <= longest  # all of one type whose length tells
         else:
             light = False
         return 0 if light else _weight(values, self._small)
 
+    def _longest(self, kind: type) -> int:
+        """The longest value of type ``kind`` known to count for nothing: -1 for a type
+        whose length tells nothing (tested by identity: a subclass may weigh more,
+        and a type's metaclass may make it equal to another)."""
+        if kind is str:
+            return self._longest_str
+        if kind is bytes:
+            return self._longest_bytes
+        if kind is tuple:
+            return self._longest_tuple
+        return -1
+
     def _weigh_one(self, item: Any) -> int:
-        value: object = item if self.numbered else _value_of(item)
-        if type(value) is int:
+        value: Any = item if self.numbered else _value_of(item)
+        kind = _kind_of(value)
+        if kind is int:
             if self._int_low < value < self._int_bound:
                 return 0
-        elif self._fixed_small and _is_fixed(type(value)):
+        elif kind is str or kind is bytes or kind is tuple:
+            if len(value) <= self._longest(kind):
+                return 0
+        elif self._fixed_small and _is_fixed(kind):
             return 0
         weight = sys.getsizeof(value)
         return weight if weight >= self._small else 0
@@ -608,6 +667,8 @@ class Channel(Generic[T]):
         if weighed:
             small, low, bound = self._small, self._int_low, self._int_bound
             fixed, kind_of, none = self._fixed_small, _kind_of, _NONE
+            text, data, items_ = self._longest_str, self._longest_bytes, self._longest_tuple
+            heavy: type = _NoValue  # the type of the last value that had to be weighed
             for value in values:
                 if not room:
                     room = window.take_up_to(chunk)
@@ -617,10 +678,20 @@ class Channel(Generic[T]):
                     kind = kind_of(value)
                     if kind is int:
                         light = low < value < bound
+                    elif kind is heavy:  # (a stream of dicts, say: one test, not seven)
+                        light = False
+                    elif kind is str:
+                        light = len(value) <= text
+                    elif kind is bytes:
+                        light = len(value) <= data
+                    elif kind is tuple:
+                        light = len(value) <= items_
                     else:
                         light = fixed and (
                             kind is float or kind is none or kind is bool or kind is complex
                         )
+                        if not light:
+                            heavy = kind
                     weight = 0 if light else getsizeof(value)
                     if weight < small:  # counts for nothing: no byte test either
                         items.append(value)
