@@ -49,7 +49,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import call as _call
-from operator import itemgetter
+from operator import is_, itemgetter
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, cast
 
 if TYPE_CHECKING:
@@ -131,7 +131,8 @@ def _weight(values: Iterable[object], small: int) -> int:
     ``sys.getsizeof`` of each (NumPy arrays and bytes report their data;
     containers only themselves).  Loops in C: an item of a process stage is
     weighed where it is put, and again where it is taken while anything in its
-    channel counts (a batch of numbers more quickly: see ``Channel._weigh``)."""
+    channel counts (a batch of numbers, or of short ``str``, ``bytes`` or
+    ``tuple`` values, more quickly: see ``Channel._weigh``)."""
     return sum(filter(small.__le__, map(sys.getsizeof, values)))
 
 
@@ -366,20 +367,33 @@ class Channel(Generic[T]):
             self._putters.popleft().wake()
 
     def _weigh(self, batch: Sequence[Any]) -> int:
-        """What ``batch`` weighs by :func:`_weight`; for a batch of numbers known to
-        weigh less than ``_small`` each, without weighing each (one pass over their
-        types, and for ints over their extremes: about a third of the time)."""
+        """What ``batch`` weighs by :func:`_weight`; for a batch known to weigh less
+        than ``_small`` a value without weighing each: numbers (one pass over their
+        types, and for ints over their extremes: about a third of the time), and
+        values all of type ``str``, ``bytes`` or ``tuple`` (and over their lengths)."""
         values = batch if self.numbered else list(map(_value_of, batch))
         try:
             kinds = set(map(type, values))
         except TypeError:  # a type its metaclass makes unhashable: weigh each
             return _weight(values, self._small)
+        # A set of types takes a type whose metaclass makes it equal to a builtin
+        # one, and hash like it, for that one.  Such a look-alike of a str, bytes
+        # or tuple is caught below, and one of an int that does not order like an
+        # int is weighed; one of a float, or of an int that orders like one,
+        # would count for nothing (contrived: left, for the cost of a test of
+        # every value's type by identity in the commonest batches).
         if kinds <= _FIXED:
             light = self._fixed_small
         elif kinds <= _INTEGRAL:  # (bools count as ints here, 0 and 1, and weigh no more)
-            light = self._int_low < min(values) and max(values) < self._int_bound
-        elif len(kinds) == 1 and (longest := self._longest(next(iter(kinds)))) >= 0:
-            light = max(map(len, values)) <= longest  # all of one type whose length tells
+            try:
+                light = self._int_low < min(values) and max(values) < self._int_bound
+            except TypeError:  # such a type, not ordered like an int: weigh each
+                light = False
+        elif len(kinds) == 1 and (longest := self._longest(kind := next(iter(kinds)))) >= 0:
+            # All of one type whose length tells, that very type (tested by identity
+            # before any length is asked for: it may be such a look-alike).
+            light = all(map(is_, map(type, values), repeat(kind)))
+            light = light and max(map(len, values)) <= longest
         else:
             light = False
         return 0 if light else _weight(values, self._small)
@@ -674,7 +688,8 @@ class Channel(Generic[T]):
                     room = window.take_up_to(chunk)
                 room -= 1
                 if len(items) < capacity:
-                    # As _weigh_one, inlined: a number known to count for nothing is not weighed.
+                    # As _weigh_one, inlined: a number, str, bytes or tuple known to count
+                    # for nothing is not weighed.
                     kind = kind_of(value)
                     if kind is int:
                         light = low < value < bound
