@@ -883,26 +883,43 @@ def _edges(small: int) -> list[object]:
     return [*ints, True, False, None, 0.5, float("nan"), -0.0, 2j, _Small.A, _Int(1), _Float(1.0)]
 
 
-@pytest.mark.parametrize("small", [24, 28, 29, 32, 33, 36, 64, 8 << 10])
-@pytest.mark.parametrize("numbered", [True, False])
-def test_numbers_at_the_edges_weigh_what_getsizeof_says(small: int, numbered: bool) -> None:
-    # Each number alone, and first, last or in the middle of a batch of ints, of
-    # bools or of other numbers (the quick paths), through _weigh, _weigh_one, pour.
+def _weighed_as_getsizeof_says(
+    small: int,
+    numbered: bool,
+    edges: list[object],
+    batches: Callable[[object], list[list[object]]],
+    stream: list[object],
+) -> None:
+    """Each of ``edges`` in each of its ``batches`` through ``_weigh`` and alone
+    through ``_weigh_one``, and ``stream`` through ``pour``, weigh what
+    ``sys.getsizeof`` says under a budget whose smallest counted weight is ``small``."""
     channel: Channel[object] = Channel(1000, max_bytes=small * 1000, numbered=numbered)
     weigh, weigh_one = channel._weigh, channel._weigh_one  # pyright: ignore[reportPrivateUsage] - the weighing is internal
 
     def wrap(values: list[object]) -> list[object]:
         return values if numbered else list(enumerate(values))
 
-    edges = _edges(small)
     for v in edges:
-        for values in ([v], [v, 0], [0, v], [0, v, 0], [v, True], [False, v], [v, 0.5], [None, v]):
+        for values in batches(v):
             assert weigh(wrap(values)) == _weight_of(values, small), (small, values)
         assert weigh_one(wrap([v])[0]) == _weight_of([v], small), (small, v)
     if numbered:
-        poured: Channel[object] = Channel(1000, max_bytes=small * 1000, numbered=True)
-        poured.pour(edges, Window(1000), 8)
-        assert _counted(poured) == _weight_of(edges, small)
+        # (Room for all of it: a pour into a full channel would wait.)
+        poured: Channel[object] = Channel(100_000, max_bytes=small * 100_000, numbered=True)
+        poured.pour(stream, Window(1000), 8)
+        assert _counted(poured) == _weight_of(stream, small)
+
+
+@pytest.mark.parametrize("small", [24, 28, 29, 32, 33, 36, 64, 8 << 10])
+@pytest.mark.parametrize("numbered", [True, False])
+def test_numbers_at_the_edges_weigh_what_getsizeof_says(small: int, numbered: bool) -> None:
+    # Each number alone, and first, last or in the middle of a batch of ints, of
+    # bools or of other numbers (the quick paths), through _weigh, _weigh_one, pour.
+    def batches(v: object) -> list[list[object]]:
+        return [[v], [v, 0], [0, v], [0, v, 0], [v, True], [False, v], [v, 0.5], [None, v]]
+
+    edges = _edges(small)
+    _weighed_as_getsizeof_says(small, numbered, edges, batches, edges)
 
 
 class _Str(str):
@@ -1018,24 +1035,12 @@ def _empty_of(value: object) -> object:
 def test_sized_values_at_the_edges_weigh_what_getsizeof_says(small: int, numbered: bool) -> None:
     # Each value alone, in a batch of its own type and kind and in a mixed one,
     # through _weigh, _weigh_one and pour (which keeps the last heavy type).
-    channel: Channel[object] = Channel(1000, max_bytes=small * 1000, numbered=numbered)
-    weigh, weigh_one = channel._weigh, channel._weigh_one  # pyright: ignore[reportPrivateUsage] - the weighing is internal
-
-    def wrap(values: list[object]) -> list[object]:
-        return values if numbered else list(enumerate(values))
+    def batches(v: object) -> list[list[object]]:
+        return [[v], [v, _empty_of(v)], [v, 0], [None, v], [v, {"a": 1}]]
 
     edges = _sized_edges(small)
-    for v in edges:
-        batches: list[list[object]] = [[v], [v, _empty_of(v)], [v, 0], [None, v], [v, {"a": 1}]]
-        for values in batches:
-            assert weigh(wrap(values)) == _weight_of(values, small), (small, values)
-        assert weigh_one(wrap([v])[0]) == _weight_of([v], small), (small, v)
-    if numbered:
-        # (Room for all of it: a pour into a full channel would wait.)
-        poured: Channel[object] = Channel(100_000, max_bytes=small * 100_000, numbered=True)
-        stream = [{"a": 1}, *edges, {"b": 2}, 1.5, *edges, 7, _Str("t")]
-        poured.pour(stream, Window(1000), 8)
-        assert _counted(poured) == _weight_of(stream, small)
+    stream = [{"a": 1}, *edges, {"b": 2}, 1.5, *edges, 7, _Str("t")]
+    _weighed_as_getsizeof_says(small, numbered, edges, batches, stream)
 
 
 @pytest.mark.timeout(30)
