@@ -974,7 +974,7 @@ def test_a_str_of_each_kind_weighs_no_more_than_its_length_tells(
     # 4-byte wchar_t; the bound's 12 is for a 2-byte wchar_t, where a character
     # beyond the BMP takes two of them beside its 4 bytes and 4 in UTF-8.)
     text = "".join([char * length, ""])
-    if cached and length > 1:  # (an empty or one-character str is shared: left alone)
+    if cached and length:  # (the empty str is shared: left alone)
         _cache_other_forms(text)
     base, per = _channel._STR_SHAPE  # pyright: ignore[reportPrivateUsage] - the bound is internal
     assert sys.getsizeof(text) <= base + per * length
@@ -985,8 +985,8 @@ def test_a_str_of_each_kind_weighs_no_more_than_its_length_tells(
 def test_a_str_weighs_no_more_than_its_length_tells(text: str, cached: bool) -> None:
     # The bound the channel takes a str's weight under, held to sys.getsizeof for
     # every kind of character, with and without the copies CPython may keep.
-    text = "".join([text, ""])  # a str of its own, unless it is empty or one character
-    if cached and len(text) > 1:  # (a shared one is left alone)
+    text = "".join([text, ""])  # a str of its own, unless it is the empty one
+    if cached and text:  # (the shared empty str is left alone)
         _cache_other_forms(text)
     base, per = _channel._STR_SHAPE  # pyright: ignore[reportPrivateUsage] - the bound is internal
     assert sys.getsizeof(text) <= base + per * len(text)
@@ -1093,10 +1093,21 @@ class _LikeInt(_Heavy):  # (not ordered: min() and max() of ints and these raise
     like = int
 
 
+class _LikeIntOutOfOrder(_Heavy):  # (its order raises something else)
+    like = int
+
+    def __lt__(self, other: object) -> bool:
+        raise ValueError("no order")
+
+    def __gt__(self, other: object) -> bool:
+        raise ValueError("no order")
+
+
 @pytest.mark.timeout(30)
-# (A look-alike of a float, or of an int that orders like one, would be taken
-# for one: contrived, and left for the cost of testing every value's type.)
-@pytest.mark.parametrize("fake", [_LikeStr, _LikeStrWithoutLength, _LikeInt])
+# (A look-alike of a float, complex, bool or None, or of an int that orders like
+# one, would be taken for one: contrived, and left for the cost of testing every
+# value's type.)
+@pytest.mark.parametrize("fake", [_LikeStr, _LikeStrWithoutLength, _LikeInt, _LikeIntOutOfOrder])
 @pytest.mark.parametrize("numbered", [True, False])
 def test_a_type_equal_to_a_builtin_one_is_weighed_like_any_other(
     fake: type[_Heavy], numbered: bool

@@ -374,20 +374,20 @@ class Channel(Generic[T]):
         values = batch if self.numbered else list(map(_value_of, batch))
         try:
             kinds = set(map(type, values))
-        except TypeError:  # a type its metaclass makes unhashable: weigh each
+        except Exception:  # noqa: BLE001 - a type its metaclass makes unhashable: weigh each
             return _weight(values, self._small)
         # A set of types takes a type whose metaclass makes it equal to a builtin
         # one, and hash like it, for that one.  Such a look-alike of a str, bytes
-        # or tuple is caught below, and one of an int that does not order like an
-        # int is weighed; one of a float, or of an int that orders like one,
-        # would count for nothing (contrived: left, for the cost of a test of
-        # every value's type by identity in the commonest batches).
+        # or tuple is caught below, and one of an int that fails to order like an
+        # int is weighed; one of a float, complex, bool or None, or of an int that
+        # orders like one, would count for nothing (contrived: left, for the cost
+        # of a test of every value's type by identity in the commonest batches).
         if kinds <= _FIXED:
             light = self._fixed_small
         elif kinds <= _INTEGRAL:  # (bools count as ints here, 0 and 1, and weigh no more)
             try:
                 light = self._int_low < min(values) and max(values) < self._int_bound
-            except TypeError:  # such a type, not ordered like an int: weigh each
+            except Exception:  # noqa: BLE001 - such a type, whose order fails: weigh each
                 light = False
         elif len(kinds) == 1 and (longest := self._longest(kind := next(iter(kinds)))) >= 0:
             # All of one type whose length tells, that very type (tested by identity
