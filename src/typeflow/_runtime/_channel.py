@@ -374,7 +374,7 @@ class Channel(Generic[T]):
         values = batch if self.numbered else list(map(_value_of, batch))
         try:
             kinds = set(map(type, values))
-        except Exception:  # noqa: BLE001 - a type its metaclass makes unhashable: weigh each
+        except Exception:  # noqa: BLE001 - a type whose metaclass makes its hash fail: weigh each
             return _weight(values, self._small)
         # A set of types takes a type whose metaclass makes it equal to a builtin
         # one, and hash like it, for that one.  Such a look-alike of a str, bytes
