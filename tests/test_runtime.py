@@ -10,6 +10,7 @@ import re
 import sys
 import threading
 import traceback
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 
@@ -587,6 +588,54 @@ def test_close_and_context_manager_stop_the_run(backend: Backend) -> None:
     next(run)
     run.close()
     assert list(run) == []
+
+
+class _Numbers:
+    """An endless input that a weak reference can watch."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        self.n += 1
+        return self.n
+
+
+class _ManyNumbers(list[int]):
+    """A list too long to go in at once (a feeder reads it in chunks) that a weak
+    reference can watch."""
+
+
+async def _numbers_forever() -> AsyncIterator[int]:
+    for i in itertools.count():
+        yield i
+
+
+def _endless_source(shape: str) -> Iterable[int] | AsyncIterator[int]:
+    if shape == "iterator":
+        return _Numbers()
+    if shape == "list":
+        return _ManyNumbers(range(100_000))
+    return _numbers_forever()
+
+
+@pytest.mark.parametrize("shape", ["iterator", "list", "async iterator"])
+def test_a_run_closed_early_lets_go_of_its_input_at_once(backend: Backend, shape: str) -> None:
+    # Not only once the garbage collector runs: on Python 3.12+ the feeder's frames,
+    # and so its input, stayed in a reference cycle (an exception swallowed by a
+    # generator-based context manager), and a merged stream read on until then.
+    source = _endless_source(shape)
+    watch = weakref.ref(source)
+    gc.disable()
+    try:
+        assert len(on(backend, inc).run(source).take(5)) == 5
+        del source
+        assert watch() is None
+    finally:
+        gc.enable()
 
 
 def test_an_error_in_the_input_ends_the_run_after_the_items_before_it(backend: Backend) -> None:

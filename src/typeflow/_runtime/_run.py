@@ -571,6 +571,40 @@ class _LoopThread:
         self._thread.join(timeout)
 
 
+class _ReadingInput:
+    """What :meth:`RunCore._reading_input` returns.
+
+    A class, not a ``contextlib.contextmanager``: a generator that swallows an
+    exception leaves it in a reference cycle (the exception's traceback holds
+    the generator's frame, which from Python 3.12 holds the frame of the
+    ``__exit__`` that threw into it, which holds the exception).  The cycle
+    holds the feeder's frames, and with them the input, until the garbage
+    collector runs: a run closed early (``take``, ``break``) kept its input open
+    until then, so a merged stream it was reading went on reading its sources.
+    """
+
+    __slots__ = ("_core", "_quiet")
+
+    def __init__(self, core: RunCore, quiet: tuple[type[BaseException], ...]) -> None:
+        self._core, self._quiet = core, quiet
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            if exc is not None and not isinstance(exc, self._quiet):
+                self._core.input_error = exc  # the input failed: end the run with it
+        finally:
+            self._core.close_input()
+        return True  # nothing a feeder's input raises goes further
+
+
 class RunCore:
     """Everything one run starts, and the one place that stops it."""
 
@@ -829,7 +863,7 @@ class RunCore:
         if not inbox.offer_values(values):  # too many bytes for a process stage
             window.give_back(len(values))
             return None
-        self._close_input()
+        self.close_input()
         return len(values)
 
     def _feed_chunks(self, items: Iterable[Any]) -> None:
@@ -855,21 +889,12 @@ class RunCore:
                 await window.atake()
                 await inbox.aput_values([item])
 
-    @contextlib.contextmanager
-    def _reading_input(self, *stops: type[BaseException]) -> Generator[None, None, None]:
+    def _reading_input(self, *stops: type[BaseException]) -> _ReadingInput:
         """Around a feeder: its end, the run's end (or ``stops``) and an error of the
         input all close the input; the error is kept to be raised to the caller."""
-        quiet: tuple[type[BaseException], ...] = (ChannelAborted, ChannelClosed, *stops)
-        try:
-            yield
-        except quiet:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - the input failed: end the run with it
-            self.input_error = exc
-        finally:
-            self._close_input()
+        return _ReadingInput(self, (ChannelAborted, ChannelClosed, *stops))
 
-    def _close_input(self) -> None:
+    def close_input(self) -> None:
         """End of the input stream (once, whoever gets there first)."""
         with self._input_lock:
             if self._input_closed:
@@ -884,7 +909,7 @@ class RunCore:
     def drain(self) -> None:
         """Stop reading input; the items already read go on to the end."""
         self.window.abort()  # wakes a feeder waiting for room
-        self._close_input()
+        self.close_input()
 
     def release_signals(self) -> None:
         """Give SIGINT/SIGTERM back (from the thread that installed them), and raise
