@@ -19,6 +19,7 @@ from returns.result import Failure, Result, Success
 
 from tests.conftest import leftovers, on
 from typeflow import (
+    AsyncStatefulStage,
     Backend,
     CompositionError,
     DefinitionError,
@@ -636,6 +637,105 @@ def test_a_run_closed_early_lets_go_of_its_input_at_once(backend: Backend, shape
         assert watch() is None
     finally:
         gc.enable()
+
+
+class _Tracked:
+    """An item that a weak reference can watch."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def _fails_every_seventh(item: _Tracked) -> _Tracked:
+    if item.n % 7 == 3:
+        raise ValueError(item.n)
+    return item
+
+
+async def _afails_every_seventh(item: _Tracked) -> _Tracked:
+    return _fails_every_seventh(item)
+
+
+def _as_pair(item: _Tracked) -> list[_Tracked]:
+    return [_fails_every_seventh(item)]
+
+
+async def _aas_pair(item: _Tracked) -> AsyncIterator[_Tracked]:
+    yield _fails_every_seventh(item)
+
+
+def _failing_stage(backend: Backend, variant: str) -> Stage[_Tracked, _Tracked]:
+    """A stage of ``variant`` whose call fails on every seventh item."""
+    if backend == "task":
+        return _failing_task_stage(variant)
+    if variant == "stateful":
+
+        class Fails(StatefulStage[_Tracked, _Tracked], workers=2, backend=backend):
+            def process(self, item: _Tracked, /) -> _Tracked:
+                return _fails_every_seventh(item)
+
+        return Fails()
+    if variant == "flat":
+        return flat_map(workers=2, backend=backend)(_as_pair)
+    if variant == "async on a thread":
+        return stage(workers=2, backend=backend)(_afails_every_seventh)
+    if variant == "retries":
+        return stage(workers=2, backend=backend, retries=1, backoff=0.0001)(_fails_every_seventh)
+    if variant == "timeout":
+        return stage(workers=2, backend=backend, timeout=60.0)(_fails_every_seventh)
+    assert variant == "plain"
+    return stage(workers=2, backend=backend)(_fails_every_seventh)
+
+
+def _failing_task_stage(variant: str) -> Stage[_Tracked, _Tracked]:
+    if variant == "stateful":
+
+        class AsyncFails(AsyncStatefulStage[_Tracked, _Tracked], workers=2, backend="task"):
+            async def process(self, item: _Tracked, /) -> _Tracked:
+                return _fails_every_seventh(item)
+
+        return AsyncFails()
+    if variant == "flat":
+        return flat_map(workers=2, backend="task")(_aas_pair)
+    if variant == "retries":
+        return stage(workers=2, backend="task", retries=1, backoff=0.0001)(_afails_every_seventh)
+    if variant == "timeout":
+        return stage(workers=2, backend="task", timeout=60.0)(_afails_every_seventh)
+    assert variant == "plain"
+    return stage(workers=2, backend="task")(_afails_every_seventh)
+
+
+@pytest.mark.parametrize(
+    "variant", ["plain", "retries", "timeout", "stateful", "flat", "async on a thread"]
+)
+def test_failed_batches_are_freed_without_the_garbage_collector(
+    backend: Backend, variant: str
+) -> None:
+    # A failure's traceback held the worker's frames that had called the stage's
+    # function, which held the batch and its outcome, the failure among them: a
+    # reference cycle per failed batch, so every item of such a batch stayed alive
+    # until the collector ran, though the caller had dropped every result.
+    if variant == "async on a thread" and backend == "task":
+        pytest.skip("a task stage's function is async already")
+    made: list[weakref.ref[_Tracked]] = []
+
+    def tracked() -> Iterator[_Tracked]:
+        for n in itertools.count():
+            item = _Tracked(n)
+            made.append(weakref.ref(item))
+            yield item
+
+    window, n = 64, 1500
+    gc.disable()
+    try:
+        with _failing_stage(backend, variant).run(tracked(), window=window) as run:
+            failed = sum(isinstance(r, Failure) for r in itertools.islice(run, n))
+            alive = sum(ref() is not None for ref in made)
+    finally:
+        gc.enable()
+    assert failed == sum(i % 7 == 3 for i in range(n))
+    # In flight: the window, and the batches the workers hold.
+    assert alive <= 4 * window
 
 
 def test_an_error_in_the_input_ends_the_run_after_the_items_before_it(backend: Backend) -> None:

@@ -26,6 +26,7 @@ crosses process boundaries unchanged.
 
 from __future__ import annotations
 
+import os
 import reprlib
 
 __all__ = [
@@ -185,9 +186,10 @@ class StageError(TypeflowError):
     Attributes:
         stage: the name of the stage that failed.
         item: the input that stage received (not the pipeline's original input).
-        exception: the original exception.  Its traceback is the worker's; for a
-            process worker it is re-created, with the worker's formatted traceback
-            as its ``__cause__`` (a :class:`RemoteTraceback`).
+        exception: the original exception.  Its traceback is the worker's, from
+            the stage's function down (typeflow's frames above it are left out);
+            for a process worker it is re-created, with the worker's formatted
+            traceback as its ``__cause__`` (a :class:`RemoteTraceback`).
         attempts: how many times the stage was called with this item.
 
     Example:
@@ -207,6 +209,7 @@ class StageError(TypeflowError):
         self.exception = exception
         self.attempts = attempts
         self.__cause__ = exception
+        _drop_own_frames(exception)
 
     def __str__(self) -> str:
         tries = f" after {self.attempts} attempts" if self.attempts > 1 else ""
@@ -220,6 +223,31 @@ class StageError(TypeflowError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild_stage_error, (self.stage, self.item, self.exception, self.attempts))
+
+
+#: Where typeflow's own modules are: the paths of their code begin with this.
+_OWN_CODE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _drop_own_frames(exception: BaseException) -> None:
+    """Drop typeflow's frames from the top of ``exception``'s traceback, so that it
+    begins in the stage's function (the user's frames, down to where it was
+    raised, stay; so does the last frame, if all are typeflow's).
+
+    The frame that caught the exception holds the batch and its outcomes, this
+    failure among them: with the frame in the traceback, the exception, the
+    batch's items and its results were a reference cycle, which only the
+    garbage collector freed, even after the caller had dropped every result.
+    """
+    tb = top = exception.__traceback__
+    while (
+        tb is not None
+        and tb.tb_next is not None
+        and tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE)
+    ):
+        tb = tb.tb_next
+    if tb is not top:
+        exception.__traceback__ = tb
 
 
 def _rebuild_stage_error(

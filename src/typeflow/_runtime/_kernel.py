@@ -17,6 +17,7 @@ import sys
 import threading
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, cast
 
 from typeflow._errors import StageError, StageTimeout
@@ -1187,6 +1188,63 @@ def _kernel_of_stage(module: str, qualname: str) -> Kernel:
     if not isinstance(node, Node):
         raise TypeError(f"{module}.{qualname} is not a typeflow stage in this process")
     return node.kernel
+
+
+#: The coroutines that make a batch's outcome, and the calls of one: each has
+#: returned by the time that outcome is emitted, so :func:`release_callers` may
+#: clear their frames.  (Clearing a suspended coroutine's frame would close it.)
+_BATCH_COROUTINES: frozenset[CodeType] = frozenset(
+    vars(cls)[name].__code__
+    for cls, name in (
+        (Kernel, "aprocess"),
+        (Kernel, "aprocess_columns"),
+        (FnKernel, "_acall_once"),
+        (FnKernel, "_acall"),
+        (FnKernel, "aprocess_columns"),
+        (FnKernel, "_amap_timed"),
+        (FnKernel, "aprocess"),
+        (FnKernel, "_aeach"),
+        (StatefulKernel, "aprocess"),
+    )
+) | {retry.acall.__code__}
+
+
+def release_callers(error: StageError) -> None:
+    """Clear the variables of the frames that called the stage's function and have
+    returned since: the kernel's, which hold the batch and its outcome (and, for
+    an ``async def`` function on a thread, those of the event loop that ran it).
+
+    Called once the batch's outcome is made.  The function's frame, at the top
+    of the failure's traceback, still refers to the frame that called it
+    (Python keeps that link once the call is over), and so on up: the frames
+    that hold the outcome, this failure among them.  That reference cycle kept
+    every item of a failed batch alive until the garbage collector ran, even
+    after the caller had dropped every result.  The walk stops at a frame
+    still running (the worker's loop), and at a generator's or a coroutine's
+    other than the kernel's own (clearing a suspended one would close it).
+    A frame that has returned runs no more: only introspection could miss what
+    it held.
+    """
+    tb = error.exception.__traceback__
+    frame = None if tb is None else tb.tb_frame.f_back
+    while frame is not None:
+        code = frame.f_code
+        if code.co_flags & _RESUMABLE and code not in _BATCH_COROUTINES:
+            return
+        try:
+            frame.clear()
+        except RuntimeError:  # still running
+            return
+        frame = frame.f_back
+
+
+#: ``co_flags`` of the code of generators and coroutines.
+_RESUMABLE = (
+    inspect.CO_GENERATOR
+    | inspect.CO_COROUTINE
+    | inspect.CO_ITERABLE_COROUTINE
+    | inspect.CO_ASYNC_GENERATOR
+)
 
 
 @dataclass(frozen=True, slots=True)

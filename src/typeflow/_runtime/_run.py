@@ -52,7 +52,13 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 from returns.result import Failure, Result, Success
 
 from typeflow._backends._base import Outbox, WorkerBackend, WorkerGroup
-from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed, short_repr
+from typeflow._errors import (
+    DefinitionError,
+    StageError,
+    StageTimeout,
+    WorkerCrashed,
+    short_repr,
+)
 from typeflow._options import check_whole
 from typeflow._runtime._channel import (
     Channel,
@@ -68,6 +74,7 @@ from typeflow._runtime._kernel import (
     Node,
     Outcome,
     SetupFailed,
+    release_callers,
     root_of,
 )
 from typeflow._runtime._signals import SignalGuard
@@ -395,6 +402,7 @@ class _Emitter:
         if failed:
             counters.failed += len(failed)
             for key, err in failed:
+                release_callers(err)
                 if isinstance(err.exception, StageTimeout):
                     counters.timed_out += 1
                 elif isinstance(err.exception, WorkerCrashed):
