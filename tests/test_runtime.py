@@ -656,6 +656,28 @@ async def _afails_every_seventh(item: _Tracked) -> _Tracked:
     return _fails_every_seventh(item)
 
 
+def _same(item: _Tracked) -> _Tracked:
+    return item
+
+
+async def _asame(item: _Tracked) -> _Tracked:
+    return item
+
+
+def _is_kept(item: _Tracked) -> bool:
+    return _fails_every_seventh(item).n >= 0
+
+
+async def _ais_kept(item: _Tracked) -> bool:
+    return _is_kept(item)
+
+
+async def _aslow_every_seventh(item: _Tracked) -> _Tracked:
+    if item.n % 7 == 3:
+        await asyncio.sleep(60)  # past the stage's timeout: cancelled
+    return item
+
+
 def _as_pair(item: _Tracked) -> list[_Tracked]:
     return [_fails_every_seventh(item)]
 
@@ -677,6 +699,12 @@ def _failing_stage(backend: Backend, variant: str) -> Stage[_Tracked, _Tracked]:
         return Fails()
     if variant == "flat":
         return flat_map(workers=2, backend=backend)(_as_pair)
+    if variant == "keep":
+        return keep(_is_kept, workers=2, backend=backend)
+    if variant == "route":
+        return route(_is_kept, stage(backend=backend)(_same), stage(backend=backend)(_same))
+    if variant == "timeout fires":
+        return stage(workers=2, backend=backend, timeout=0.01)(_aslow_every_seventh)
     if variant == "async on a thread":
         return stage(workers=2, backend=backend)(_afails_every_seventh)
     if variant == "retries":
@@ -697,6 +725,12 @@ def _failing_task_stage(variant: str) -> Stage[_Tracked, _Tracked]:
         return AsyncFails()
     if variant == "flat":
         return flat_map(workers=2, backend="task")(_aas_pair)
+    if variant == "keep":
+        return keep(_ais_kept, workers=2, backend="task")
+    if variant == "route":
+        return route(_is_kept, stage(backend="task")(_asame), stage(backend="task")(_asame))
+    if variant == "timeout fires":
+        return stage(workers=2, backend="task", timeout=0.01)(_aslow_every_seventh)
     if variant == "retries":
         return stage(workers=2, backend="task", retries=1, backoff=0.0001)(_afails_every_seventh)
     if variant == "timeout":
@@ -706,7 +740,18 @@ def _failing_task_stage(variant: str) -> Stage[_Tracked, _Tracked]:
 
 
 @pytest.mark.parametrize(
-    "variant", ["plain", "retries", "timeout", "stateful", "flat", "async on a thread"]
+    "variant",
+    [
+        "plain",
+        "retries",
+        "timeout",
+        "stateful",
+        "flat",
+        "keep",
+        "route",
+        "async on a thread",
+        "timeout fires",
+    ],
 )
 def test_failed_batches_are_freed_without_the_garbage_collector(
     backend: Backend, variant: str
@@ -725,7 +770,7 @@ def test_failed_batches_are_freed_without_the_garbage_collector(
             made.append(weakref.ref(item))
             yield item
 
-    window, n = 64, 1500
+    window, n = 64, 800 if variant == "timeout fires" else 1500
     gc.disable()
     try:
         with _failing_stage(backend, variant).run(tracked(), window=window) as run:
@@ -736,6 +781,79 @@ def test_failed_batches_are_freed_without_the_garbage_collector(
     assert failed == sum(i % 7 == 3 for i in range(n))
     # In flight: the window, and the batches the workers hold.
     assert alive <= 4 * window
+
+
+def test_no_item_outlives_a_finished_run_whose_results_were_dropped(backend: Backend) -> None:
+    # A worker's loop held its last batch's outcome, failures included, in a frame
+    # that the failures' tracebacks held: a cycle that outlived the run.
+    made: list[weakref.ref[_Tracked]] = []
+
+    def tracked() -> Iterator[_Tracked]:
+        for n in range(3000):
+            item = _Tracked(n)
+            made.append(weakref.ref(item))
+            yield item
+
+    fn = _afails_every_seventh if backend == "task" else _fails_every_seventh
+    gc.disable()
+    try:
+        results = list(stage(workers=4, backend=backend)(fn).run(tracked()))
+        assert sum(isinstance(r, Failure) for r in results) == sum(n % 7 == 3 for n in range(3000))
+        del results
+        alive = sum(ref() is not None for ref in made)
+    finally:
+        gc.enable()
+    assert alive == 0
+
+
+_SHARED_ERROR = ValueError("one exception object for every failure")
+
+
+async def _fails_with_one_shared_error(n: int) -> int:
+    await asyncio.sleep(0)  # other items' calls run in between, in each worker
+    if n % 3 == 0:
+        raise _SHARED_ERROR
+    await asyncio.sleep(0)
+    return n
+
+
+@pytest.mark.parametrize("backend", ["thread", "task"])
+def test_one_exception_object_raised_by_many_calls_fails_only_them(backend: Backend) -> None:
+    # Each raise gives the shared object a new traceback, another batch's by the
+    # time an earlier failure's frames were released: on Python 3.12 the frames
+    # it led to were another worker's batch, suspended, which clearing closed
+    # (its items failed with GeneratorExit and RuntimeError).
+    results = list(stage(workers=4, backend=backend)(_fails_with_one_shared_error).run(range(6000)))
+    failed = [r.failure().exception for r in results if isinstance(r, Failure)]
+    assert all(e is _SHARED_ERROR for e in failed)
+    assert len(failed) == 2000
+    assert [r.unwrap() for r in results if isinstance(r, Success)] == [
+        n for n in range(6000) if n % 3
+    ]
+
+
+class _CountsItsItems(StatefulStage[int, int], workers=1, backend="process"):
+    """Counts, in its worker process with no garbage collector, the objects made
+    for its calls that are still alive; every seventh call fails."""
+
+    def setup(self) -> None:
+        gc.disable()
+        self.made: list[weakref.ref[_Tracked]] = []
+
+    def process(self, n: int, /) -> int:
+        item = _Tracked(n)
+        self.made = [ref for ref in self.made if ref() is not None]
+        self.made.append(weakref.ref(item))
+        _fails_every_seventh(item)
+        return len(self.made)
+
+
+def test_failed_batches_are_freed_in_a_worker_process_too() -> None:
+    # The worker process's outcome held the same cycle until its collector ran.
+    alive = [r.unwrap() for r in _CountsItsItems().run(range(3000)) if isinstance(r, Success)]
+    # Alive at a call: those of the failures of the batch in progress (a batch
+    # holds up to BATCH_LIMIT items), not those of every batch before.
+    assert max(alive[-100:]) <= 1024 // 7 + 2
 
 
 def test_an_error_in_the_input_ends_the_run_after_the_items_before_it(backend: Backend) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import reprlib
+from types import FrameType
 
 __all__ = [
     "CompositionError",
@@ -187,9 +188,10 @@ class StageError(TypeflowError):
         stage: the name of the stage that failed.
         item: the input that stage received (not the pipeline's original input).
         exception: the original exception.  Its traceback is the worker's, from
-            the stage's function down (typeflow's frames above it are left out);
-            for a process worker it is re-created, with the worker's formatted
-            traceback as its ``__cause__`` (a :class:`RemoteTraceback`).
+            the stage's function down (typeflow's frames above it are left out,
+            unless typeflow's own code raised it); for a process worker it is
+            re-created, with the worker's formatted traceback as its
+            ``__cause__`` (a :class:`RemoteTraceback`).
         attempts: how many times the stage was called with this item.
 
     Example:
@@ -229,25 +231,35 @@ class StageError(TypeflowError):
 _OWN_CODE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def _drop_own_frames(exception: BaseException) -> None:
-    """Drop typeflow's frames from the top of ``exception``'s traceback, so that it
-    begins in the stage's function (the user's frames, down to where it was
-    raised, stay; so does the last frame, if all are typeflow's).
+def is_own_frame(frame: FrameType) -> bool:
+    """Whether ``frame`` runs typeflow's own code."""
+    return frame.f_code.co_filename.startswith(_OWN_CODE)
 
-    The frame that caught the exception holds the batch and its outcomes, this
-    failure among them: with the frame in the traceback, the exception, the
-    batch's items and its results were a reference cycle, which only the
-    garbage collector freed, even after the caller had dropped every result.
+
+def _drop_own_frames(exception: BaseException) -> None:
+    """Drop typeflow's frames from the top of the traceback of ``exception`` and of
+    the exceptions it was raised from or during (a timeout's), so that each
+    begins where the user's frames (or a library's) begin: in the stage's
+    function, for its own error.  A traceback of typeflow's frames alone (an
+    error of typeflow's own code, or of a C function it called) is left whole.
+
+    The frame that caught the exception holds the batch and its outcome, this
+    failure among them: a reference cycle while it is in the traceback (see
+    ``release_callers`` in the kernel for the frames the user's ones refer to).
     """
-    tb = top = exception.__traceback__
-    while (
-        tb is not None
-        and tb.tb_next is not None
-        and tb.tb_frame.f_code.co_filename.startswith(_OWN_CODE)
-    ):
-        tb = tb.tb_next
-    if tb is not top:
-        exception.__traceback__ = tb
+    seen: set[int] = set()
+    pending: list[BaseException] = [exception]
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        top = tb = exc.__traceback__
+        while tb is not None and is_own_frame(tb.tb_frame):
+            tb = tb.tb_next
+        if tb is not None and tb is not top:
+            exc.__traceback__ = tb
+        pending += [e for e in (exc.__cause__, exc.__context__) if e is not None]
 
 
 def _rebuild_stage_error(

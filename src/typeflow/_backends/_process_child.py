@@ -30,6 +30,7 @@ from typeflow._runtime._kernel import (
     SetupFailed,
     WorkerContext,
     WorkerExit,
+    release_callers,
     root_of,
 )
 from typeflow._worker import WorkerInfo, enter_worker
@@ -298,6 +299,8 @@ def _reply(wire: Wire, stage: str, batch: Sequence[Key], outcome: Outcome, secon
             outcome.keys = consecutive
     # Failures travel apart: their exceptions may not pickle, and their tracebacks
     # must be turned into text first.
+    for _, err in outcome.failed:
+        release_callers(err)  # no cycle keeps the batch in this process either
     raw = [_raw_failure(seq, err.exception, err.attempts) for seq, err in outcome.failed]
     outcome.failed = []
     outcome.values = lift(outcome.values)  # large bytes leave out of band

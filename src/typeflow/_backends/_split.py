@@ -169,6 +169,10 @@ class SplitGroup:
                 failed.append((key, StageError(self._node.name, item, exc)))
         if failed:
             self._emitter.emit(Outcome(failed=failed))
+            # This frame outlives the call when a failure's traceback holds it (as
+            # the predicate's caller): it must not hold the failures, which hold
+            # the traceback (see release_callers in the kernel).
+            del failed
         for first, part in zip(self._firsts, chosen, strict=True):
             if part:
                 first.put_many(part)

@@ -138,6 +138,9 @@ async def _work(
                     outcome = fail_batch(node, rows(keys, items), exc)
                 sizer.record(len(items), clock() - started)
                 rest = emitter.offer(outcome)
+                # A failure's traceback may hold this frame (as the kernel's caller)
+                # past its end: it must not hold the failures (see release_callers).
+                del outcome
             if rest is not None:
                 await rest  # the next stage is full
     except (EndOfChannel, ChannelAborted):

@@ -278,8 +278,12 @@ class ThreadGroup:
                         replaced = True
                         return
                     outcome = result
+                    del result
                 sizer.record(len(items), clock() - started)
                 emitter.emit(outcome)
+                # A failure's traceback may hold this frame (as the kernel's caller)
+                # past its end: it must not hold the failures (see release_callers).
+                del outcome
         except (EndOfChannel, ChannelAborted, _Stop):
             pass
         finally:

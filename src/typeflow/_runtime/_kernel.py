@@ -17,10 +17,10 @@ import sys
 import threading
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from types import CodeType
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, cast
 
-from typeflow._errors import StageError, StageTimeout
+from typeflow._errors import StageError, StageTimeout, is_own_frame
 
 if TYPE_CHECKING:
     import asyncio
@@ -777,7 +777,10 @@ class FnKernel(Kernel):
                     ok.extend(zip(keys, values, strict=False))
                     values = []
                 error = StageTimeout(name, timeout)
-                error.__cause__ = exc
+                # The timeout's own traceback is asyncio's frame that raised it, whose
+                # variables hold this frame, which holds the failure: a reference
+                # cycle.  Where the call was when it was cancelled stays (the cause's).
+                error.__cause__ = exc.with_traceback(None)
                 failed.append((keys[i], StageError(name, items[i], error)))
                 i += 1
         if not failed:
@@ -1190,52 +1193,59 @@ def _kernel_of_stage(module: str, qualname: str) -> Kernel:
     return node.kernel
 
 
-#: The coroutines that make a batch's outcome, and the calls of one: each has
-#: returned by the time that outcome is emitted, so :func:`release_callers` may
-#: clear their frames.  (Clearing a suspended coroutine's frame would close it.)
-_BATCH_COROUTINES: frozenset[CodeType] = frozenset(
-    vars(cls)[name].__code__
-    for cls, name in (
-        (Kernel, "aprocess"),
-        (Kernel, "aprocess_columns"),
-        (FnKernel, "_acall_once"),
-        (FnKernel, "_acall"),
-        (FnKernel, "aprocess_columns"),
-        (FnKernel, "_amap_timed"),
-        (FnKernel, "aprocess"),
-        (FnKernel, "_aeach"),
-        (StatefulKernel, "aprocess"),
-    )
-) | {retry.acall.__code__}
-
-
 def release_callers(error: StageError) -> None:
-    """Clear the variables of the frames that called the stage's function and have
-    returned since: the kernel's, which hold the batch and its outcome (and, for
-    an ``async def`` function on a thread, those of the event loop that ran it).
+    """Clear the variables of the frames of ``error``'s exceptions that have
+    returned: the kernel's, which hold the batch and its outcome, and what
+    called them (for an ``async def`` function on a thread, the event loop that
+    ran it).  Called once the batch's outcome is made.
 
-    Called once the batch's outcome is made.  The function's frame, at the top
-    of the failure's traceback, still refers to the frame that called it
-    (Python keeps that link once the call is over), and so on up: the frames
-    that hold the outcome, this failure among them.  That reference cycle kept
-    every item of a failed batch alive until the garbage collector ran, even
-    after the caller had dropped every result.  The walk stops at a frame
-    still running (the worker's loop), and at a generator's or a coroutine's
-    other than the kernel's own (clearing a suspended one would close it).
-    A frame that has returned runs no more: only introspection could miss what
-    it held.
+    The stage function's frame, at the top of the traceback, still refers to
+    the frame that called it (Python keeps that link once the call is over),
+    and so on up, through the frames that hold the outcome, this failure among
+    them: a reference cycle that kept every item of a failed batch alive until
+    the garbage collector ran, even after the caller had dropped every result.
+    The exceptions it was raised from or during (a timeout's, say) have their
+    own tracebacks, through the kernel's frames too.  In a traceback only
+    typeflow's frames are cleared (the user's stay, for a debugger); above it,
+    every frame that has returned (nothing runs it again: only introspection
+    could miss what it held), up to one still running (the worker's loop) or
+    one that may still resume (see :func:`_cleared`).
     """
-    tb = error.exception.__traceback__
-    frame = None if tb is None else tb.tb_frame.f_back
-    while frame is not None:
-        code = frame.f_code
-        if code.co_flags & _RESUMABLE and code not in _BATCH_COROUTINES:
-            return
-        try:
-            frame.clear()
-        except RuntimeError:  # still running
-            return
-        frame = frame.f_back
+    seen: set[int] = set()
+    pending: list[BaseException] = [error.exception]
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        if tb is not None:
+            caller = tb.tb_frame.f_back
+            while tb is not None:
+                if is_own_frame(tb.tb_frame):
+                    _cleared(tb.tb_frame)
+                tb = tb.tb_next
+            while caller is not None and _cleared(caller):
+                caller = caller.f_back
+        pending += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+
+
+def _cleared(frame: FrameType) -> bool:
+    """Clear ``frame``'s variables if it has returned; whether it had.
+
+    A generator's or coroutine's frame that may resume is left alone (before
+    Python 3.13, clearing a suspended one closes it): a suspended frame is
+    linked to no caller, a finished one keeps the link it had when it returned
+    (a shared exception's traceback, which another batch's raise has taken
+    over, may lead to such a frame).  A running frame refuses to be cleared.
+    """
+    if frame.f_code.co_flags & _RESUMABLE and frame.f_back is None:
+        return False
+    try:
+        frame.clear()
+    except RuntimeError:  # still running
+        return False
+    return True
 
 
 #: ``co_flags`` of the code of generators and coroutines.
