@@ -259,7 +259,10 @@ def _drop_own_frames(exception: BaseException) -> None:
             tb = tb.tb_next
         if tb is not None and tb is not top:
             exc.__traceback__ = tb
-        pending += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+        if exc.__cause__ is not None:
+            pending.append(exc.__cause__)
+        if exc.__context__ is not None:
+            pending.append(exc.__context__)
 
 
 def _rebuild_stage_error(

@@ -299,8 +299,7 @@ def _reply(wire: Wire, stage: str, batch: Sequence[Key], outcome: Outcome, secon
             outcome.keys = consecutive
     # Failures travel apart: their exceptions may not pickle, and their tracebacks
     # must be turned into text first.
-    for _, err in outcome.failed:
-        release_callers(err)  # no cycle keeps the batch in this process either
+    release_callers([err for _, err in outcome.failed])  # nor in this process
     raw = [_raw_failure(seq, err.exception, err.attempts) for seq, err in outcome.failed]
     outcome.failed = []
     outcome.values = lift(outcome.values)  # large bytes leave out of band

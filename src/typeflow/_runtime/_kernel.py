@@ -1193,11 +1193,11 @@ def _kernel_of_stage(module: str, qualname: str) -> Kernel:
     return node.kernel
 
 
-def release_callers(error: StageError) -> None:
-    """Clear the variables of the frames of ``error``'s exceptions that have
+def release_callers(errors: Iterable[StageError]) -> None:
+    """Clear the variables of the frames of ``errors``' exceptions that have
     returned: the kernel's, which hold the batch and its outcome, and what
     called them (for an ``async def`` function on a thread, the event loop that
-    ran it).  Called once the batch's outcome is made.
+    ran it).  Called once the batch's outcome is made, with its failures.
 
     The stage function's frame, at the top of the traceback, still refers to
     the frame that called it (Python keeps that link once the call is over),
@@ -1209,10 +1209,12 @@ def release_callers(error: StageError) -> None:
     typeflow's frames are cleared (the user's stay, for a debugger); above it,
     every frame that has returned (nothing runs it again: only introspection
     could miss what it held), up to one still running (the worker's loop) or
-    one that may still resume (see :func:`_cleared`).
+    one that may still resume (see :func:`_cleared`).  The failures of a batch
+    share their callers: each frame is looked at once.
     """
     seen: set[int] = set()
-    pending: list[BaseException] = [error.exception]
+    visited: set[int] = set()
+    pending: list[BaseException] = [error.exception for error in errors]
     while pending:
         exc = pending.pop()
         if id(exc) in seen:
@@ -1222,12 +1224,20 @@ def release_callers(error: StageError) -> None:
         if tb is not None:
             caller = tb.tb_frame.f_back
             while tb is not None:
-                if is_own_frame(tb.tb_frame):
-                    _cleared(tb.tb_frame)
+                frame = tb.tb_frame
+                if id(frame) not in visited and is_own_frame(frame):
+                    visited.add(id(frame))
+                    _cleared(frame)
                 tb = tb.tb_next
-            while caller is not None and _cleared(caller):
+            while caller is not None and id(caller) not in visited:
+                visited.add(id(caller))
+                if not _cleared(caller):
+                    break
                 caller = caller.f_back
-        pending += [e for e in (exc.__cause__, exc.__context__) if e is not None]
+        if exc.__cause__ is not None:
+            pending.append(exc.__cause__)
+        if exc.__context__ is not None:
+            pending.append(exc.__context__)
 
 
 def _cleared(frame: FrameType) -> bool:

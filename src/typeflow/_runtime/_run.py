@@ -401,8 +401,8 @@ class _Emitter:
             entries += self._delta_entries(deltas) if self._collected else _each_delta(deltas)
         if failed:
             counters.failed += len(failed)
+            release_callers([err for _, err in failed])
             for key, err in failed:
-                release_callers(err)
                 if isinstance(err.exception, StageTimeout):
                     counters.timed_out += 1
                 elif isinstance(err.exception, WorkerCrashed):
