@@ -256,9 +256,12 @@ class ThreadGroup:
         ctx.pacer = _ThreadPacer(self)  # used only when a call is tried again
         replaced = False
         try:
-            if first is not None and not self._take_over(slot, *first, ctx):
-                replaced = True
-                return
+            if first is not None:
+                taken_over = self._take_over(slot, *first, ctx)
+                first = None  # (as for outcome, below)
+                if not taken_over:
+                    replaced = True
+                    return
             while True:
                 least = sizer.least(_LEAST, _LEAST_SECONDS) if sizer.limit > 1 else 1
                 keys, items = inbox.get_columns(sizer.limit, share, least=least)
@@ -340,22 +343,32 @@ class ThreadGroup:
             slot.batch = batch
             if self._watchdog_idle:  # otherwise it wakes by an earlier deadline anyway
                 self._cond.notify()
+        abandoned = False
         try:
             for key, item in zip(keys, items, strict=True):
                 try:
                     more = kernel.process_columns((key,), (item,), ctx)
                 except _Stop:
-                    return None  # abandoned between two tries (or the run stops)
+                    abandoned = True  # between two tries (or the run stops)
+                    break
                 except Exception as exc:  # noqa: BLE001 - not an item's error: fail the item
                     more = fail_batch(self._node, [(key, item)], exc)
                 with lock:
                     if batch.abandoned:
-                        return None
+                        abandoned = True
+                        break
                     gather.add(more)
                     batch.began = clock()
                     batch.retried = 0
         finally:
             ctx.pacer = paced
+        if abandoned:
+            # The thread that took over emits what the batch did; this frame, which
+            # its failures' tracebacks may hold, must not hold them (nor the
+            # dropped outcome of a call that returned too late).
+            del batch, gather
+            more = Outcome()
+            return None
         outcome = gather.outcome()
         if attempt > 1:
             outcome.retries += attempt - 1
@@ -401,6 +414,7 @@ class ThreadGroup:
             if outcome is None:
                 return False
             emitter.emit(outcome)
+            del outcome  # (as in _work)
         return True
 
     # -- watchdog ------------------------------------------------------------

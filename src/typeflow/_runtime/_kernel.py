@@ -1206,7 +1206,8 @@ def release_callers(errors: Iterable[StageError]) -> None:
     the garbage collector ran, even after the caller had dropped every result.
     The exceptions it was raised from or during (a timeout's, say) have their
     own tracebacks, through the kernel's frames too.  In a traceback only
-    typeflow's frames are cleared (the user's stay, for a debugger); above it,
+    typeflow's frames at its top are cleared (the user's stay, for a
+    debugger); above it,
     every frame that has returned (nothing runs it again: only introspection
     could miss what it held), up to one still running (the worker's loop) or
     one that may still resume (see :func:`_cleared`).  The failures of a batch
@@ -1223,9 +1224,11 @@ def release_callers(errors: Iterable[StageError]) -> None:
         tb = exc.__traceback__
         if tb is not None:
             caller = tb.tb_frame.f_back
-            while tb is not None:
-                frame = tb.tb_frame
-                if id(frame) not in visited and is_own_frame(frame):
+            # Typeflow's frames at the top (a traceback of them alone: see
+            # StageError); not the rest, which the user's frames begin (an
+            # exception object raised again and again keeps every raise's frames).
+            while tb is not None and is_own_frame(frame := tb.tb_frame):
+                if id(frame) not in visited:
                     visited.add(id(frame))
                     _cleared(frame)
                 tb = tb.tb_next
