@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import reprlib
+from collections.abc import Iterable, Iterator
 from types import FrameType
 
 __all__ = [
@@ -247,18 +248,25 @@ def _drop_own_frames(exception: BaseException) -> None:
     failure among them: a reference cycle while it is in the traceback (see
     ``release_callers`` in the kernel for the frames the user's ones refer to).
     """
-    seen: set[int] = set()
-    pending: list[BaseException] = [exception]
-    while pending:
-        exc = pending.pop()
-        if id(exc) in seen:
-            continue
-        seen.add(id(exc))
+    for exc in exception_chain([exception]):
         top = tb = exc.__traceback__
         while tb is not None and is_own_frame(tb.tb_frame):
             tb = tb.tb_next
         if tb is not None and tb is not top:
             exc.__traceback__ = tb
+
+
+def exception_chain(exceptions: Iterable[BaseException]) -> Iterator[BaseException]:
+    """``exceptions`` and those they were raised from or during (``__cause__``,
+    ``__context__``), each once."""
+    seen: set[int] = set()
+    pending = list(exceptions)
+    while pending:
+        exc = pending.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        yield exc
         if exc.__cause__ is not None:
             pending.append(exc.__cause__)
         if exc.__context__ is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias, cast
 
-from typeflow._errors import StageError, StageTimeout, is_own_frame
+from typeflow._errors import StageError, StageTimeout, exception_chain, is_own_frame
 
 if TYPE_CHECKING:
     import asyncio
@@ -1213,34 +1213,25 @@ def release_callers(errors: Iterable[StageError]) -> None:
     one that may still resume (see :func:`_cleared`).  The failures of a batch
     share their callers: each frame is looked at once.
     """
-    seen: set[int] = set()
     visited: set[int] = set()
-    pending: list[BaseException] = [error.exception for error in errors]
-    while pending:
-        exc = pending.pop()
-        if id(exc) in seen:
-            continue
-        seen.add(id(exc))
+    for exc in exception_chain(error.exception for error in errors):
         tb = exc.__traceback__
-        if tb is not None:
-            caller = tb.tb_frame.f_back
-            # Typeflow's frames at the top (a traceback of them alone: see
-            # StageError); not the rest, which the user's frames begin (an
-            # exception object raised again and again keeps every raise's frames).
-            while tb is not None and is_own_frame(frame := tb.tb_frame):
-                if id(frame) not in visited:
-                    visited.add(id(frame))
-                    _cleared(frame)
-                tb = tb.tb_next
-            while caller is not None and id(caller) not in visited:
-                visited.add(id(caller))
-                if not _cleared(caller):
-                    break
-                caller = caller.f_back
-        if exc.__cause__ is not None:
-            pending.append(exc.__cause__)
-        if exc.__context__ is not None:
-            pending.append(exc.__context__)
+        if tb is None:
+            continue
+        caller = tb.tb_frame.f_back
+        # Typeflow's frames at the top (a traceback of them alone: see
+        # StageError); not the rest, which the user's frames begin (an
+        # exception object raised again and again keeps every raise's frames).
+        while tb is not None and is_own_frame(frame := tb.tb_frame):
+            if id(frame) not in visited:
+                visited.add(id(frame))
+                _cleared(frame)
+            tb = tb.tb_next
+        while caller is not None and id(caller) not in visited:
+            visited.add(id(caller))
+            if not _cleared(caller):
+                break
+            caller = caller.f_back
 
 
 def _cleared(frame: FrameType) -> bool:
