@@ -1207,11 +1207,11 @@ def release_callers(errors: Iterable[StageError]) -> None:
     The exceptions it was raised from or during (a timeout's, say) have their
     own tracebacks, through the kernel's frames too.  In a traceback only
     typeflow's frames at its top are cleared (the user's stay, for a
-    debugger); above it,
-    every frame that has returned (nothing runs it again: only introspection
-    could miss what it held), up to one still running (the worker's loop) or
-    one that may still resume (see :func:`_cleared`).  The failures of a batch
-    share their callers: each frame is looked at once.
+    debugger); above it, every frame that has returned (nothing runs it
+    again: only introspection could miss what it held), up to one still
+    running (the worker's loop) or one that may still resume (see
+    :func:`_cleared`).  The failures of a batch share their callers: each
+    frame is looked at once.
     """
     visited: set[int] = set()
     for exc in exception_chain(error.exception for error in errors):

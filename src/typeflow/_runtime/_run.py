@@ -52,13 +52,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, TypeAlias, TypeVar, cast
 from returns.result import Failure, Result, Success
 
 from typeflow._backends._base import Outbox, WorkerBackend, WorkerGroup
-from typeflow._errors import (
-    DefinitionError,
-    StageError,
-    StageTimeout,
-    WorkerCrashed,
-    short_repr,
-)
+from typeflow._errors import DefinitionError, StageError, StageTimeout, WorkerCrashed, short_repr
 from typeflow._options import check_whole
 from typeflow._runtime._channel import (
     Channel,
